@@ -1,0 +1,41 @@
+# One entry point for a fresh machine: each target creates .venv and installs the project
+# (pinned by constraints.txt) when missing; a second run only checks a stamp file.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?= data
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench venv lock lint clean-data
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, got " + sys.version.split()[0]'
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	@echo "installing the project and its pinned stack (first time: ~3 min, ~6.6 GB)"
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fcn demo --data $(DATA)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/bench_model.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check fcn_core pipelines flows tests bench
+
+# Re-resolve the pinned stack and rewrite constraints.txt (needs the package index).
+lock: $(STAMP)
+	{ echo "# Exact versions resolved for the pinned stack on Python 3.11 (make lock regenerates)."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v fcn-pipeline; } > constraints.txt
+
+clean-data:
+	rm -rf $(DATA)
