@@ -127,7 +127,7 @@ class ScoreHead(nn.Module):
 
     @property
     def final_upscore(self) -> nn.ConvTranspose2d:
-        return {32: self.upscore, 16: self.upscore16, 8: self.upscore8}[self.stride]
+        return getattr(self, {32: "upscore", 16: "upscore16", 8: "upscore8"}[self.stride])
 
 
 class FCN(nn.Module):

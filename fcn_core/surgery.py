@@ -152,7 +152,8 @@ def transplant_vgg16(
         if dst.startswith("fc") and value.shape != target.shape \
                 and value.numel() == target.numel():
             # Linear (O, I*k*k) -> conv (O, I, k, k): same numbers, row-major (C, H, W) layout.
-            report.reshaped.append(f"{key} -> {dst} ({tuple(value.shape)} -> {tuple(target.shape)})")
+            shapes = f"{tuple(value.shape)} -> {tuple(target.shape)}"
+            report.reshaped.append(f"{key} -> {dst} ({shapes})")
             value = value.reshape(target.shape)
         elif dst == "features.0.weight" and value.shape[1] == 3 and target.shape[1] > 3 \
                 and value.shape[0] == target.shape[0] and value.shape[2:] == target.shape[2:]:
@@ -170,7 +171,7 @@ def transplant_vgg16(
         else:
             report.copied.append(key if key == dst else f"{key} -> {dst}")
         updates[dst] = value
-    missing = [k for k in own if (k.startswith("features.") or k.startswith("fc")) and k not in updates]
+    missing = [k for k in own if k.startswith(("features.", "fc")) and k not in updates]
     if missing:
         raise SurgeryError(f"the weights lack {len(missing)} trunk tensors, e.g. {missing[0]}; "
                            "expected a torchvision vgg16() state dict")

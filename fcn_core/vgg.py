@@ -49,7 +49,7 @@ def vgg16_features(
         raise ValueError(f"in_channels must be >= 1, got in_channels={in_channels!r}")
     layers: list[nn.Module] = []
     c_in = in_channels
-    for block, (c_out, n_convs) in enumerate(zip(VGG16_CHANNELS, _CONVS_PER_BLOCK)):
+    for block, (c_out, n_convs) in enumerate(zip(VGG16_CHANNELS, _CONVS_PER_BLOCK, strict=True)):
         c_out = scaled(c_out, width)
         for i in range(n_convs):
             pad = conv1_1_pad if (block == 0 and i == 0) else 1
