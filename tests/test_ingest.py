@@ -1,0 +1,254 @@
+"""Ingest on real Ray Data: round trips, quarantine, atomic versions, no-op re-runs."""
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import pipelines.ingest as ingest_mod
+from pipelines.ingest import IngestConfig, ingest
+from pipelines.shards import decode_arrays, read_manifest, read_split_table
+from pipelines.sources import decode_image, decode_label, source
+from pipelines.sources import synthetic as synth
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _records_by_id(layout, root, **kw):
+    records, _ = source(layout).list_records(root, **kw)
+    return {(r.split, r.id): r for r in records}
+
+
+@pytest.mark.parametrize("layout, writer", [
+    ("voc", synth.write_voc), ("sbd", synth.write_sbd), ("nyud", synth.write_nyud),
+    ("siftflow", synth.write_siftflow)])
+def test_round_trip_gives_exactly_the_source_pixels_and_labels(tmp_path, layout, writer):
+    root = writer(tmp_path / "raw", n_train=5, n_val=3, size=(40, 52), seed=3)
+    result = ingest(IngestConfig(dataset=layout, root=root, out=tmp_path / "out", shard_rows=2),
+                    log=lambda m: None)
+    m = read_manifest(result.dataset_dir)
+    recs = _records_by_id(layout, root)
+    assert sum(result.rows.values()) == len(recs) == 8
+    for split in m.splits:
+        assert m.data["splits"][split]["rows"] == result.rows[split]
+        assert len(m.data["splits"][split]["shards"]) == -(-result.rows[split] // 2)
+        for row in read_split_table(result.dataset_dir, split).to_pylist():
+            rec = recs[(split, row["id"])]
+            got = decode_arrays(row)
+            assert row["image"] == Path(rec.image).read_bytes()  # original bytes kept
+            assert np.array_equal(got["image"], decode_image(rec.image))
+            assert np.array_equal(got["label"], decode_label(rec))
+            assert (row["height"], row["width"]) == (40, 52)
+            extras = dict(rec.extras)
+            if "label_geo" in extras:
+                assert np.array_equal(got["label_geo"], decode_label(rec, "label_geo"))
+            if "depth" in extras:
+                assert got["depth"].dtype == np.uint16
+                assert np.array_equal(got["depth"], np.array(Image.open(extras["depth"])))
+            if "hha" in extras:
+                assert np.array_equal(got["hha"], decode_image(extras["hha"]))
+    # The class histogram counts every labelled pixel of the split.
+    for split in m.splits:
+        labels = [decode_arrays(r)["label"] for r in read_split_table(m.root, split).to_pylist()]
+        expected = np.bincount(np.concatenate([lab.ravel() for lab in labels]), minlength=256)
+        assert m.data["splits"][split]["class_pixels"] == expected[: m.num_classes].tolist()
+        assert m.data["splits"][split]["ignore_pixels"] == int(expected[255])
+
+
+def test_real_sbd_and_voc_samples_ingest_with_exact_labels(tmp_path):
+    from conftest import REALDATA
+
+    if not REALDATA.exists():
+        pytest.skip(f"real samples not present: {REALDATA}")
+    r = ingest(IngestConfig(dataset="sbd", root=REALDATA / "sbd", out=tmp_path,
+                            splits=("train", "val")),
+               log=lambda m: None)
+    rows = {row["id"]: row for row in read_split_table(r.dataset_dir, "val").to_pylist()}
+    assert set(np.unique(decode_arrays(rows["2008_000051"])["label"])) == {0, 5, 9, 15}
+    assert r.rows == {"train": 0, "val": 2}
+    r = ingest(IngestConfig(dataset="voc", root=REALDATA / "voc" / "drsleep_VOC2012_sample",
+                            out=tmp_path, splits=("val",)), log=lambda m: None)
+    assert r.rows == {"val": 1} and r.rejected == {"missing file": 1448}
+    row = read_split_table(r.dataset_dir, "val").to_pylist()[0]
+    assert set(np.unique(decode_arrays(row)["label"])) == {0, 2, 15, 255}
+
+
+def _save_cmyk_and_gray(base: Path, ids: list[str]) -> None:
+    rgb = np.array(Image.open(base / "JPEGImages" / f"{ids[0]}.jpg"))
+    Image.fromarray(rgb).convert("CMYK").save(base / "JPEGImages" / f"{ids[0]}.jpg")
+    Image.fromarray(rgb).convert("L").save(base / "JPEGImages" / f"{ids[1]}.jpg")
+
+
+def test_every_bad_input_is_quarantined_with_its_reason_and_good_rows_all_land(tmp_path):
+    base = synth.write_voc(tmp_path / "raw", n_train=12, n_val=2, size=(48, 48), seed=1)
+    ids = (base / "ImageSets/Segmentation/train.txt").read_text().split()
+    jpg = lambda i: base / "JPEGImages" / f"{ids[i]}.jpg"  # noqa: E731
+    png = lambda i: base / "SegmentationClass" / f"{ids[i]}.png"  # noqa: E731
+    data = jpg(0).read_bytes()
+    jpg(0).write_bytes(data[: len(data) // 2])  # truncated
+    jpg(1).write_bytes(b"this is not an image")  # undecodable
+    Image.fromarray(np.zeros((30, 48), np.uint8)).save(png(2))  # label size != image size
+    bad = np.array(Image.open(png(3)))
+    bad[0, 0] = 40  # not a VOC class, not 255
+    Image.fromarray(bad).save(png(3))
+    jpg(4).unlink()  # listed but missing
+    png(5).write_bytes(b"")  # empty file
+    _save_cmyk_and_gray(base, ids[6:8])  # converted, not rejected
+    split = base / "ImageSets/Segmentation/train.txt"
+    split.write_text("\n".join(ids + ["../../../etc/passwd", ids[9]]) + "\n")  # escape, dup
+
+    result = ingest(IngestConfig(dataset="voc", root=base, out=tmp_path / "out"),
+                    log=lambda m: None)
+    q = pq.read_table(result.dataset_dir / read_manifest(result.dataset_dir)
+                      .data["quarantine"]).to_pylist()
+    reasons = {row["id"]: row["reason"] for row in q}
+    assert "truncated" in reasons[ids[0]]
+    assert "undecodable" in reasons[ids[1]]
+    assert "does not match image size" in reasons[ids[2]]
+    assert "out of range" in reasons[ids[3]] and "40" in reasons[ids[3]]
+    assert "missing image file" in reasons[ids[4]]
+    assert "empty file" in reasons[ids[5]]
+    assert reasons["../../../etc/passwd"] == "id escapes the dataset root"
+    assert any(r["id"] == ids[9] and "duplicate" in r["reason"] for r in q)
+    assert len(q) == 8
+    good = {r["id"] for r in read_split_table(result.dataset_dir, "train", ["id"]).to_pylist()}
+    assert good == set(ids[6:12])  # CMYK and grey images included, nothing good lost
+    assert result.rows == {"train": 6, "val": 2}
+    rows = {r["id"]: r for r in read_split_table(result.dataset_dir, "train").to_pylist()}
+    assert decode_arrays(rows[ids[6]])["image"].shape == (48, 48, 3)
+    assert result.rejected["truncated image"] == 1 and result.rejected["duplicate id"] == 1
+
+
+def test_rerun_on_unchanged_sources_is_a_no_op_and_a_change_makes_a_new_version(tmp_path):
+    base = synth.write_voc(tmp_path / "raw", n_train=4, n_val=2, size=(32, 32))
+    cfg = IngestConfig(dataset="voc", root=base, out=tmp_path / "out")
+    first = ingest(cfg, log=lambda m: None)
+    manifest_before = (first.dataset_dir / "manifest.json").read_bytes()
+    again = ingest(cfg, log=lambda m: None)
+    assert again.skipped and again.version == first.version
+    assert (first.dataset_dir / "manifest.json").read_bytes() == manifest_before
+    # A changed label file makes a new version; the old one stays whole on disk.
+    label = next((base / "SegmentationClass").glob("*.png"))
+    arr = np.array(Image.open(label))
+    arr[:4, :4] = 15
+    Image.fromarray(arr).save(label)
+    second = ingest(cfg, log=lambda m: None)
+    assert not second.skipped and second.version != first.version
+    assert read_manifest(first.dataset_dir).data["version"] == second.version
+    old = first.dataset_dir / "versions" / first.version
+    assert (old / "manifest.json").is_file() and any(old.rglob("*.parquet"))
+
+
+def test_a_failed_ingest_leaves_the_previous_version_readable_and_no_partial_shard(
+        tmp_path, monkeypatch):
+    base = synth.write_voc(tmp_path / "raw", n_train=6, n_val=4, size=(32, 32))
+    cfg = IngestConfig(dataset="voc", root=base, out=tmp_path / "out", shard_rows=2)
+    first = ingest(cfg, log=lambda m: None)
+    before = read_split_table(first.dataset_dir, "train").to_pylist()
+    val = base / "ImageSets/Segmentation/val.txt"
+    val.write_text("\n".join(val.read_text().split()[:-1]) + "\n")  # a change: new version
+
+    real = ingest_mod._finalize_split
+    calls = []
+
+    def dies_after_first_split(*args, **kwargs):
+        calls.append(args[1])
+        shards = real(*args, **kwargs)
+        if len(calls) == 2:  # train's shards are written, val's too: then the process dies
+            raise RuntimeError("simulated crash")
+        return shards
+
+    monkeypatch.setattr(ingest_mod, "_finalize_split", dies_after_first_split)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ingest(cfg, log=lambda m: None)
+    assert calls == ["train", "val"]
+    m = read_manifest(first.dataset_dir)
+    assert m.data["version"] == first.version
+    assert read_split_table(first.dataset_dir, "train").to_pylist() == before
+    visible = {p.relative_to(first.dataset_dir).parts[:2] for p in
+               first.dataset_dir.rglob("*.parquet")}
+    assert visible == {("versions", first.version)}
+    assert not list(first.dataset_dir.glob(".staging-*"))
+    # A killed process cannot clean up: its staging folder is removed by the next ingest.
+    (first.dataset_dir / ".staging-killed").mkdir()
+    monkeypatch.setattr(ingest_mod, "_finalize_split", real)
+    third = ingest(cfg, log=lambda m: None)
+    assert third.rows == {"train": 6, "val": 3}
+    assert not list(first.dataset_dir.glob(".staging-*"))
+
+
+def test_wrong_root_is_one_clear_line_from_the_cli(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", "sbd", "--root",
+                           str(tmp_path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no SBD layout" in lines[0] and "cls" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(port: int, env: dict):
+    """`ray start --head --block` in its own process group, so that stopping it cannot touch
+    the test session's own Ray (`ray stop` would stop every Ray on the machine)."""
+    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # AF_UNIX paths: < 108 bytes
+    ray_bin = Path(sys.executable).with_name("ray")
+    proc = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats", f"--temp-dir={temp}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True)
+    try:
+        seen = []
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:  # blocks until the head says it is up (or exits)
+            seen.append(line)
+            if "Ray runtime started" in line:
+                break
+            assert time.monotonic() < deadline, "".join(seen)
+        assert proc.poll() is None, "".join(seen)
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ingest_against_a_separate_ray_head(tmp_path, ray_local):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    base = synth.write_voc(tmp_path / "raw", n_train=4, n_val=2, size=(32, 32))
+    with ray_head(port, env):
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "ingest", "voc", "--root", str(base),
+             "--out", str(tmp_path / "out")],
+            capture_output=True, text=True, timeout=300,
+            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"Ray: 127.0.0.1:{port}" in proc.stdout
+    assert read_manifest(tmp_path / "out" / "voc").data["splits"]["train"]["rows"] == 4
+    # The session's own Ray is untouched.
+    assert ray_local.get(ray_local.remote(lambda: 7).remote()) == 7
