@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_model.py
+	$(PY) bench/bench_ingest.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check fcn_core pipelines flows tests bench

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from fcn_core.palettes import IGNORE_INDEX
 
 
 def segmentation_loss(

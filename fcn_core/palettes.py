@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+IGNORE_INDEX = 255  # label value of void / object-border pixels: never scored, never learned
+
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
     "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from fcn_core.losses import IGNORE_INDEX
+from fcn_core.palettes import IGNORE_INDEX
 
 # Per-dataset channel means (reference voc_layers / nyud_layers / siftflow_layers).
 MEAN_BGR: dict[str, tuple[float, float, float]] = {

@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,10 +24,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fcn_core.losses import IGNORE_INDEX
+from fcn_core.palettes import IGNORE_INDEX
 from pipelines.shards import (
     MANIFEST,
     QUARANTINE,
@@ -43,10 +43,13 @@ from pipelines.sources import synthetic as synth
 
 DATASETS = ("voc", "sbd", "nyud", "siftflow", "synthetic")
 STAGING_PREFIX = ".staging-"
-# Columns a decode task adds for the driver; dropped before rows reach a shard.
+# What a decode task produces per example: the row, or the reason it was rejected.
 STAGING_SCHEMA = ROW_SCHEMA.append(pa.field("reason", pa.string())) \
     .append(pa.field("source_path", pa.string())) \
     .append(pa.field("label_hist", pa.list_(pa.int64())))
+# Shards carry each row's class pixel counts too (classes..., ignored): the manifest's
+# histogram is their sum, and class-balanced sampling can use them without decoding labels.
+SHARD_SCHEMA = ROW_SCHEMA.append(pa.field("label_hist", pa.list_(pa.int64())))
 
 Log = Callable[[str], None]
 
@@ -138,20 +141,25 @@ def _example_row(rec: RawRecord, dataset: str, num_classes: int) -> dict[str, An
     return row
 
 
-def decode_batch(batch: pa.Table, dataset: str, num_classes: int) -> pa.Table:
-    """Ray Data UDF: a batch of records -> a batch of staging rows (same count)."""
-    rows = []
+def decode_batch(batch: pa.Table, dataset: str, num_classes: int, rejects_dir: str
+                 ) -> pa.Table:
+    """Ray Data UDF: records -> good rows in the shard schema (+ ``label_hist``). Rejected
+    records go to a small Parquet file of their own in ``rejects_dir``, so one pass over
+    the data yields both the shards and the quarantine."""
+    good, bad = [], []
     for r in batch.to_pylist():
         rec = RawRecord(r["dataset"], r["split"], r["id"], r["image"], r["label"],
                         r["label_format"], tuple(tuple(e) for e in r["extras"]))
-        rows.append(_example_row(rec, dataset, num_classes))
-    return pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
-
-
-def select_split(batch: pa.Table, split: str) -> pa.Table:
-    """Ray Data UDF: the good rows of one split, in the shard schema."""
-    mask = pc.and_(pc.is_null(batch["reason"]), pc.equal(batch["split"], split))
-    return batch.filter(mask).select(ROW_SCHEMA.names)
+        row = _example_row(rec, dataset, num_classes)
+        if row["reason"] is None:
+            good.append(row)
+        else:
+            bad.append({"dataset": dataset, "split": rec.split, "id": rec.id,
+                        "path": row["source_path"], "reason": row["reason"]})
+    if bad:
+        pq.write_table(pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA),
+                       Path(rejects_dir) / f"{uuid.uuid4().hex}.parquet")
+    return pa.Table.from_pylist(good, schema=SHARD_SCHEMA)
 
 
 # ------------------------------------------------------------------------- the driver
@@ -194,22 +202,27 @@ def _current(dataset_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _finalize_split(staging: Path, split: str, version: str) -> list[dict[str, Any]]:
-    """Give the shards Ray wrote stable names; return their manifest entries."""
+def _finalize_split(staging: Path, split: str, version: str, num_classes: int
+                    ) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Give the shards Ray wrote stable names; return their manifest entries and the sum
+    of their rows' label histograms (classes..., ignored)."""
     folder = staging / split
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    shards = []
+    shards, hist = [], np.zeros(num_classes + 1, np.int64)
     for i, f in enumerate(files):
         final = folder / f"part-{i:05d}.parquet"
         f.rename(final)
         data = final.read_bytes()
+        col = pq.read_table(final, columns=["label_hist"])["label_hist"]
+        if len(col):
+            hist += np.asarray(col.to_pylist(), np.int64).sum(axis=0)
         shards.append({
             "path": f"versions/{version}/{split}/{final.name}",
-            "rows": pq.read_metadata(final).num_rows,
+            "rows": len(col),
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         })
-    return shards
+    return shards, hist
 
 
 def ingest(cfg: IngestConfig, log: Log = print) -> IngestResult:
@@ -268,37 +281,36 @@ def _run(cfg: IngestConfig, layout: str, num_classes: int, records: list[RawReco
     from pipelines.ray_env import init_ray
 
     log(init_ray())
-    items = [{**asdict(r), "extras": [list(e) for e in r.extras]} for r in records]
-    quarantine = [asdict(p) for p in problems]
-    hists: dict[str, np.ndarray] = {s: np.zeros(num_classes + 1, np.int64) for s in split_names}
+    rejects = staging / "_rejected"
+    rejects.mkdir()
+    hists: dict[str, np.ndarray] = {}
     splits: dict[str, dict[str, Any]] = {}
-    if items:
-        blocks = max(1, min(len(items) // cfg.batch_size, 200))
-        decoded = (
-            ray.data.from_items(items, override_num_blocks=blocks)
-            .map_batches(decode_batch, fn_kwargs={"dataset": cfg.dataset,
-                                                  "num_classes": num_classes},
-                         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1)
-            .materialize()  # decode once; each split and the quarantine read the result
-        )
-        log(f"decoded and validated {len(items)} examples with Ray Data")
-        meta = decoded.select_columns(["split", "id", "source_path", "reason", "label_hist"])
-        for batch in meta.iter_batches(batch_format="pyarrow", batch_size=4096):
-            for r in batch.to_pylist():
-                if r["reason"] is not None:
-                    quarantine.append({"dataset": cfg.dataset, "split": r["split"],
-                                       "id": r["id"], "path": r["source_path"],
-                                       "reason": r["reason"]})
-                else:
-                    hists[r["split"]] += np.asarray(r["label_hist"], np.int64)
-        for split in split_names:
-            good = decoded.map_batches(select_split, fn_kwargs={"split": split},
-                                       batch_format="pyarrow", batch_size=None)
-            good.write_parquet(str(staging / split), min_rows_per_file=cfg.shard_rows,
-                               max_rows_per_file=cfg.shard_rows)
-            splits[split] = {"shards": _finalize_split(staging, split, version)}
-            n = sum(sh["rows"] for sh in splits[split]["shards"])
-            log(f"  {split}: {n} rows in {len(splits[split]['shards'])} shard(s)")
+    for split in split_names:
+        items = [{**asdict(r), "extras": [list(e) for e in r.extras]}
+                 for r in records if r.split == split]
+        hists[split] = np.zeros(num_classes + 1, np.int64)
+        splits[split] = {"shards": []}
+        if not items:
+            continue
+        t0 = time.perf_counter()
+        blocks = max(1, min(-(-len(items) // cfg.batch_size), 1000))
+        (ray.data.from_items(items, override_num_blocks=blocks)
+            .map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="pyarrow",
+                         num_cpus=1, fn_kwargs={"dataset": cfg.dataset,
+                                                "num_classes": num_classes,
+                                                "rejects_dir": str(rejects)})
+            .write_parquet(str(staging / split), min_rows_per_file=cfg.shard_rows,
+                           max_rows_per_file=cfg.shard_rows))
+        shards, hists[split] = _finalize_split(staging, split, version, num_classes)
+        splits[split]["shards"] = shards
+        n = sum(sh["rows"] for sh in shards)
+        log(f"  {split}: {n} of {len(items)} examples written in {len(shards)} shard(s), "
+            f"{time.perf_counter() - t0:.1f} s")
+    quarantine = [asdict(p) for p in problems]
+    for f in sorted(rejects.glob("*.parquet")):
+        quarantine += pq.read_table(f).to_pylist()
+    shutil.rmtree(rejects)
+    quarantine.sort(key=lambda q: (q["split"], q["id"]))
     pq.write_table(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA),
                    staging / QUARANTINE)
     from pipelines.sources import SOURCES
@@ -319,7 +331,7 @@ def _run(cfg: IngestConfig, layout: str, num_classes: int, records: list[RawReco
         "classes": classes,
         "num_classes": num_classes,
         "ignore_index": IGNORE_INDEX,
-        "columns": ROW_SCHEMA.names,
+        "columns": SHARD_SCHEMA.names,
         "source": {"root": str(cfg.root.resolve()), "fingerprint": fingerprint,
                    "split_file": cfg.split_file},
         "splits": {s: {k: splits[s][k] for k in ("rows", "rejected", "shards", "class_pixels",

@@ -17,15 +17,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
-from fcn_core.transforms import depth_to_tensor, hha_to_tensor, image_to_tensor, label_to_tensor
+if TYPE_CHECKING:  # torch is imported where tensors are made: ingest workers never need it
+    import torch
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -166,6 +166,13 @@ def decode_row(row: dict[str, Any], mean_bgr: tuple[float, float, float]
     """A shard row -> tensors for training / evaluation: ``image`` float (3, H, W) BGR minus
     ``mean_bgr``, ``label`` int64 (H, W), and where present ``label_geo`` int64 (H, W),
     ``depth`` float (1, H, W) log-depth, ``hha`` float (3, H, W)."""
+    from fcn_core.transforms import (
+        depth_to_tensor,
+        hha_to_tensor,
+        image_to_tensor,
+        label_to_tensor,
+    )
+
     a = decode_arrays(row)
     out = {"image": image_to_tensor(a["image"], mean_bgr), "label": label_to_tensor(a["label"])}
     if "label_geo" in a:
@@ -175,3 +182,54 @@ def decode_row(row: dict[str, Any], mean_bgr: tuple[float, float, float]
     if "hha" in a:
         out["hha"] = hha_to_tensor(a["hha"])
     return out
+
+
+def training_batch(batch: dict[str, Any], mirror: bool = False, seed: int | None = None,
+                   multiple: int = 1) -> dict[str, np.ndarray]:
+    """Ray Data UDF (batch_format="numpy"): shard rows -> one padded uint8 batch.
+
+    ``image`` uint8 RGB (N, H, W, 3) and ``pad`` bool (N, H, W) marking padded pixels, which
+    ``model_input`` sets to 0 after the mean subtraction (the reference's padding);
+    ``label`` (and ``label_geo``) uint8 (N, H, W) padded with 255. Images of different sizes
+    are padded at the bottom and right up to the largest, rounded up to ``multiple``.
+    Staying in uint8 until the trainer moves 4x fewer bytes through Ray's object store;
+    ``model_input`` does the float conversion (on the GPU when there is one).
+    """
+    rng = np.random.default_rng(seed)
+    keys = [k for k in ("label", "label_geo") if k in batch and batch[k][0] is not None]
+    images = [decode_rgb(b) for b in batch["image"]]
+    labels = {k: [decode_png(b) for b in batch[k]] for k in keys}
+    if mirror:
+        flips = rng.random(len(images)) < 0.5
+        images = [im[:, ::-1] if f else im for im, f in zip(images, flips, strict=True)]
+        labels = {k: [la[:, ::-1] if f else la for la, f in zip(v, flips, strict=True)]
+                  for k, v in labels.items()}
+    h = -(-max(im.shape[0] for im in images) // multiple) * multiple
+    w = -(-max(im.shape[1] for im in images) // multiple) * multiple
+    out = {"image": np.zeros((len(images), h, w, 3), np.uint8),
+           "pad": np.zeros((len(images), h, w), bool)}
+    out["pad"][:] = True
+    for i, im in enumerate(images):
+        out["image"][i, : im.shape[0], : im.shape[1]] = im
+        out["pad"][i, : im.shape[0], : im.shape[1]] = False
+    for k, v in labels.items():
+        out[k] = np.full((len(images), h, w), 255, np.uint8)
+        for i, la in enumerate(v):
+            out[k][i, : la.shape[0], : la.shape[1]] = la
+    return out
+
+
+def model_input(batch: dict[str, Any], mean_bgr: tuple[float, float, float],
+                device: Any = "cpu") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A ``training_batch`` (numpy or torch) -> (x float32 (N, 3, H, W) BGR minus mean, with
+    padding at 0; {"label": int64 (N, H, W), ...}) on ``device``: the reference's input."""
+    import torch
+
+    img = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
+    pad = torch.as_tensor(batch["pad"]).to(device, non_blocking=True)
+    mean = torch.tensor(mean_bgr, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    x = img.permute(0, 3, 1, 2).flip(1).float() - mean  # RGB -> BGR, (N, 3, H, W)
+    x = x.masked_fill(pad[:, None], 0.0)
+    labels = {k: torch.as_tensor(batch[k]).to(device, non_blocking=True).long()
+              for k in ("label", "label_geo") if k in batch}
+    return x.contiguous(), labels

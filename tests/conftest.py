@@ -10,8 +10,27 @@ torch.set_num_threads(2)
 # Tests never talk to a user's cluster by accident.
 os.environ.pop("RAY_ADDRESS", None)
 
-REALDATA = Path(os.environ.get("FCN_REALDATA",
-                               Path(__file__).resolve().parents[2] / "shared" / "realdata"))
+_REALDATA_CANDIDATES = [
+    os.environ.get("FCN_REALDATA", ""),
+    Path(__file__).resolve().parents[2] / "shared" / "realdata",  # beside the checkout
+    "/work/shared/realdata",  # the team machines' shared folder, for clones elsewhere
+]
+
+
+def _find_realdata() -> Path | None:
+    for cand in _REALDATA_CANDIDATES:
+        if cand and Path(cand).is_dir():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    """The real sample files (../shared/realdata, or FCN_REALDATA)."""
+    path = _find_realdata()
+    if path is None:
+        pytest.skip("real samples absent: set FCN_REALDATA to the shared/realdata folder")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -77,14 +77,9 @@ def test_palettes_and_class_lists():
     assert colorize(np.array([[0, 255]])).shape == (1, 2, 3)
 
 
-def test_nyud_class_names_match_the_real_class_mapping_file():
-    from pathlib import Path
-
+def test_nyud_class_names_match_the_real_class_mapping_file(realdata):
     import scipy.io
 
-    p = (Path(__file__).resolve().parents[2] / "shared" / "realdata" / "nyud"
-         / "nyuv2-python-toolkit_meta" / "classMapping40.mat")
-    if not p.exists():
-        pytest.skip(f"real sample not present: {p}")
+    p = realdata / "nyud" / "nyuv2-python-toolkit_meta" / "classMapping40.mat"
     names = [str(n[0]) for n in scipy.io.loadmat(str(p))["className"][0]]
     assert [n.replace("_", " ") for n in names] == list(NYUD_CLASSES)

@@ -66,11 +66,8 @@ def test_round_trip_gives_exactly_the_source_pixels_and_labels(tmp_path, layout,
         assert m.data["splits"][split]["ignore_pixels"] == int(expected[255])
 
 
-def test_real_sbd_and_voc_samples_ingest_with_exact_labels(tmp_path):
-    from conftest import REALDATA
-
-    if not REALDATA.exists():
-        pytest.skip(f"real samples not present: {REALDATA}")
+def test_real_sbd_and_voc_samples_ingest_with_exact_labels(tmp_path, realdata):
+    REALDATA = realdata  # noqa: N806
     r = ingest(IngestConfig(dataset="sbd", root=REALDATA / "sbd", out=tmp_path,
                             splits=("train", "val")),
                log=lambda m: None)
@@ -252,3 +249,37 @@ def test_ingest_against_a_separate_ray_head(tmp_path, ray_local):
     assert read_manifest(tmp_path / "out" / "voc").data["splits"]["train"]["rows"] == 4
     # The session's own Ray is untouched.
     assert ray_local.get(ray_local.remote(lambda: 7).remote()) == 7
+
+
+def test_training_batches_pad_mirror_and_match_the_reference_input(tmp_path):
+    from fcn_core.transforms import MEAN_BGR, image_to_tensor
+    from pipelines.shards import model_input, training_batch
+
+    base = synth.write_voc(tmp_path / "raw", n_train=2, n_val=1, size=(40, 52))
+    small = synth.write_voc(tmp_path / "raw2", n_train=1, n_val=1, size=(33, 20), seed=5)
+    rows = []
+    for b in (base, small):
+        r = ingest(IngestConfig(dataset="voc", root=b, out=tmp_path / b.name / "out"),
+                   log=lambda m: None)
+        rows += read_split_table(r.dataset_dir, "train").to_pylist()
+    cols = {k: [r[k] for r in rows] for k in rows[0]}
+    batch = training_batch(cols, multiple=8)
+    assert batch["image"].shape == (3, 40, 56, 3) and batch["image"].dtype == np.uint8
+    x, y = model_input(batch, MEAN_BGR["voc"])
+    last = decode_arrays(rows[2])
+    torch_x = image_to_tensor(last["image"], MEAN_BGR["voc"])
+    assert np.allclose(x[2, :, :33, :20].numpy(), torch_x.numpy())
+    assert (x[2, :, 33:, :] == 0).all() and (x[2, :, :, 20:] == 0).all()
+    assert (y["label"][2, 33:, :] == 255).all()
+    assert np.array_equal(y["label"][2, :33, :20].numpy(), last["label"])
+    # Mirroring flips image and label together.
+    # Mirroring flips image and label together, before padding (the pad stays right).
+    flipped = [training_batch(cols, mirror=True, seed=s, multiple=8) for s in range(6)]
+    for fb in flipped:
+        for i in range(2):
+            plain = np.array_equal(fb["image"][i], batch["image"][i])
+            assert plain == np.array_equal(fb["label"][i], batch["label"][i])
+            if not plain:
+                assert np.array_equal(fb["image"][i, :, :52], batch["image"][i, :, 51::-1])
+                assert np.array_equal(fb["label"][i, :, :52], batch["label"][i, :, 51::-1])
+    assert any(not np.array_equal(fb["image"][0], batch["image"][0]) for fb in flipped)

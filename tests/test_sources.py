@@ -137,20 +137,9 @@ def test_synthetic_is_learnable_and_has_thin_bars(synth_root: Path) -> None:
 # --------------------------------------------------------------------------- real samples
 
 
-def _realdata_dir() -> Path | None:
-    here = Path(__file__).resolve().parents[2] / "shared" / "realdata"
-    if here.is_dir():
-        return here
-    env = os.environ.get("FCN_REALDATA")
-    return Path(env) if env and Path(env).is_dir() else None
-
-
 @pytest.fixture(scope="module")
-def real() -> Path:
-    path = _realdata_dir()
-    if path is None:
-        pytest.skip("real samples absent: no ../shared/realdata and FCN_REALDATA unset")
-    return path
+def real(realdata: Path) -> Path:
+    return realdata
 
 
 def test_real_sbd(real: Path) -> None:

@@ -15,8 +15,7 @@ import numpy as np
 import scipy.io
 from PIL import Image, UnidentifiedImageError
 
-from fcn_core.losses import IGNORE_INDEX
-from fcn_core.palettes import SIFTFLOW_GEO_CLASSES
+from fcn_core.palettes import IGNORE_INDEX, SIFTFLOW_GEO_CLASSES
 
 IGNORE = IGNORE_INDEX  # 255 in every decoded label
 
