@@ -211,6 +211,27 @@ class FCN(nn.Module):
         return crop(head.upscore8(fuse_pool3), o["score"], h, w)
 
 
+class LateFusion(nn.Module):
+    """NYUD RGB-HHA late fusion (PAMI FCN): one FCN on colour, one on HHA, scores summed.
+    Input (N, 6, H, W): BGR minus mean, then HHA minus mean."""
+
+    def __init__(self, color: FCN, hha: FCN):
+        super().__init__()
+        if color.config != hha.config:
+            raise ValueError("the two streams of a late-fusion net must have the same config")
+        self.color, self.hha = color, hha
+        self.config, self.stride, self.offsets = color.config, color.stride, color.offsets
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 6:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be (N, 6, H, W) (BGR then HHA), got x of shape {shape}")
+        a, b = self.color(x[:, :3]), self.hha(x[:, 3:])
+        if isinstance(a, dict):
+            return {k: a[k] + b[k] for k in a}
+        return a + b
+
+
 def _build(
     variant: str, num_classes: int, width: float, in_channels: int,
     heads: Mapping[str, int] | None,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fcn_core.bilinear import bilinear_weight, upsample_filt
-from fcn_core.fcn import FCN
+from fcn_core.fcn import FCN, LateFusion
 
 __all__ = [
     "SurgeryError", "SurgeryReport", "ConvolutionalVGG16", "convolutionalize",
@@ -190,12 +190,14 @@ def transplant_vgg16(
     return report
 
 
-def promote(model: FCN) -> FCN:
+def promote(model: FCN | LateFusion) -> FCN | LateFusion:
     """FCN-32s -> FCN-16s, or FCN-16s -> FCN-8s (the paper's staged training).
 
     Every parameter the two nets share is copied; the new skip's score layer starts at zero
     (so the skip adds nothing yet) and its new deconvolutions at the bilinear kernel.
     """
+    if isinstance(model, LateFusion):
+        return LateFusion(promote(model.color), promote(model.hha))
     variant = model.config.variant
     if variant not in NEXT_STAGE:
         raise ValueError(f"model must be an fcn32s or fcn16s to promote, got variant={variant!r}")

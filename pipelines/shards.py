@@ -188,17 +188,22 @@ def training_batch(batch: dict[str, Any], mirror: bool = False, seed: int | None
                    multiple: int = 1) -> dict[str, np.ndarray]:
     """Ray Data UDF (batch_format="numpy"): shard rows -> one padded uint8 batch.
 
-    ``image`` uint8 RGB (N, H, W, 3) and ``pad`` bool (N, H, W) marking padded pixels, which
-    ``model_input`` sets to 0 after the mean subtraction (the reference's padding);
+    ``image`` uint8 RGB (N, H, W, 3), or RGB + HHA (N, H, W, 6) for NYUD rows that carry
+    HHA, ``depth`` uint16 (N, H, W) where present, and ``pad`` bool (N, H, W) marking
+    padded pixels, which ``model_input`` sets to 0 after the mean subtraction (the
+    reference's padding);
     ``label`` (and ``label_geo``) uint8 (N, H, W) padded with 255. Images of different sizes
     are padded at the bottom and right up to the largest, rounded up to ``multiple``.
     Staying in uint8 until the trainer moves 4x fewer bytes through Ray's object store;
     ``model_input`` does the float conversion (on the GPU when there is one).
     """
     rng = np.random.default_rng(seed)
-    keys = [k for k in ("label", "label_geo") if k in batch and batch[k][0] is not None]
+    keys = [k for k in ("label", "label_geo", "depth") if k in batch and batch[k][0] is not None]
     images = [decode_rgb(b) for b in batch["image"]]
-    labels = {k: [decode_png(b) for b in batch[k]] for k in keys}
+    labels = {k: [decode_png(b) for b in batch[k]] for k in keys}  # (H, W) maps: pad with 255
+    if "hha" in batch and batch["hha"][0] is not None:
+        hha = [decode_rgb(b) for b in batch["hha"]]
+        images = [np.concatenate([im, h], axis=2) for im, h in zip(images, hha, strict=True)]
     if mirror:
         flips = rng.random(len(images)) < 0.5
         images = [im[:, ::-1] if f else im for im, f in zip(images, flips, strict=True)]
@@ -206,30 +211,53 @@ def training_batch(batch: dict[str, Any], mirror: bool = False, seed: int | None
                   for k, v in labels.items()}
     h = -(-max(im.shape[0] for im in images) // multiple) * multiple
     w = -(-max(im.shape[1] for im in images) // multiple) * multiple
-    out = {"image": np.zeros((len(images), h, w, 3), np.uint8),
+    out = {"image": np.zeros((len(images), h, w, images[0].shape[2]), np.uint8),
            "pad": np.zeros((len(images), h, w), bool)}
     out["pad"][:] = True
     for i, im in enumerate(images):
         out["image"][i, : im.shape[0], : im.shape[1]] = im
         out["pad"][i, : im.shape[0], : im.shape[1]] = False
     for k, v in labels.items():
-        out[k] = np.full((len(images), h, w), 255, np.uint8)
+        out[k] = np.full((len(images), h, w), 255 if k != "depth" else 0, v[0].dtype)
         for i, la in enumerate(v):
             out[k][i, : la.shape[0], : la.shape[1]] = la
     return out
 
 
 def model_input(batch: dict[str, Any], mean_bgr: tuple[float, float, float],
-                device: Any = "cpu") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """A ``training_batch`` (numpy or torch) -> (x float32 (N, 3, H, W) BGR minus mean, with
-    padding at 0; {"label": int64 (N, H, W), ...}) on ``device``: the reference's input."""
+                device: Any = "cpu", input: str = "rgb"
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A ``training_batch`` (numpy or torch) -> (x, labels) on ``device``, in the reference's
+    conventions: x float32 (N, C, H, W) with padding at 0, where C and content follow
+    ``input``: rgb = BGR minus mean (3), hha = HHA minus mean (3), rgbd = BGR + log depth (4),
+    rgb-hha = BGR then HHA (6, late fusion). labels: {"label": int64 (N, H, W), ...}."""
     import torch
 
+    from fcn_core.transforms import MEAN_HHA, MEAN_LOG_DEPTH
+
     img = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
-    pad = torch.as_tensor(batch["pad"]).to(device, non_blocking=True)
-    mean = torch.tensor(mean_bgr, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    x = img.permute(0, 3, 1, 2).flip(1).float() - mean  # RGB -> BGR, (N, 3, H, W)
-    x = x.masked_fill(pad[:, None], 0.0)
+    pad = torch.as_tensor(batch["pad"]).to(device, non_blocking=True)[:, None]
+
+    def minus(x: torch.Tensor, mean: tuple[float, ...]) -> torch.Tensor:
+        m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        return x.float() - m
+
+    bgr = minus(img[..., :3].permute(0, 3, 1, 2).flip(1), mean_bgr)  # RGB -> BGR
+    parts: list[torch.Tensor] = []
+    if input in ("rgb", "rgbd", "rgb-hha"):
+        parts.append(bgr)
+    if input in ("hha", "rgb-hha"):
+        if img.shape[-1] < 6:
+            raise ValueError(f"input={input!r} needs HHA images; these rows have none")
+        parts.append(minus(img[..., 3:6].permute(0, 3, 1, 2), MEAN_HHA))
+    if input == "rgbd":
+        if "depth" not in batch:
+            raise ValueError("input='rgbd' needs depth; these rows have none")
+        d = torch.as_tensor(batch["depth"]).to(device, non_blocking=True).float()
+        parts.append(torch.log(d.clamp_min(1.0))[:, None] - MEAN_LOG_DEPTH)
+    if not parts:
+        raise ValueError(f"input must be one of rgb, hha, rgbd, rgb-hha, got input={input!r}")
+    x = torch.cat(parts, dim=1).masked_fill(pad, 0.0)
     labels = {k: torch.as_tensor(batch[k]).to(device, non_blocking=True).long()
               for k in ("label", "label_geo") if k in batch}
     return x.contiguous(), labels
