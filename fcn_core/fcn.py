@@ -162,6 +162,16 @@ class FCN(nn.Module):
         self.register_buffer("scale_pool4", torch.tensor(ATONCE_SCALE_POOL4 if atonce else 1.0))
         self.register_buffer("scale_pool3", torch.tensor(ATONCE_SCALE_POOL3 if atonce else 1.0))
         self.offsets = self._crop_offsets()
+        self._init_trunk()
+
+    def _init_trunk(self) -> None:
+        """Random init as torchvision's VGG (kaiming normal, fan_out): PyTorch's default
+        conv init leaves a 15-layer plain net without normalisation nearly untrainable from
+        scratch. Pretrained weights (transplant_vgg16) overwrite it."""
+        for m in [*self.features, self.fc6, self.fc7]:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def _crop_offsets(self) -> dict[str, int]:
         """Crop offsets per crop layer, derived from the geometry of the layers."""

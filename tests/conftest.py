@@ -38,6 +38,11 @@ def ray_local():
     """One local Ray for the whole session (ray.init costs ~5 s)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from pipelines.ray_env import quiet_env
+
+    os.environ.update(quiet_env())
+    # The dashboard serves the state API that Ray Train V2's controller monitor queries.
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=False)
     yield ray
     ray.shutdown()

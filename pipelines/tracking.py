@@ -1,0 +1,83 @@
+"""MLflow tracking: where runs go, and a small buffered logger for the rank-0 worker.
+
+Default store: SQLite + a local artifact folder, both under the project data directory
+(``FCN_DATA_DIR``, default ``./data``). ``MLFLOW_TRACKING_URI`` selects a server instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def data_dir() -> Path:
+    """The project's data directory (shards, runs, MLflow store)."""
+    return Path(os.environ.get("FCN_DATA_DIR", "data")).resolve()
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    folder = data_dir() / "mlflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def _artifact_root() -> str | None:
+    """For the default SQLite store: artifacts beside it (a server chooses its own)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return (data_dir() / "mlflow" / "artifacts").as_uri()
+
+
+def experiment_id(client: Any, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = _artifact_root()
+    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> MLflow params ("stages.0.lr": "1e-10")."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)) and v and isinstance(v[0], Mapping):
+            for i, item in enumerate(v):
+                out.update(flatten(item, f"{key}.{i}."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+class MetricLogger:
+    """Buffered ``log_batch`` to one run; used by rank 0 inside a Ray Train worker."""
+
+    def __init__(self, uri: str, run_id: str, flush_every_s: float = 5.0):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(uri), run_id
+        self.flush_every_s = flush_every_s
+        self._buf: list[Any] = []
+        self._last = time.monotonic()
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._buf += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        if time.monotonic() - self._last >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._buf), 1000):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(self.run_id, metrics=self._buf[i : i + 1000])
+        self._buf = []
+        self._last = time.monotonic()

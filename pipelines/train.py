@@ -1,0 +1,454 @@
+"""Staged FCN training with Ray Train: one TorchTrainer per stage, 32s -> 16s -> 8s.
+
+Plain functions (``build_stage_model``, ``train_step``, ``validate``) know nothing of Ray;
+every Ray Train call lives in ``train_loop_per_worker``; ``train_stage`` and ``train_pipeline``
+are the driver, which also owns the MLflow runs (rank 0 of each stage logs per-step metrics
+into the stage's run).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fcn_core.fcn import BUILDERS, FCN, FCNConfig, LateFusion
+from fcn_core.losses import multi_head_loss
+from fcn_core.metrics import ConfusionMatrix
+from fcn_core.optim import param_groups
+from fcn_core.surgery import promote, transplant_vgg16
+from fcn_core.transforms import MEAN_BGR
+from pipelines.config import StageConfig, StageResult, TrainConfig, from_dict
+from pipelines.shards import model_input, read_manifest, training_batch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+DONE_FILE = "stage_done.json"
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------- plain torch functions
+
+def _label_keys(heads: list[str]) -> dict[str, str]:
+    """Score head -> label column: the first head reads ``label``, a second ``label_geo``."""
+    return dict(zip(heads, ("label", "label_geo"), strict=False))
+
+
+def build_stage_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
+                      init_checkpoint: str | None, log: Log = print) -> nn.Module:
+    """The net a stage starts from: 32s (or at-once 8s) from VGG16 weights, otherwise the
+    previous stage's final checkpoint promoted (the new skip starts at zero)."""
+    heads = cfg.heads or None
+    if init_checkpoint:
+        prev = load_model(init_checkpoint)
+        if stage.variant == "fcn8s_atonce" or prev.config.variant == stage.variant:
+            return prev
+        return promote(prev)
+
+    def one() -> FCN:
+        return BUILDERS[stage.variant](num_classes=num_classes, width=cfg.width,
+                                       in_channels=cfg.in_channels, heads=heads)
+
+    model: nn.Module = LateFusion(one(), one()) if cfg.input == "rgb-hha" else one()
+    if cfg.backbone_weights:
+        state = torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True)
+        nets = [model.color, model.hha] if isinstance(model, LateFusion) else [model]
+        for net, mean in zip(nets, (MEAN_BGR[cfg.dataset], None), strict=False):
+            report = transplant_vgg16(net, state, mean_bgr=mean if cfg.input != "hha" else None)
+            log(f"backbone {cfg.backbone_weights}: {str(report).splitlines()[0]}")
+    else:
+        log("warning: no backbone_weights given: the VGG16 trunk starts from random weights")
+    if not cfg.learn_upsampling:
+        for name, p in model.named_parameters():
+            if "upscore" in name:
+                p.requires_grad_(False)
+    return model
+
+
+def model_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state dict without DDP's ``module.`` prefix, how to rebuild the net)."""
+    net = model.module if hasattr(model, "module") else model
+    kind = "late_fusion" if isinstance(net, LateFusion) else "fcn"
+    return net.state_dict(), {"kind": kind, **net.config.to_dict()}
+
+
+def load_model(checkpoint: str | Path) -> nn.Module:
+    """Rebuild a net from a checkpoint directory (or its checkpoint.pt)."""
+    p = Path(checkpoint)
+    path = p / CHECKPOINT_FILE if p.is_dir() else p
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    arch = dict(state["arch"])
+    kind = arch.pop("kind")
+    cfg = FCNConfig(**arch)
+    model: nn.Module = LateFusion(FCN(cfg), FCN(cfg)) if kind == "late_fusion" else FCN(cfg)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, stage: StageConfig,
+           step: int) -> float:
+    lr = stage.lr
+    if cfg.schedule == "poly":
+        lr = stage.lr * (1 - step / stage.steps) ** cfg.poly_power
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    return lr
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, stage: StageConfig) -> torch.optim.SGD:
+    groups = param_groups(model, lr=stage.lr, weight_decay=cfg.weight_decay,
+                          bias_lr_mult=cfg.bias_lr_mult)
+    groups[0]["lr_mult"], groups[1]["lr_mult"] = 1.0, cfg.bias_lr_mult
+    return torch.optim.SGD(groups, lr=stage.lr, momentum=cfg.momentum)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               labels: dict[str, torch.Tensor], heads: list[str], normalize: bool) -> float:
+    model.train()
+    scores = model(x)
+    if isinstance(scores, dict):
+        keys = _label_keys(heads)
+        loss = multi_head_loss(scores, {h: labels[keys[h]] for h in scores}, normalize=normalize)
+    else:
+        loss = multi_head_loss(scores, labels["label"], normalize=normalize)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def validate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+             num_classes: dict[str, int], heads: list[str]) -> dict[str, ConfusionMatrix]:
+    """One ConfusionMatrix per head over all batches (padding is 255: never counted)."""
+    model.eval()
+    keys = _label_keys(heads)
+    cms = {h: ConfusionMatrix(num_classes[h]) for h in heads}
+    for x, labels in batches:
+        scores = model(x)
+        scores = scores if isinstance(scores, dict) else {heads[0]: scores}
+        for h, s in scores.items():
+            cms[h].update(labels[keys[h]], s.argmax(1))
+    return cms
+
+
+# ---------------------------------------------------------------------- the Ray worker
+
+def _batches(shard: Any, cfg: TrainConfig, device: Any, train: bool, seed: int
+             ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Decode + pad in Ray Data's prefetch thread (collate_fn), float conversion on device."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    mean = MEAN_BGR[cfg.dataset]
+
+    class Collate(NumpyBatchCollateFn):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            self.calls += 1
+            b = training_batch(batch, mirror=train and cfg.mirror, seed=seed + self.calls,
+                               multiple=cfg.pad_multiple)
+            return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
+
+    it = shard.iter_torch_batches(
+        batch_size=cfg.batch_size, collate_fn=Collate(), prefetch_batches=2,
+        local_shuffle_buffer_size=4 * cfg.batch_size if train else None,
+        local_shuffle_seed=seed if train else None)
+    for batch in it:
+        x, labels = model_input(batch, mean, device, cfg.input)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, labels
+
+
+def _all_reduce_hist(cms: dict[str, ConfusionMatrix]) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for cm in cms.values():
+        t = torch.from_numpy(cm.hist.astype(np.float64))  # gloo: float64 sums are exact here
+        dist.all_reduce(t)
+        cm.hist = t.round().to(torch.int64).numpy()
+
+
+def _scores(cms: dict[str, ConfusionMatrix], heads: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for h in heads:
+        s = cms[h].scores()
+        prefix = "" if h == heads[0] else f"{h}_"
+        out.update({f"{prefix}{k}": v for k, v in s.items() if k != "per_class_iu"})
+    return out
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker; all Ray Train calls of a stage are here."""
+    import logging
+
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Reporting training result"
+    cfg = from_dict(loop["config"])
+    stage = next(s for s in cfg.stages if s.name == loop["stage"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(loop.get("threads_per_worker", 1))))
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(f"[{stage.name}] {msg}", flush=True)
+
+    model = build_stage_model(cfg, stage, loop["num_classes"], loop["init_checkpoint"], log)
+    heads = list((cfg.heads or {"out": loop["num_classes"]}).keys())
+    classes = cfg.heads or {"out": loop["num_classes"]}
+    optimizer = make_optimizer(model, cfg, stage)
+    step, resumed_from = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = resumed_from = int(state["step"])
+        log(f"resumed from the checkpoint at step {step}")
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    tracker = None
+    if rank == 0 and loop.get("mlflow_run_id"):
+        from pipelines.tracking import MetricLogger
+
+        tracker = MetricLogger(loop["tracking_uri"], loop["mlflow_run_id"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    last_val: dict[str, float] = {}
+    window_t, window_imgs = time.perf_counter(), 0
+    epoch = 0
+
+    def report(metrics: dict[str, float], save: bool) -> None:
+        if save:
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    sd, arch = model_state(model)
+                    torch.save({"model": sd, "optimizer": optimizer.state_dict(), "step": step,
+                                "stage": stage.name, "arch": arch, "config": cfg.to_dict()},
+                               Path(d) / CHECKPOINT_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+                ray.train.report(metrics, checkpoint=ckpt)
+        else:
+            ray.train.report(metrics)
+
+    def run_validation() -> dict[str, float]:
+        cms = validate(model, _batches(val_shard, cfg, device, False, cfg.seed), classes, heads)
+        _all_reduce_hist(cms)
+        return _scores(cms, heads)
+
+    while step < stage.steps:
+        for x, labels in _batches(train_shard, cfg, device, True, cfg.seed + 7919 * epoch):
+            if cfg.fail_at_step is not None and step == cfg.fail_at_step and \
+                    rank == world - 1 and _first_injection(loop["run_dir"]):
+                raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+            lr = set_lr(optimizer, cfg, stage, step)
+            loss = train_step(model, optimizer, x, labels, heads, cfg.normalize_loss)
+            step += 1
+            window_imgs += x.shape[0] * world
+            metrics = {"loss": loss, "lr": lr, "step": step, "resumed_from": resumed_from}
+            val_due = cfg.val_every and step % cfg.val_every == 0 and step < stage.steps
+            if val_due:
+                last_val = run_validation()
+                metrics.update(last_val)
+            dt = time.perf_counter() - window_t
+            if tracker is not None:
+                tracker.log({"loss": loss, "lr": lr, "img_per_s": window_imgs / max(dt, 1e-9),
+                             **(last_val if val_due else {})}, step)
+            if step % max(1, min(cfg.checkpoint_every, 10)) == 0 or step == 1:
+                miou = f"  mean IU {last_val['mean_iu']:.3f}" if "mean_iu" in last_val else ""
+                log(f"step {step}/{stage.steps}  loss {loss:.4g}  lr {lr:.3g}  "
+                    f"{window_imgs / dt:.1f} img/s{miou}")
+                window_t, window_imgs = time.perf_counter(), 0
+            if step % cfg.checkpoint_every == 0 or step == stage.steps:
+                if step == stage.steps:
+                    last_val = run_validation()
+                    metrics.update(last_val)
+                report(metrics, save=True)
+            if step >= stage.steps:
+                break
+        epoch += 1
+    if step == resumed_from:  # resumed at the very end: nothing left but the final report
+        last_val = run_validation()
+        report({"loss": float("nan"), "step": step, "resumed_from": resumed_from, **last_val},
+               save=True)
+    if tracker is not None:
+        tracker.log({f"final_{k}": v for k, v in last_val.items()}, step)
+        tracker.flush()
+    log(f"done: {step} steps" + (f", mean IU {last_val['mean_iu']:.3f}"
+                                  if "mean_iu" in last_val else ""))
+
+
+def _first_injection(run_dir: str) -> bool:
+    """True once per stage run: a marker on shared storage survives the worker restart."""
+    marker = Path(run_dir) / ".failure_injected"
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker, "x"):
+            return True
+    except FileExistsError:
+        return False
+
+
+# ------------------------------------------------------------------------- the driver
+
+@dataclass(frozen=True)
+class PipelineRun:
+    run_id: str  # names the Ray Train runs (resume with the same id)
+    storage: Path  # <storage>/<run_id>/<stage>/ holds Ray Train's checkpoints
+    mlflow_parent: str | None = None
+
+
+def train_stage(cfg: TrainConfig, stage: StageConfig, data: Path, run: PipelineRun,
+                init_checkpoint: str | None, mlflow_run_id: str | None, log: Log = print
+                ) -> StageResult:
+    """Fit one stage with a TorchTrainer; return its final checkpoint and metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_env import init_ray
+    from pipelines.shards import open_split
+    from pipelines.tracking import tracking_uri
+
+    log(init_ray())
+    manifest = read_manifest(data)
+    t0 = time.perf_counter()
+    stage_dir = run.storage / run.run_id / stage.name
+    done = stage_dir / DONE_FILE
+    if done.is_file():  # finished in an earlier attempt of this run (--resume)
+        info = json.loads(done.read_text())
+        log(f"stage {stage.name}: already finished in run {run.run_id}, reusing its checkpoint")
+        return StageResult(stage.name, info["checkpoint"], info["steps"], info["metrics"],
+                           mlflow_run_id, 0.0)
+    datasets = {"train": open_split(data, cfg.train_split).randomize_block_order(),
+                "val": open_split(data, cfg.val_split)}
+    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(), "stage": stage.name, "init_checkpoint": init_checkpoint,
+            "num_classes": manifest.num_classes, "run_dir": str(stage_dir),
+            "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri(),
+            "threads_per_worker": max(1, int(cfg.cpus_per_worker)),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=f"{run.run_id}-{stage.name}", storage_path=str(run.storage / run.run_id),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        datasets=datasets,
+    )
+    log(f"stage {stage.name}: {stage.steps} steps on {cfg.workers} worker(s) "
+        f"({'GPU, nccl' if cfg.use_gpu else 'CPU, gloo'}), from "
+        f"{init_checkpoint or (cfg.backbone_weights or 'random init')}")
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"stage {stage.name} failed: {result.error}") from result.error
+    assert result.checkpoint is not None, "a finished stage always reports a checkpoint"
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    info = {"checkpoint": result.checkpoint.path, "steps": int(metrics.get("step", 0)),
+            "metrics": metrics}
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(info, indent=2))
+    return StageResult(stage.name, result.checkpoint.path, info["steps"], metrics,
+                       mlflow_run_id, time.perf_counter() - t0)
+
+
+def new_run_id(cfg: TrainConfig) -> str:
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def train_pipeline(cfg: TrainConfig, data: str | Path, storage: str | Path | None = None,
+                   resume: str | None = None, log: Log = print,
+                   experiment: str | None = None) -> tuple[PipelineRun, list[StageResult]]:
+    """Every stage of ``cfg`` in order, each from the previous one's final checkpoint, all
+    under one MLflow parent run with a nested run per stage."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import data_dir, experiment_id, flatten, tracking_uri
+
+    data = Path(data)
+    manifest = read_manifest(data)  # fails early with a clear message
+    storage = Path(storage) if storage else data_dir() / "runs"
+    run = PipelineRun(resume or new_run_id(cfg), storage.resolve())
+    client = MlflowClient(tracking_uri())
+    exp = experiment_id(client, experiment or f"fcn-{manifest.data['dataset']}")
+    parent = _find_or_create_run(client, exp, run.run_id, None, "pipeline", cfg.name)
+    if not resume:
+        for k, v in flatten(cfg.to_dict()).items():
+            client.log_param(parent, k, v[:6000])
+        client.set_tag(parent, "manifest_fingerprint", manifest.fingerprint)
+        client.set_tag(parent, "dataset", manifest.data["dataset"])
+        client.set_tag(parent, "dataset_version", manifest.data["version"])
+        client.set_tag(parent, "config_digest", cfg.digest())
+    log(f"pipeline run {run.run_id}: MLflow {tracking_uri()} experiment {exp} run {parent}")
+    results: list[StageResult] = []
+    init = None
+    try:
+        for stage in cfg.stages:
+            child = _find_or_create_run(client, exp, run.run_id, parent, stage.name,
+                                        f"{cfg.name}-{stage.name}")
+            client.set_tag(child, "manifest_fingerprint", manifest.fingerprint)
+            res = train_stage(cfg, stage, data, run, init, child, log)
+            _log_stage_artifacts(client, child, res, cfg)
+            client.set_terminated(child, "FINISHED")
+            results.append(res)
+            init = res.checkpoint
+        client.set_terminated(parent, "FINISHED")
+    except BaseException:
+        client.set_terminated(parent, "FAILED")
+        raise
+    return PipelineRun(run.run_id, run.storage, parent), results
+
+
+def _find_or_create_run(client: Any, exp: str, run_id: str, parent: str | None, stage: str,
+                        name: str) -> str:
+    """The MLflow run of this pipeline run's ``stage`` ("pipeline" for the parent), reused
+    when the pipeline run is resumed."""
+    query = f"tags.pipeline_run = '{run_id}' and tags.stage = '{stage}'"
+    found = client.search_runs([exp], filter_string=query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {"pipeline_run": run_id, "stage": stage}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return client.create_run(exp, tags=tags, run_name=name).info.run_id
+
+
+def _log_stage_artifacts(client: Any, run_id: str, res: StageResult, cfg: TrainConfig) -> None:
+    for k, v in res.metrics.items():
+        if k not in ("step", "resumed_from") and np.isfinite(v):
+            client.log_metric(run_id, f"final_{k}", v, step=res.steps)
+    ckpt = Path(res.checkpoint) / CHECKPOINT_FILE
+    if ckpt.is_file():
+        client.log_artifact(run_id, str(ckpt), artifact_path="checkpoint")
+    with tempfile.TemporaryDirectory() as d:
+        import yaml
+
+        p = Path(d) / "config.yaml"
+        p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        client.log_artifact(run_id, str(p))
+    client.set_tag(run_id, "checkpoint", res.checkpoint)
