@@ -120,6 +120,46 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def stage_table(results: list) -> str:
+    """The closing table of a training run, one row per stage."""
+    head = (f"{'stage':<10}{'steps':>7}{'loss':>10}{'pixel acc':>11}{'mean acc':>10}"
+            f"{'mean IU':>9}{'f.w. IU':>9}{'time s':>8}  checkpoint")
+    rows = [head, "-" * len(head)]
+    for r in results:
+        m = r.metrics
+
+        def f(k: str, m: dict = m) -> str:
+            return f"{m[k]:.3f}" if k in m else "-"
+
+        rows.append(f"{r.stage:<10}{r.steps:>7}{f('loss'):>10}{f('pixel_acc'):>11}"
+                    f"{f('mean_acc'):>10}{f('mean_iu'):>9}{f('fw_iu'):>9}{r.seconds:>8.0f}"
+                    f"  {r.checkpoint}")
+    return "\n".join(rows)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.config import ConfigError, load_config
+    from pipelines.shards import ManifestError
+    from pipelines.train import train_pipeline
+
+    _quiet_ray_logs(args.verbose)
+    try:
+        cfg = load_config(args.config, workers=args.workers,
+                          backbone_weights=args.backbone_weights,
+                          use_gpu=True if args.gpu else None)
+        if args.stages:
+            cfg = cfg.only_stages([s for s in args.stages.split(",") if s])
+        run, results = train_pipeline(cfg, args.data, storage=args.storage, resume=args.resume,
+                                      log=lambda m: print(m, flush=True))
+    except (ConfigError, ManifestError) as exc:
+        raise UsageError(str(exc)) from None
+    print()
+    print(stage_table(results))
+    print(f"\npipeline run {run.run_id} (resume with --resume {run.run_id}); "
+          f"MLflow parent run {run.mlflow_parent}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fcn",
@@ -169,6 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-rows", type=int, default=500, help="rows per shard (default 500)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser(
+        "train", help="staged FCN-32s -> 16s -> 8s training with Ray Train, tracked in MLflow",
+        description="Train the stages of a config in order, each from the previous stage's "
+                    "final checkpoint, as Ray Train jobs (local Ray, or RAY_ADDRESS). Every "
+                    "run is an MLflow parent run with a nested run per stage "
+                    "(MLFLOW_TRACKING_URI, default: SQLite under ./data/mlflow).")
+    p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/demo.yaml")
+    p.add_argument("--data", required=True, help="an ingested dataset: OUT/DATASET of fcn ingest")
+    p.add_argument("--stages", default=None, help="subset of the config's stages, e.g. 16s,8s")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (config)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
+    p.add_argument("--backbone-weights", default=None,
+                   help="local torchvision vgg16 state dict (.pth) to start FCN-32s from")
+    p.add_argument("--storage", default=None, help="checkpoint folder (default ./data/runs)")
+    p.add_argument("--resume", default=None, metavar="RUN_ID",
+                   help="continue an interrupted pipeline run from its latest checkpoints")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="run the staged FCN chain on a random batch",
                        description="Show FCN-32s promoted to 16s and 8s, with one "

@@ -18,6 +18,7 @@ import yaml
 STAGE_VARIANTS = {"32s": "fcn32s", "16s": "fcn16s", "8s": "fcn8s", "8s-atonce": "fcn8s_atonce"}
 INPUTS = ("rgb", "hha", "rgbd", "rgb-hha")  # NYUD: colour, HHA, 4-channel, late fusion
 SCHEDULES = ("fixed", "poly")
+OPTIMIZERS = ("sgd", "adam")
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,7 @@ class TrainConfig:
         StageConfig("32s", 100, 1e-10), StageConfig("16s", 100, 1e-12),
         StageConfig("8s", 100, 1e-14))
     # optimisation (reference solver)
+    optimizer: str = "sgd"  # sgd (the reference) | adam (trains a random-init trunk faster)
     batch_size: int = 1  # images per worker per step
     momentum: float = 0.99
     weight_decay: float = 5e-4
@@ -69,6 +71,8 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps between checkpoints (and resume points)
     val_every: int = 50  # steps between validations (0 = only at the end of a stage)
     max_failures: int = 2  # worker failures a stage survives (restart from a checkpoint)
+    cache_dataset: bool = True  # keep the splits' shard bytes in Ray's object store
+    threads_per_worker: int = 0  # torch threads per worker (0 = CPUs per worker, at least 1)
     fail_at_step: int | None = None  # fault injection: one worker raises once at this step
 
     def __post_init__(self) -> None:
@@ -79,6 +83,8 @@ class TrainConfig:
             raise bad("width", "must be > 0")
         if self.input not in INPUTS:
             raise bad("input", f"must be one of {', '.join(INPUTS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
         for name in ("batch_size", "workers", "checkpoint_every", "pad_multiple"):
@@ -156,7 +162,10 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{p} is not valid YAML{where}: {what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a mapping of config keys")
     data.update({k: v for k, v in overrides.items() if v is not None})

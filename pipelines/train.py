@@ -105,10 +105,14 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, stage: StageConfi
     return lr
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, stage: StageConfig) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, stage: StageConfig
+                   ) -> torch.optim.Optimizer:
+    """The reference solver's groups (biases: lr x bias_lr_mult, no decay) for SGD or Adam."""
     groups = param_groups(model, lr=stage.lr, weight_decay=cfg.weight_decay,
                           bias_lr_mult=cfg.bias_lr_mult)
     groups[0]["lr_mult"], groups[1]["lr_mult"] = 1.0, cfg.bias_lr_mult
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=stage.lr)
     return torch.optim.SGD(groups, lr=stage.lr, momentum=cfg.momentum)
 
 
@@ -181,6 +185,23 @@ def _all_reduce_hist(cms: dict[str, ConfusionMatrix]) -> None:
         t = torch.from_numpy(cm.hist.astype(np.float64))  # gloo: float64 sums are exact here
         dist.all_reduce(t)
         cm.hist = t.round().to(torch.int64).numpy()
+
+
+def replicas_in_sync(model: nn.Module) -> bool:
+    """True when every worker holds bit-identical parameters (what DDP promises); a cheap
+    end-of-stage guard against silent desynchronisation."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    digests: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, h.hexdigest())
+    return len(set(digests)) == 1
 
 
 def _scores(cms: dict[str, ConfusionMatrix], heads: list[str]) -> dict[str, float]:
@@ -258,6 +279,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         _all_reduce_hist(cms)
         return _scores(cms, heads)
 
+    if step == 0 and cfg.val_every:  # where the stage starts: the previous stage's predictions
+        init_val = run_validation()
+        log("initial " + ", ".join(f"{k} {v:.3f}" for k, v in init_val.items()))
+        if tracker is not None:
+            tracker.log({f"init_{k}": v for k, v in init_val.items()}, 0)
     while step < stage.steps:
         for x, labels in _batches(train_shard, cfg, device, True, cfg.seed + 7919 * epoch):
             if cfg.fail_at_step is not None and step == cfg.fail_at_step and \
@@ -285,14 +311,17 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 if step == stage.steps:
                     last_val = run_validation()
                     metrics.update(last_val)
+                    metrics["replicas_in_sync"] = float(replicas_in_sync(model))
+                    metrics["world_size"] = world
                 report(metrics, save=True)
             if step >= stage.steps:
                 break
         epoch += 1
     if step == resumed_from:  # resumed at the very end: nothing left but the final report
         last_val = run_validation()
-        report({"loss": float("nan"), "step": step, "resumed_from": resumed_from, **last_val},
-               save=True)
+        report({"loss": float("nan"), "step": step, "resumed_from": resumed_from,
+                "replicas_in_sync": float(replicas_in_sync(model)), "world_size": world,
+                **last_val}, save=True)
     if tracker is not None:
         tracker.log({f"final_{k}": v for k, v in last_val.items()}, step)
         tracker.flush()
@@ -324,6 +353,7 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: Path, run: PipelineR
                 init_checkpoint: str | None, mlflow_run_id: str | None, log: Log = print
                 ) -> StageResult:
     """Fit one stage with a TorchTrainer; return its final checkpoint and metrics."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -341,8 +371,11 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: Path, run: PipelineR
         log(f"stage {stage.name}: already finished in run {run.run_id}, reusing its checkpoint")
         return StageResult(stage.name, info["checkpoint"], info["steps"], info["metrics"],
                            mlflow_run_id, 0.0)
-    datasets = {"train": open_split(data, cfg.train_split).randomize_block_order(),
-                "val": open_split(data, cfg.val_split)}
+    ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines
+    train_ds, val_ds = open_split(data, cfg.train_split), open_split(data, cfg.val_split)
+    if cfg.cache_dataset:  # read + decode the Parquet once, not once per epoch
+        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    datasets = {"train": train_ds.randomize_block_order(), "val": val_ds}
     per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -350,7 +383,7 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: Path, run: PipelineR
             "config": cfg.to_dict(), "stage": stage.name, "init_checkpoint": init_checkpoint,
             "num_classes": manifest.num_classes, "run_dir": str(stage_dir),
             "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri(),
-            "threads_per_worker": max(1, int(cfg.cpus_per_worker)),
+            "threads_per_worker": cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=per_worker),
