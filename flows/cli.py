@@ -160,6 +160,106 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inference_options(args: argparse.Namespace):
+    from fcn_core.inference import InferenceOptions
+
+    scales = tuple(float(s) for s in args.scales.split(",")) if args.scales else (1.0,)
+    return InferenceOptions(window=args.window, scales=scales, flip=args.flip)
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding-window inference with this crop size (default: whole image)")
+    p.add_argument("--scales", default=None,
+                   help="multi-scale averaging, e.g. 0.75,1,1.25 (default: 1)")
+    p.add_argument("--flip", action="store_true", help="also average the mirrored image")
+
+
+def _lookup_errors() -> tuple:
+    from pipelines.config import ConfigError
+    from pipelines.registry import ModelLookupError
+    from pipelines.shards import ManifestError
+
+    return (ModelLookupError, ManifestError, ConfigError)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import evaluate
+
+    _quiet_ray_logs(args.verbose)
+    try:
+        result = evaluate(args.model, args.data, args.split, options=_inference_options(args),
+                          actors=args.actors, batch_size=args.batch_size, use_gpu=args.gpu,
+                          log=lambda m: print(m, flush=True))
+    except _lookup_errors() as exc:
+        raise UsageError(str(exc)) from None
+    print(result.table())
+    if result.run_id:
+        print(f"\nlogged to MLflow run {result.run_id}: metrics.json, per_class_iu.md, "
+              "confusion_matrix.png, samples.png")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pipelines.registry import list_models
+
+    try:
+        rows = list_models(args.name)
+    except _lookup_errors() as exc:
+        raise UsageError(str(exc)) from None
+    if not rows:
+        print("no registered models" + (f" named {args.name}" if args.name else ""))
+        return 0
+    cols = ("name", "version", "aliases", "stage", "mean_iu", "split", "created")
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipelines.predict import predict
+
+    _quiet_ray_logs(args.verbose)
+    try:
+        result = predict(args.model, args.inputs, args.out, options=_inference_options(args),
+                         log=lambda m: print(m, flush=True))
+    except _lookup_errors() as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {len(result.written)} prediction(s) to {args.out} (<name>.png class ids, "
+          f"<name>_color.png overlay); skipped {len(result.skipped)}")
+    return 1 if result.skipped and not result.written else 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import evaluate
+    from pipelines.registry import register
+    from pipelines.shards import read_manifest
+
+    _quiet_ray_logs(args.verbose)
+    try:
+        manifest = read_manifest(args.data)
+        name = args.name or f"fcn-{manifest.data['dataset']}"
+        result = evaluate(args.checkpoint, args.data, args.split,
+                          log=lambda m: print(m, flush=True))
+        print(result.table())
+
+        def rescore(uri: str) -> float:
+            return evaluate(uri, args.data, args.split, log_to_mlflow=False,
+                            log=lambda m: None).metrics["mean_iu"]
+
+        reg = register(args.checkpoint, name=name, metrics=result.metrics, split=args.split,
+                       manifest=manifest.data, config_digest=args.config_digest or "-",
+                       run_id=result.run_id, evaluate_champion=rescore,
+                       log=lambda m: print(m, flush=True))
+    except _lookup_errors() as exc:
+        raise UsageError(str(exc)) from None
+    print(f"look it up as models:/{reg.name}/{reg.version}, models:/{reg.name}@candidate"
+          + (f", models:/{reg.name}@champion" if reg.champion else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fcn",
@@ -228,6 +328,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted pipeline run from its latest checkpoints")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate", help="score a model on a split: pixel acc, mean acc, mean IU, f.w. IU",
+        description="Score a model on a split of an ingested dataset with Ray Data batch "
+                    "inference (an actor pool; each actor loads the model once). Logs "
+                    "metrics.json, the per-class table, a confusion-matrix image and sample "
+                    "predictions to an MLflow run.")
+    p.add_argument("--model", required=True,
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, or a "
+                        "checkpoint directory")
+    p.add_argument("--data", required=True, help="an ingested dataset: OUT/DATASET")
+    p.add_argument("--split", default="val", help="split to score (default val)")
+    p.add_argument("--actors", type=int, default=2, help="Ray actors (default 2)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per actor call")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
+    _add_inference_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "register", help="evaluate a checkpoint and register it (candidate; champion gate)",
+        description="Evaluate a checkpoint, log it as an MLflow PyTorch model, register it as a "
+                    "new version (alias candidate), and move alias champion to it only if its "
+                    "mean IU on the split is at least the current champion's.")
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint directory")
+    p.add_argument("--data", required=True, help="an ingested dataset: OUT/DATASET")
+    p.add_argument("--split", default="val")
+    p.add_argument("--name", default=None, help="registered model name (default fcn-DATASET)")
+    p.add_argument("--config-digest", default=None, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("models", help="registered models: versions, aliases, mean IU",
+                       description="List registered FCN models with their versions, aliases "
+                                   "(candidate, champion), stage, mean IU and creation time.")
+    p.add_argument("name", nargs="?", default=None, help="one registered model name")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "predict", help="segment image files or folders",
+        description="Write <name>.png (uint8 class ids, the input's size) and <name>_color.png "
+                    "(overlay) for every image; folders are searched recursively and large "
+                    "ones run through Ray Data. Unreadable inputs are reported and skipped.")
+    p.add_argument("--model", required=True, help="a model URI or checkpoint, as for evaluate")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
+    _add_inference_args(p)
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="run the staged FCN chain on a random batch",
                        description="Show FCN-32s promoted to 16s and 8s, with one "

@@ -80,13 +80,26 @@ def model_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     return net.state_dict(), {"kind": kind, **net.config.to_dict()}
 
 
-def load_model(checkpoint: str | Path) -> nn.Module:
-    """Rebuild a net from a checkpoint directory (or its checkpoint.pt)."""
+def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """The saved dict of a checkpoint directory (or its checkpoint.pt)."""
     p = Path(checkpoint)
     path = p / CHECKPOINT_FILE if p.is_dir() else p
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise FileNotFoundError(f"{path} is not a readable checkpoint ({e})") from None
+    except Exception as e:  # pickle's errors have no common base beyond Exception
+        raise FileNotFoundError(f"{path} is not a checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "arch" not in state or "model" not in state:
+        raise FileNotFoundError(f"{path} is not an FCN training checkpoint")
+    return state
+
+
+def load_model(checkpoint: str | Path) -> nn.Module:
+    """Rebuild a net from a checkpoint directory (or its checkpoint.pt)."""
+    state = read_checkpoint(checkpoint)
     arch = dict(state["arch"])
     kind = arch.pop("kind")
     cfg = FCNConfig(**arch)

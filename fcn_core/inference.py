@@ -1,0 +1,98 @@
+"""Inference on whole images: plain, sliding-window, multi-scale and flip averaging.
+
+The paper scores whole images in one pass (FCNs take any size); the other options are
+common test-time additions, off by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fcn_core.transforms import image_to_tensor
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    window: int | None = None  # sliding-window crop size in pixels (None: whole image)
+    overlap: float = 1 / 3  # fraction of a window shared with its neighbour
+    scales: tuple[float, ...] = (1.0,)  # multi-scale: resize factors whose scores are averaged
+    flip: bool = False  # also score the mirrored image and average
+
+    def __post_init__(self) -> None:
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1, got window={self.window}")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got overlap={self.overlap}")
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be positive, got scales={self.scales}")
+
+
+def _first(scores: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    return next(iter(scores.values())) if isinstance(scores, dict) else scores
+
+
+def _windowed(model: nn.Module, x: torch.Tensor, window: int, overlap: float) -> torch.Tensor:
+    """Average of the scores of overlapping windows covering x (N, C, H, W)."""
+    n, _, h, w = x.shape
+    stride = max(1, int(window * (1 - overlap)))
+
+    def starts(size: int) -> list[int]:
+        if size <= window:
+            return [0]
+        s = list(range(0, size - window, stride))
+        return s + [size - window]
+
+    total = count = None
+    for y0 in starts(h):
+        for x0 in starts(w):
+            crop = x[:, :, y0 : y0 + window, x0 : x0 + window]
+            s = _first(model(crop))  # (N, K, h', w')
+            if total is None:
+                total = s.new_zeros((n, s.shape[1], h, w))
+                count = s.new_zeros((1, 1, h, w))
+            total[:, :, y0 : y0 + s.shape[2], x0 : x0 + s.shape[3]] += s
+            count[:, :, y0 : y0 + s.shape[2], x0 : x0 + s.shape[3]] += 1
+    assert total is not None and count is not None
+    return total / count
+
+
+@torch.no_grad()
+def predict_scores(model: nn.Module, x: torch.Tensor,
+                   options: InferenceOptions = InferenceOptions()) -> torch.Tensor:
+    """Class scores (N, K, H, W) for a preprocessed batch x (N, C, H, W); with several scales
+    or flips the softmax probabilities are averaged. The first head of a multi-head net."""
+    model.eval()
+    h, w = x.shape[-2:]
+    plain = options.scales == (1.0,) and not options.flip
+    outs = []
+    for s in options.scales:
+        xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear",
+                                              align_corners=False)
+        for flip in (False, True) if options.flip else (False,):
+            xi = xs.flip(-1) if flip else xs
+            out = _windowed(model, xi, options.window, options.overlap) if options.window \
+                else _first(model(xi))
+            out = out.flip(-1) if flip else out
+            if out.shape[-2:] != (h, w):
+                out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+            outs.append(out if plain else out.softmax(1))
+    return outs[0] if plain else torch.stack(outs).mean(0)
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, images: Sequence[np.ndarray], mean_bgr: Sequence[float],
+                   options: InferenceOptions = InferenceOptions(),
+                   device: torch.device | str = "cpu") -> list[np.ndarray]:
+    """uint8 RGB images (H, W, 3) of any sizes -> uint8 class-id maps (H, W), one at a time
+    (no padding, so every image is scored exactly as it is)."""
+    out = []
+    for im in images:
+        x = image_to_tensor(im, mean_bgr)[None].to(device)
+        out.append(predict_scores(model, x, options).argmax(1)[0].to(torch.uint8).cpu().numpy())
+    return out

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Stop the local FCN stack that infra/local/up.sh started from STATE_DIR (default
+# ./data/servers). Only the processes recorded in STATE_DIR/*.pid (and their sessions) are
+# signalled: never `ray stop`, which would end every Ray on the machine.
+#
+#   infra/local/down.sh [STATE_DIR]
+set -euo pipefail
+# shellcheck source=infra/local/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+case "${1:-}" in
+    -h|--help) sed -n '2,6s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -*) die "unknown option $1 (usage: $PROG [STATE_DIR])" ;;
+esac
+(($# <= 1)) || die "one STATE_DIR only (usage: $PROG [STATE_DIR])"
+
+dir="${1:-${FCN_STATE_DIR:-$REPO_ROOT/data/servers}}"
+[[ -d "$dir" ]] || { say "nothing to stop: no state folder $dir"; exit 0; }
+resolve_state_dir "$dir"
+
+stopped=0
+# Prefect and MLflow first, Ray last (drivers of a flow may still be talking to it).
+for svc in prefect mlflow ray; do
+    file="$(pid_file "$svc")"
+    if pid="$(service_pid "$svc")"; then
+        stop_session "$svc" "$pid"
+        say "$svc: stopped (pid $pid)"
+        stopped=$((stopped + 1))
+    elif [[ -f "$file" ]]; then
+        say "$svc: not running (removing stale $(basename "$file"))"
+    fi
+    rm -f "$file"
+done
+
+# A Ray temp dir made under /tmp (when STATE_DIR's path is too long for Ray's sockets).
+if [[ -f "$STATE_DIR/ray.tmpdir" ]]; then
+    ray_tmp="$(cat "$STATE_DIR/ray.tmpdir")"
+    [[ "$ray_tmp" == */fcn-ray.* && -d "$ray_tmp" ]] && rm -rf "$ray_tmp"
+    rm -f "$STATE_DIR/ray.tmpdir" "$STATE_DIR/ray-session"
+fi
+
+if ((stopped)); then say "the local stack is down (state kept in $STATE_DIR)"
+else say "already down: nothing running from $STATE_DIR"; fi
