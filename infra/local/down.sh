@@ -27,7 +27,16 @@ for svc in prefect mlflow ray; do
         say "$svc: stopped (pid $pid)"
         stopped=$((stopped + 1))
     elif [[ -f "$file" ]]; then
-        say "$svc: not running (removing stale $(basename "$file"))"
+        pid="$(tr -dc '0-9' <"$file")"
+        # The leader died (crash, kill -9) but processes of its session live on (Ray's GCS,
+        # raylet, workers): they still hold the ports.
+        if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null && [[ -n "$(session_pids "$pid")" ]]; then
+            kill_session "$svc" "$pid"
+            say "$svc: leader (pid $pid) was gone; stopped the rest of its session"
+            stopped=$((stopped + 1))
+        else
+            say "$svc: not running (removing stale $(basename "$file"))"
+        fi
     fi
     rm -f "$file"
 done

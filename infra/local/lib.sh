@@ -71,22 +71,28 @@ wait_session_gone() {
     done
 }
 
+# kill_session NAME SID: SIGTERM every process left in session SID, then SIGKILL.
+kill_session() {
+    local name="$1" sid="$2" left
+    left="$(session_pids "$sid")"
+    [[ -z "$left" ]] && return 0
+    # shellcheck disable=SC2086
+    kill -TERM $left 2>/dev/null || true
+    wait_session_gone "$sid" 5 && return 0
+    left="$(session_pids "$sid")"
+    # shellcheck disable=SC2086
+    [[ -n "$left" ]] && kill -KILL $left 2>/dev/null
+    wait_session_gone "$sid" 5 || echo "$PROG: $name: could not stop pids: $left" >&2
+}
+
 # stop_session NAME PID: SIGTERM the leader (each server shuts its own children down), then
 # SIGTERM what is left of its session, then SIGKILL.
 stop_session() {
-    local name="$1" pid="$2" left
+    local name="$1" pid="$2"
     kill -TERM "$pid" 2>/dev/null || true
     wait_session_gone "$pid" "${FCN_STOP_TIMEOUT:-20}" && return 0
-    left="$(session_pids "$pid")"
-    [[ -z "$left" ]] && return 0
     echo "$PROG: $name: still running after SIGTERM; signalling the rest of its session" >&2
-    # shellcheck disable=SC2086
-    kill -TERM $left 2>/dev/null || true
-    wait_session_gone "$pid" 5 && return 0
-    left="$(session_pids "$pid")"
-    # shellcheck disable=SC2086
-    [[ -n "$left" ]] && kill -KILL $left 2>/dev/null
-    wait_session_gone "$pid" 5 || echo "$PROG: $name: could not stop pids: $left" >&2
+    kill_session "$name" "$pid"
 }
 
 # port_busy PORT: true when something listens on PORT (on any address).

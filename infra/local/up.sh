@@ -88,7 +88,7 @@ cleanup_ray_tmp() {
 
 require_free() {  # NAME PORT VARIABLE
     if port_busy "$2"; then
-        die "$1: port $2 is already in use by another process; pick another with $3=PORT"
+        die "$1: port $2 is already in use; pick another with $3=PORT (a leftover of an earlier stack here? infra/local/down.sh $STATE_DIR)"
     fi
 }
 
