@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -56,36 +57,6 @@ def cmd_describe(args: argparse.Namespace) -> int:
     print(f"crop offsets: {model.offsets}")
     print(f"parameters: {n_params:,} ({n_train:,} trainable)   "
           f"GMAC per image: {sum(s.macs for s in stats) / 1e9:.2f}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from fcn_core import ConfusionMatrix, fcn32s, promote, segmentation_loss
-
-    print("fcn demo: the model core only. Ingest, Ray Train, MLflow and Prefect stages are not")
-    print("built yet (issues 3-6); this run shows the staged FCN-32s -> 16s -> 8s chain on a")
-    print(f"random {args.size[0]}x{args.size[1]} batch at width {args.width}.\n")
-    torch.manual_seed(0)
-    h, w = args.size
-    x = torch.randn(2, 3, h, w) * 50
-    target = torch.randint(0, 21, (2, h, w))
-    model = fcn32s(width=args.width)
-    for stage in ("32s", "16s", "8s"):
-        if stage != "32s":
-            model = promote(model)
-        t0 = time.perf_counter()
-        scores = model(x)
-        loss = segmentation_loss(scores, target, normalize=True)
-        loss.backward()
-        dt = time.perf_counter() - t0
-        cm = ConfusionMatrix(21).update(target, scores.argmax(1))
-        print(f"FCN-{stage}: scores {tuple(scores.shape)}  offsets {model.offsets}  "
-              f"loss {loss.item():.3f}  pixel acc {cm.scores()['pixel_acc']:.3f}  "
-              f"fwd+bwd {dt * 1000:.0f} ms")
-        model.zero_grad()
-    print("\nNext: `fcn describe --variant fcn8s --width 1.0 --size 500x500` for the full net.")
     return 0
 
 
@@ -260,12 +231,123 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def prefect_env(data: Path) -> None:
+    """Before Prefect is imported: keep its database in the project's data folder (so the
+    Prefect UI can show the runs later) unless PREFECT_API_URL names a server."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    # The temporary local API can take longer than Prefect's default to start on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str((data / "prefect").resolve()))
+    os.environ.setdefault("FCN_DATA_DIR", str(data.resolve()))
+
+
+def _pipeline_params(args: argparse.Namespace) -> dict:
+    params = {"dataset": args.dataset, "root": str(Path(args.root).resolve()),
+              "config": str(Path(args.config).resolve()), "split": args.split,
+              "force": args.force}
+    if args.out:
+        params["out"] = str(Path(args.out).resolve())
+    if args.name:
+        params["model_name"] = args.name
+    return params
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    prefect_env(Path(args.data))
+    _quiet_ray_logs(args.verbose)
+    from pipelines.config import load_config
+
+    try:
+        load_config(args.config)  # a bad config fails here, in one line
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    from flows.pipeline import fcn_pipeline
+
+    summary = fcn_pipeline(**_pipeline_params(args))
+    print_summary(summary)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    prefect_env(Path(args.data))
+    from prefect.schedules import Cron
+
+    from flows.pipeline import fcn_pipeline
+    from pipelines.config import load_config
+
+    try:
+        load_config(args.config)
+        Cron(args.cron)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"serving deployment fcn-pipeline/{args.deployment} on cron {args.cron!r}; "
+          "Ctrl-C stops it (runs stay scheduled in the Prefect API)", flush=True)
+    fcn_pipeline.serve(name=args.deployment, cron=args.cron,
+                       parameters=_pipeline_params(args))
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    from pipelines.tracking import tracking_uri
+
+    print("\nper-stage results on the validation split (whole images, reference metrics):")
+    print(f"{'stage':<8}{'pixel acc':>11}{'mean acc':>10}{'mean IU':>9}{'f.w. IU':>9}")
+    for ev in summary["evaluations"]:
+        m = ev["metrics"]
+        label = next((s["stage"] for s in summary["stages"] if s["checkpoint"] == ev["model"]),
+                     ev["model"])
+        print(f"FCN-{label:<4}{m['pixel_acc']:>11.3f}{m['mean_acc']:>10.3f}"
+              f"{m['mean_iu']:>9.3f}{m['fw_iu']:>9.3f}")
+    reg = summary["registration"]
+    print(f"\nregistered {reg['name']} version {reg['version']}: {reg['decision']}")
+    print(f"look it up:   models:/{reg['name']}@champion   (or @candidate, or /"
+          f"{reg['version']})")
+    print(f"MLflow:       {tracking_uri()}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    prefect_env(data)
+    _quiet_ray_logs(args.verbose)
+    t0 = time.perf_counter()
+    print(f"fcn demo: the whole pipeline through Prefect on a generated dataset, all state in "
+          f"{data.resolve()}/\n  ingest (Ray Data) -> FCN-32s -> 16s -> 8s (Ray Train, 2 "
+          "workers) -> evaluate -> register (MLflow)\n", flush=True)
+    from flows.pipeline import fcn_pipeline
+
+    summary = fcn_pipeline(dataset="synthetic", root=str((data / "raw" / "synthetic").resolve()),
+                           config=str(Path(args.config).resolve()),
+                           out=str((data / "shards").resolve()), force=args.force)
+    print_summary(summary)
+    ious = [ev["metrics"]["mean_iu"] for ev in summary["evaluations"]]
+    if len(ious) == 3:
+        verdict = "holds" if ious[2] >= ious[1] >= ious[0] else "does NOT hold this time"
+        print(f"\nthe paper's point, finer strides help (8s >= 16s >= 32s mean IU): {verdict} "
+              f"({ious[0]:.3f} -> {ious[1]:.3f} -> {ious[2]:.3f})")
+    mlflow_db = data.resolve() / "mlflow"
+    print("\nexplore it:")
+    print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri "
+          f"sqlite:///{mlflow_db}/mlflow.db --port 5000   # http://127.0.0.1:5000")
+    print(f"  Prefect UI:  PREFECT_HOME={data.resolve()}/prefect .venv/bin/prefect server start"
+          "   # http://127.0.0.1:4200")
+    print(f"  predict:     .venv/bin/fcn predict --model models:/"
+          f"{summary['registration']['name']}@champion {data.resolve()}/raw/synthetic/VOCdevkit"
+          f"/VOC2012/JPEGImages --out {data.resolve()}/predictions")
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s (a second `make demo` reuses the cached "
+          "ingest and stages; `fcn demo --force` retrains)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fcn",
         description="Fully Convolutional Networks (FCN-32s/16s/8s on VGG16) for semantic "
-                    "segmentation: model tools now; ingest, train, evaluate and register "
-                    "commands arrive with the pipeline.")
+                    "segmentation: ingest datasets with Ray Data, train the stages with Ray "
+                    "Train, track and register models in MLflow, orchestrate with Prefect.",
+        epilog="environment: RAY_ADDRESS (a Ray cluster), MLFLOW_TRACKING_URI (an MLflow "
+               "server), PREFECT_API_URL (a Prefect server), FCN_DATA_DIR (default ./data)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("describe", help="print an FCN's layers, shapes, crop offsets and cost",
@@ -378,13 +460,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_args(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("demo", help="run the staged FCN chain on a random batch",
-                       description="Show FCN-32s promoted to 16s and 8s, with one "
-                                   "forward/backward pass each, on random data.")
-    p.add_argument("--width", type=_positive_float, default=0.125,
-                   help="channel multiplier (default 0.125: fast on a laptop CPU)")
-    p.add_argument("--size", type=_size, default=(64, 64), help="input HxW (default 64x64)")
-    p.add_argument("--data", default="data", help="project data directory (default ./data)")
+    def pipeline_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/demo.yaml")
+        p.add_argument("--dataset", required=True,
+                       choices=["voc", "sbd", "nyud", "siftflow", "synthetic"])
+        p.add_argument("--root", required=True, help="the dataset folder as downloaded")
+        p.add_argument("--out", default=None, help="shards folder (default DATA/shards)")
+        p.add_argument("--split", default="val", help="split to evaluate on (default val)")
+        p.add_argument("--name", default=None, help="registered model (default fcn-DATASET)")
+        p.add_argument("--data", default="data", help="project data folder (default ./data)")
+        p.add_argument("--force", action="store_true", help="ignore cached ingest and stages")
+
+    p = sub.add_parser(
+        "run", help="run the whole pipeline once through Prefect",
+        description="ingest -> train 32s/16s/8s -> evaluate -> register, as a Prefect flow "
+                    "run (PREFECT_API_URL selects a server; without it Prefect's local API).")
+    pipeline_args(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "deploy", help="serve the pipeline as a scheduled Prefect deployment",
+        description="Serve fcn-pipeline as a Prefect deployment with a cron schedule from this "
+                    "process (it runs the scheduled flow runs until stopped). For a Prefect "
+                    "server with work pools, see the README's `prefect deploy` route.")
+    pipeline_args(p)
+    p.add_argument("--cron", required=True, help='e.g. "0 3 * * *" (every day at 03:00)')
+    p.add_argument("--deployment", default="scheduled", help="deployment name")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser(
+        "demo", help="the whole pipeline on a generated dataset (what `make demo` runs)",
+        description="Generate a small dataset in VOC layout and run ingest -> FCN-32s -> 16s "
+                    "-> 8s -> evaluate -> register through Prefect on a local Ray, an MLflow "
+                    "SQLite store and Prefect's local API, all under --data.")
+    p.add_argument("--data", default="data", help="project data folder (default ./data)")
+    p.add_argument("--config", default="configs/demo.yaml", help="training preset")
+    p.add_argument("--force", action="store_true", help="ignore cached ingest and stages")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -64,7 +64,7 @@ class IngestConfig:
     shard_rows: int = 500  # rows per Parquet shard at most
     batch_size: int = 16  # records per decode task batch
     synthetic_size: tuple[int, int] = (64, 64)  # synthetic only: image H, W
-    synthetic_counts: tuple[int, int] = (48, 16)  # synthetic only: train, val images
+    synthetic_counts: tuple[int, int] = (96, 32)  # synthetic only: train, val images
 
 
 @dataclass

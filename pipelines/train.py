@@ -427,47 +427,81 @@ def new_run_id(cfg: TrainConfig) -> str:
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
+def start_pipeline_run(cfg: TrainConfig, data: str | Path, storage: str | Path | None = None,
+                       resume: str | None = None, experiment: str | None = None,
+                       log: Log = print) -> PipelineRun:
+    """The MLflow parent run (created, or found again when resuming) and the run folder."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import data_dir, experiment_id, flatten, tracking_uri
+
+    manifest = read_manifest(data)  # fails early with a clear message
+    storage = Path(storage) if storage else data_dir() / "runs"
+    run_id = resume or new_run_id(cfg)
+    client = MlflowClient(tracking_uri())
+    exp = experiment_id(client, experiment or f"fcn-{manifest.data['dataset']}")
+    parent = _find_or_create_run(client, exp, run_id, None, "pipeline", cfg.name)
+    if not resume:
+        for k, v in flatten(cfg.to_dict()).items():
+            client.log_param(parent, k, v[:6000])
+        for k, v in (("manifest_fingerprint", manifest.fingerprint),
+                     ("dataset", manifest.data["dataset"]),
+                     ("dataset_version", manifest.data["version"]),
+                     ("config_digest", cfg.digest())):
+            client.set_tag(parent, k, v)
+    log(f"pipeline run {run_id}: MLflow {tracking_uri()} experiment {exp} run {parent}")
+    return PipelineRun(run_id, storage.resolve(), parent)
+
+
+def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: PipelineRun,
+              init_checkpoint: str | None, log: Log = print) -> StageResult:
+    """One stage as a nested MLflow run of the pipeline run: train, then log its final
+    metrics, checkpoint and config."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    exp = client.get_run(run.mlflow_parent).info.experiment_id
+    child = _find_or_create_run(client, exp, run.run_id, run.mlflow_parent, stage.name,
+                                f"{cfg.name}-{stage.name}")
+    client.set_tag(child, "manifest_fingerprint", read_manifest(data).fingerprint)
+    try:
+        res = train_stage(cfg, stage, Path(data), run, init_checkpoint, child, log)
+    except BaseException:
+        client.set_terminated(child, "FAILED")
+        raise
+    _log_stage_artifacts(client, child, res, cfg)
+    client.set_terminated(child, "FINISHED")
+    return res
+
+
+def finish_pipeline_run(run: PipelineRun, ok: bool) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+
+    MlflowClient(tracking_uri()).set_terminated(run.mlflow_parent, "FINISHED" if ok
+                                                else "FAILED")
+
+
 def train_pipeline(cfg: TrainConfig, data: str | Path, storage: str | Path | None = None,
                    resume: str | None = None, log: Log = print,
                    experiment: str | None = None) -> tuple[PipelineRun, list[StageResult]]:
     """Every stage of ``cfg`` in order, each from the previous one's final checkpoint, all
     under one MLflow parent run with a nested run per stage."""
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.tracking import data_dir, experiment_id, flatten, tracking_uri
-
-    data = Path(data)
-    manifest = read_manifest(data)  # fails early with a clear message
-    storage = Path(storage) if storage else data_dir() / "runs"
-    run = PipelineRun(resume or new_run_id(cfg), storage.resolve())
-    client = MlflowClient(tracking_uri())
-    exp = experiment_id(client, experiment or f"fcn-{manifest.data['dataset']}")
-    parent = _find_or_create_run(client, exp, run.run_id, None, "pipeline", cfg.name)
-    if not resume:
-        for k, v in flatten(cfg.to_dict()).items():
-            client.log_param(parent, k, v[:6000])
-        client.set_tag(parent, "manifest_fingerprint", manifest.fingerprint)
-        client.set_tag(parent, "dataset", manifest.data["dataset"])
-        client.set_tag(parent, "dataset_version", manifest.data["version"])
-        client.set_tag(parent, "config_digest", cfg.digest())
-    log(f"pipeline run {run.run_id}: MLflow {tracking_uri()} experiment {exp} run {parent}")
+    run = start_pipeline_run(cfg, data, storage, resume, experiment, log)
     results: list[StageResult] = []
     init = None
     try:
         for stage in cfg.stages:
-            child = _find_or_create_run(client, exp, run.run_id, parent, stage.name,
-                                        f"{cfg.name}-{stage.name}")
-            client.set_tag(child, "manifest_fingerprint", manifest.fingerprint)
-            res = train_stage(cfg, stage, data, run, init, child, log)
-            _log_stage_artifacts(client, child, res, cfg)
-            client.set_terminated(child, "FINISHED")
-            results.append(res)
-            init = res.checkpoint
-        client.set_terminated(parent, "FINISHED")
+            results.append(run_stage(cfg, stage, data, run, init, log))
+            init = results[-1].checkpoint
     except BaseException:
-        client.set_terminated(parent, "FAILED")
+        finish_pipeline_run(run, ok=False)
         raise
-    return PipelineRun(run.run_id, run.storage, parent), results
+    finish_pipeline_run(run, ok=True)
+    return run, results
 
 
 def _find_or_create_run(client: Any, exp: str, run_id: str, parent: str | None, stage: str,

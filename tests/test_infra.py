@@ -232,6 +232,9 @@ def test_prefect_server_and_worker():
     assert cmd[cmd.index("--type") + 1] in {"process", "kubernetes"}
     env = {e["name"]: e.get("value") for e in worker["env"]}
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    # KubeRay names the head Service <cluster>-head-svc.
+    heads = {f"ray://{d['metadata']['name']}-head-svc:10001" for _, d in RAYCLUSTERS}
+    assert env["RAY_ADDRESS"] in heads
 
 
 def test_kustomization_lists_exactly_the_manifests():
@@ -242,6 +245,19 @@ def test_kustomization_lists_exactly_the_manifests():
     for name in listed:
         assert (K8S / name).is_file(), f"kustomization lists a missing file: {name}"
     assert set(listed) == {p.name for p in MANIFESTS}, "a manifest is not in kustomization.yaml"
+
+
+@pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl not installed")
+def test_kustomize_renders():
+    """`kubectl kustomize` (offline) builds the whole set into namespace fcn."""
+    r = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    rendered = [d for d in yaml.safe_load_all(r.stdout) if d]
+    assert len(rendered) == len(_all_docs())
+    for d in rendered:
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == "fcn", d["metadata"]["name"]
 
 
 # --- infra/local: scripts ------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Prefect flows: ingest -> train 32s -> 16s -> 8s -> evaluate -> register, as one DAG.
+
+Flows only call tasks. Parameters are typed (Prefect validates them) and are paths and
+names, so a flow run can be scheduled, retried and cached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+
+from flows.tasks import (
+    evaluate_task,
+    finish_run_task,
+    ingest_task,
+    register_task,
+    start_run_task,
+    train_stage_task,
+)
+
+Dataset = Literal["voc", "sbd", "nyud", "siftflow", "synthetic"]
+
+
+def _data_dir() -> Path:
+    from pipelines.tracking import data_dir
+
+    return data_dir()
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(dataset: Dataset, root: str, out: str | None = None,
+                splits: list[str] | None = None, split_file: str | None = None,
+                synthetic_size: int = 128, force: bool = False) -> dict[str, Any]:
+    """A dataset as downloaded -> validated Parquet shards (skipped when unchanged)."""
+    cfg = {"dataset": dataset, "root": Path(root), "out": Path(out or _data_dir() / "shards"),
+           "splits": tuple(splits) if splits else None, "split_file": split_file,
+           "synthetic_size": (synthetic_size, synthetic_size)}
+    return ingest_task.with_options(refresh_cache=force)(cfg)
+
+
+@flow(name="train", log_prints=True)
+def train_flow(config: str, data: str, fingerprint: str, storage: str | None = None,
+               resume: str | None = None, force: bool = False,
+               overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The config's stages in order, each from the previous one's final checkpoint."""
+    from pipelines.config import load_config
+
+    cfg = load_config(config, **(overrides or {}))
+    run = start_run_task(cfg.to_dict(), data, storage, resume)
+    results: list[dict[str, Any]] = []
+    init = None
+    try:
+        for stage in cfg.stages:
+            res = train_stage_task.with_options(refresh_cache=force)(
+                cfg.to_dict(), stage.name, data, fingerprint, run, init)
+            results.append(res)
+            init = res["checkpoint"]
+    except BaseException:
+        finish_run_task(run, ok=False)
+        raise
+    finish_run_task(run, ok=True)
+    return results
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(models: list[str], data: str, split: str = "val",
+                  labels: list[str] | None = None) -> list[dict[str, Any]]:
+    """Score each model (URI or checkpoint) on the split."""
+    labels = labels or [f"model{i}" for i in range(len(models))]
+    return [evaluate_task(m, data, split, label) for m, label in zip(models, labels,
+                                                                      strict=True)]
+
+
+@flow(name="fcn-pipeline", log_prints=True)
+def fcn_pipeline(dataset: Dataset, root: str, config: str, out: str | None = None,
+                 split: str = "val", model_name: str | None = None,
+                 splits: list[str] | None = None, split_file: str | None = None,
+                 storage: str | None = None, force: bool = False,
+                 overrides: dict[str, Any] | None = None,
+                 evaluate_every_stage: bool = True) -> dict[str, Any]:
+    """ingest -> train (32s -> 16s -> 8s) -> evaluate -> register (candidate; the champion
+    alias moves only when the new mean IU is at least the champion's)."""
+    from pipelines.config import load_config
+
+    logger = get_run_logger()
+    cfg = load_config(config, **(overrides or {}))
+    shards = ingest_flow(dataset, root, out, splits, split_file, force=force)
+    stages = train_flow(config, shards["data"], shards["fingerprint"], storage, None, force,
+                        overrides)
+    to_score = stages if evaluate_every_stage else stages[-1:]
+    evals = evaluate_flow([s["checkpoint"] for s in to_score], shards["data"], split,
+                          [s["stage"] for s in to_score])
+    final = evals[-1]
+    reg = register_task(stages[-1]["checkpoint"], shards["data"], split, final["metrics"],
+                        model_name or f"fcn-{dataset}", cfg.digest(), final["mlflow_run"])
+    summary = {"dataset": shards, "stages": stages, "evaluations": evals, "registration": reg}
+    logger.info(f"registered {reg['name']} version {reg['version']}: {reg['decision']}")
+    return summary
