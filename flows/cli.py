@@ -239,7 +239,8 @@ def prefect_env(data: Path) -> None:
     # The temporary local API can take longer than Prefect's default to start on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if not os.environ.get("PREFECT_API_URL"):
-        os.environ.setdefault("PREFECT_HOME", str((data / "prefect").resolve()))
+        home = Path(os.environ.setdefault("PREFECT_HOME", str((data / "prefect").resolve())))
+        home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
     os.environ.setdefault("FCN_DATA_DIR", str(data.resolve()))
 
 

@@ -1,0 +1,151 @@
+"""The Prefect DAG end to end on real Prefect, Ray and MLflow; caching; a served schedule."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """Prefect's local API for this module (one temporary server, a private PREFECT_HOME)."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    os.environ.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _tiny_config(tmp: Path) -> Path:
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(
+        "name: tiny\ndataset: synthetic\nwidth: 0.0625\noptimizer: adam\n"
+        "stages:\n  - {name: 32s, steps: 3, lr: 0.001}\n  - {name: 16s, steps: 2, lr: 0.0005}\n"
+        "  - {name: 8s, steps: 2, lr: 0.0002}\n"
+        "batch_size: 2\nnormalize_loss: true\nworkers: 1\ncheckpoint_every: 2\nval_every: 2\n")
+    return cfg
+
+
+def test_pipeline_runs_through_prefect_registers_and_caches(prefect_api, tmp_path,
+                                                            monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
+
+    from flows.pipeline import fcn_pipeline
+
+    monkeypatch.setenv("FCN_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = dict(dataset="synthetic", root=str(tmp_path / "raw"), config=str(
+        _tiny_config(tmp_path)), out=str(tmp_path / "shards"), model_name="fcn-flowtest")
+    first = fcn_pipeline(**params, return_state=True)
+    assert first.is_completed(), first
+    summary = first.result()
+    assert [s["stage"] for s in summary["stages"]] == ["32s", "16s", "8s"]
+    assert summary["registration"]["version"] == "1" and summary["registration"]["champion"]
+
+    with get_client(sync_client=True) as client:
+        def task_states(flow_run_id):
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[r.id for r in runs])))
+            out = {r.name: r.state for r in runs}
+            for child in children:
+                assert child.state.is_completed(), (child.name, child.state)
+                out.update(task_states(child.id))
+            return out
+
+        flow_run = client.read_flow_run(first.state_details.flow_run_id)
+        assert flow_run.state.is_completed()
+        states = task_states(flow_run.id)
+        assert {"train-32s", "train-16s", "train-8s", "register"} <= {
+            n.rsplit("-", 1)[0] if n.startswith(("ingest", "register")) else n for n in states}
+        assert all(s.is_completed() for s in states.values()), states
+
+        # Unchanged inputs: ingest and the three stages are cache hits.
+        second = fcn_pipeline(**params, evaluate_every_stage=False, return_state=True)
+        assert second.is_completed()
+        states2 = task_states(second.state_details.flow_run_id)
+        cached = {n for n, s in states2.items() if s.name == "Cached"}
+        assert any(n.startswith("ingest") for n in cached), states2
+        assert {"train-32s", "train-16s", "train-8s"} <= cached, states2
+        assert second.result()["stages"] == summary["stages"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_served_deployment_with_cron_has_scheduled_runs(tmp_path):
+    """A real `prefect server start` (with its scheduler) and `fcn deploy` serving against
+    it: the API shows the deployment's cron schedule and runs scheduled from it."""
+    import httpx
+
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+           "PREFECT_API_URL": api}
+    bin_dir = Path(sys.executable).parent
+    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host",
+                               "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    served = None
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "no Prefect server"
+            time.sleep(1)
+        cfg = _tiny_config(tmp_path)
+        served = subprocess.Popen(
+            [str(bin_dir / "fcn"), "deploy", "--cron", "0 3 * * *", "--config", str(cfg),
+             "--dataset", "synthetic", "--root", str(tmp_path / "raw"), "--data",
+             str(tmp_path / "data"), "--deployment", "nightly"], env=env, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            r = httpx.get(f"{api}/deployments/name/fcn-pipeline/nightly", timeout=5)
+            if r.status_code == 200:
+                dep = r.json()
+                runs = httpx.post(f"{api}/flow_runs/filter", timeout=5, json={
+                    "deployments": {"id": {"any_": [dep["id"]]}},
+                    "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
+                if runs:
+                    break
+            assert served.poll() is None, "fcn deploy exited"
+            assert time.monotonic() < deadline, "no scheduled runs appeared"
+            time.sleep(2)
+        assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+        assert all(r["expected_start_time"] for r in runs)
+        assert {r["parameters"]["dataset"] for r in runs} == {"synthetic"}
+    finally:
+        for proc in (served, server):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
