@@ -111,7 +111,7 @@ def stage_table(results: list) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.config import ConfigError, load_config
     from pipelines.shards import ManifestError
-    from pipelines.train import train_pipeline
+    from pipelines.train import StageFailed, train_pipeline
 
     _quiet_ray_logs(args.verbose)
     try:
@@ -124,6 +124,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                       log=lambda m: print(m, flush=True))
     except (ConfigError, ManifestError) as exc:
         raise UsageError(str(exc)) from None
+    except StageFailed as exc:
+        print(f"fcn train: {exc}", file=sys.stderr)
+        return 1
     print()
     print(stage_table(results))
     print(f"\npipeline run {run.run_id} (resume with --resume {run.run_id}); "

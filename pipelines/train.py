@@ -35,6 +35,10 @@ DONE_FILE = "stage_done.json"
 Log = Callable[[str], None]
 
 
+class StageFailed(RuntimeError):
+    """A stage ended in failure after its retries; the message says how to resume."""
+
+
 # ----------------------------------------------------------------- plain torch functions
 
 def _label_keys(heads: list[str]) -> dict[str, str]:
@@ -410,9 +414,15 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: Path, run: PipelineR
     log(f"stage {stage.name}: {stage.steps} steps on {cfg.workers} worker(s) "
         f"({'GPU, nccl' if cfg.use_gpu else 'CPU, gloo'}), from "
         f"{init_checkpoint or (cfg.backbone_weights or 'random init')}")
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray raises its own error types for failed worker groups
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StageFailed(f"stage {stage.name} failed ({first}); continue it with "
+                          f"`fcn train --resume {run.run_id}`") from e
     if result.error is not None:
-        raise RuntimeError(f"stage {stage.name} failed: {result.error}") from result.error
+        raise StageFailed(f"stage {stage.name} failed: {result.error}; continue it with "
+                          f"`fcn train --resume {run.run_id}`") from result.error
     assert result.checkpoint is not None, "a finished stage always reports a checkpoint"
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     info = {"checkpoint": result.checkpoint.path, "steps": int(metrics.get("step", 0)),

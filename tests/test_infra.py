@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -342,8 +343,85 @@ def _py(code: str, env: dict[str, str], timeout: float = 120):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+TINY_CONFIG = """\
+name: tiny
+dataset: synthetic
+width: 0.0625
+optimizer: adam
+stages:
+  - {name: 32s, steps: 2, lr: 0.001}
+  - {name: 16s, steps: 2, lr: 0.0005}
+  - {name: 8s, steps: 2, lr: 0.0002}
+batch_size: 2
+normalize_loss: true
+workers: 1
+checkpoint_every: 2
+val_every: 2
+"""
+
+
+def _post_json(url: str, body: dict) -> list | dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+def _pipeline_on_the_stack(tmp_path: Path, stack: dict[str, str], client_env: dict[str, str],
+                           state: Path) -> None:
+    """`fcn run` with the env of env.sh: ingest and training on the Ray head, runs and the
+    registered model on the MLflow server, the flow run on the Prefect server."""
+    from mlflow import MlflowClient
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY_CONFIG)
+    work = tmp_path / "pipeline"
+    fcn = str(Path(sys.executable).with_name("fcn"))
+    t0 = time.monotonic()
+    r = _run([fcn, "run", "--config", str(cfg), "--dataset", "synthetic", "--root",
+              str(work / "raw"), "--data", str(work / "data"), "--name", "fcn-infratest"],
+             client_env, timeout=480)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, f"fcn run failed after {took:.0f} s:\n{r.stdout[-6000:]}\n" \
+                              f"stderr:\n{r.stderr[-6000:]}"
+    # Ray: the drivers joined the head of up.sh (init_ray logs the address it connected to;
+    # the tasks log through Prefect's console handler, on stderr).
+    out = r.stdout + r.stderr
+    jobs = set(re.findall(rf"Ray: {re.escape(stack['RAY_ADDRESS'])} \(\d+ CPUs, 1 node\(s\), "
+                          r"job (\w+)", out))
+    assert jobs, out[-6000:]
+    # ... and the head ran that job's workers (Ray names worker logs worker-ID-JOB-PID.out).
+    logs = sorted(f.name for f in (state / "ray-session" / "logs").glob("worker-*"))
+    assert [n for n in logs if any(f"-{j}-" in n for j in jobs)], (jobs, logs)
+    assert "Ray: a local Ray" not in out
+    # Nothing fell back to the local stores `fcn run` uses without the servers.
+    assert not (work / "data" / "mlflow").exists()
+    assert not (work / "data" / "prefect").exists()
+
+    # MLflow server: the registered model with its champion alias, the experiment with one
+    # parent run and a nested run per stage.
+    client = MlflowClient(tracking_uri=stack["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias("fcn-infratest", "champion")
+    assert champion.version == "1", champion
+    exp = client.get_experiment_by_name("fcn-synthetic")
+    assert exp is not None, [e.name for e in client.search_experiments()]
+    parents = client.search_runs([exp.experiment_id], "tags.stage = 'pipeline'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", parents
+    parent = parents[0].info.run_id
+    stages = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(s.data.tags.get("stage") for s in stages) == ["16s", "32s", "8s"]
+    assert all(s.info.status == "FINISHED" for s in stages), [s.info for s in stages]
+    # Checkpoints went through the server's artifact proxy into the stack's artifact folder.
+    assert list((state / "mlflow" / "artifacts").rglob("checkpoint"))
+
+    # Prefect server: a completed flow run of fcn-pipeline.
+    runs = _post_json(f"{stack['PREFECT_API_URL']}/flow_runs/filter",
+                      {"flows": {"name": {"any_": ["fcn-pipeline"]}}})
+    assert [fr["state_type"] for fr in runs] == ["COMPLETED"], runs
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(720)
 @pytest.mark.skipif(not shutil.which("setsid"), reason="needs setsid (util-linux)")
 def test_local_stack_up_and_down(tmp_path: Path):
     state = tmp_path / "servers"
@@ -438,6 +516,9 @@ def test_local_stack_up_and_down(tmp_path: Path):
             headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert run_id in {r["id"] for r in json.load(resp)}
+
+        # (d) The real pipeline (`fcn run`) against the three servers.
+        _pipeline_on_the_stack(tmp_path, stack, client_env, state)
     finally:
         r = _run([down, str(state)], env, timeout=120)
     assert r.returncode == 0, f"down.sh failed:\n{r.stdout}\n{r.stderr}"

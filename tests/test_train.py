@@ -14,7 +14,7 @@ from pipelines.config import ConfigError, StageConfig, TrainConfig, from_dict, l
 from pipelines.ingest import IngestConfig, ingest
 from pipelines.shards import read_manifest
 from pipelines.sources import synthetic as synth
-from pipelines.train import CHECKPOINT_FILE, load_model, train_pipeline
+from pipelines.train import CHECKPOINT_FILE, StageFailed, load_model, train_pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -134,3 +134,20 @@ def test_configs_are_validated_with_clear_errors(tmp_path):
                            "--data", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_resume_continues_an_interrupted_stage_from_its_checkpoint(shards, tmp_path,
+                                                                   mlflow_uri):
+    cfg = TrainConfig(name="rs", dataset="voc", **{**TINY, "checkpoint_every": 2},
+                      stages=(StageConfig("32s", 6, 0.01),), fail_at_step=3, max_failures=0)
+    with pytest.raises(StageFailed, match="stage 32s failed.*--resume"):
+        train_pipeline(cfg, shards["voc"], storage=tmp_path / "runs", log=lambda m: None)
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    # `fcn train --resume RUN_ID`: same run folder, Ray Train picks up the latest checkpoint.
+    again = dataclasses.replace(cfg, fail_at_step=None)
+    run, (res,) = train_pipeline(again, shards["voc"], storage=tmp_path / "runs",
+                                 resume=run_dir.name, log=lambda m: None)
+    assert run.run_id == run_dir.name
+    assert res.metrics["resumed_from"] == 2 and res.steps == 6
+    parent = MlflowClient(mlflow_uri).get_run(run.mlflow_parent)
+    assert parent.data.tags["pipeline_run"] == run_dir.name  # the same MLflow parent run
