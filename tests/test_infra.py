@@ -418,6 +418,9 @@ def _pipeline_on_the_stack(tmp_path: Path, stack: dict[str, str], client_env: di
     runs = _post_json(f"{stack['PREFECT_API_URL']}/flow_runs/filter",
                       {"flows": {"name": {"any_": ["fcn-pipeline"]}}})
     assert [fr["state_type"] for fr in runs] == ["COMPLETED"], runs
+    with urllib.request.urlopen(f"{stack['PREFECT_API_URL']}/flows/{runs[0]['flow_id']}",
+                                timeout=10) as resp:
+        assert json.load(resp)["name"] == "fcn-pipeline"
 
 
 @pytest.mark.slow

@@ -52,7 +52,8 @@ def data(tmp_path_factory):
 
 
 def test_distributed_evaluation_equals_one_process(data, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     ckpt = save_checkpoint(tmp_path / "ckpt", seed=0)
     result = evaluate(str(ckpt), data, "val", actors=2, batch_size=2, log=lambda m: None)
     loaded = resolve_model(str(ckpt))
@@ -63,7 +64,7 @@ def test_distributed_evaluation_equals_one_process(data, tmp_path, monkeypatch):
     assert np.array_equal(result.hist, cm.hist) and cm.hist.sum() > 0
     assert result.metrics == {k: v for k, v in cm.scores().items() if k != "per_class_iu"}
     assert result.per_class[0][0] == "background"
-    arts = {a.path for a in MlflowClient().list_artifacts(result.run_id)}
+    arts = {a.path for a in MlflowClient(uri).list_artifacts(result.run_id)}
     assert {"metrics.json", "per_class_iu.md", "confusion_matrix.png", "samples.png"} <= arts
 
 
@@ -115,6 +116,7 @@ def tracking(request, tmp_path, monkeypatch):
 
 
 def test_registration_aliases_champion_gate_and_pyfunc(data, tmp_path, tracking):
+    import mlflow
     import mlflow.pyfunc
 
     manifest = read_manifest(data).data
@@ -132,7 +134,9 @@ def test_registration_aliases_champion_gate_and_pyfunc(data, tmp_path, tracking)
     worse = reg(2, 0.30)
     assert not worse.champion and "stays version 2" in worse.decision
 
-    client = MlflowClient()
+    from pipelines.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
     aliases = client.get_registered_model(name).aliases
     assert {k: str(v) for k, v in aliases.items()} == {"champion": "2", "candidate": "3"}
     v2 = client.get_model_version_by_alias(name, "champion")
@@ -142,6 +146,7 @@ def test_registration_aliases_champion_gate_and_pyfunc(data, tmp_path, tracking)
 
     # Someone with only MLflow: uint8 RGB in, class ids out, any size, preprocessing inside.
     batch = np.random.default_rng(0).integers(0, 256, (2, 37, 45, 3), dtype=np.uint8)
+    mlflow.set_tracking_uri(tracking_uri())  # a user's own process: one tracking URI
     labels = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(batch)
     assert labels.shape == (2, 37, 45) and labels.dtype == np.int64
     assert labels.min() >= 0 and labels.max() < 21
