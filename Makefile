@@ -29,6 +29,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_ingest.py
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_infer.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check fcn_core pipelines flows tests bench

@@ -125,9 +125,10 @@ def evaluate(model_uri: str, data: str | Path, split: str = "val", *,
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = open_split(data, split).select_columns(
         [c for c in ROW_COLUMNS if c in manifest.data["columns"]])
-    shards = len(manifest.shard_paths(split))
-    if shards < 2 * actors:  # an actor takes whole blocks: give every actor several
-        ds = ds.repartition(2 * actors)
+    # An actor takes whole blocks and Ray Data reads small Parquet files as one block:
+    # give every actor several.
+    if len(manifest.shard_paths(split)) < 4 * actors:
+        ds = ds.repartition(4 * actors)
     scored = ds.map_batches(
         Scorer, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": uri,
                                        "num_classes": n, "options": asdict(options),
