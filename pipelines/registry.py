@@ -134,19 +134,20 @@ def register(checkpoint: str, *, name: str, metrics: dict[str, float], split: st
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     client.set_registered_model_alias(name, CANDIDATE, version)
-    reg = gate_champion(client, name, version, metrics["mean_iu"], split,
-                        tags["dataset_fingerprint"], evaluate_champion)
+    took, decision = gate_champion(client, name, version, metrics["mean_iu"], split,
+                                   tags["dataset_fingerprint"], evaluate_champion)
     client.set_tag(run_id, "registered_model", f"{name}/{version}")
-    client.set_tag(run_id, "champion_decision", reg.decision)
+    client.set_tag(run_id, "champion_decision", decision)
     client.log_metric(run_id, "champion_gate_new_mean_iu", metrics["mean_iu"])
-    log(f"registered {name} version {version} (alias {CANDIDATE}); {reg.decision}")
-    return Registration(name, version, run_id, reg.champion, reg.decision)
+    log(f"registered {name} version {version} (alias {CANDIDATE}); {decision}")
+    return Registration(name, version, run_id, took, decision)
 
 
 def gate_champion(client: Any, name: str, version: str, mean_iu: float, split: str,
-                  fingerprint: str, evaluate_champion: Any = None) -> Registration:
+                  fingerprint: str, evaluate_champion: Any = None) -> tuple[bool, str]:
     """Move ``champion`` to ``version`` only if its mean IU is at least the champion's on
-    the same split (ties go to the newer model). A worse model never takes the alias."""
+    the same split (ties go to the newer model). A worse model never takes the alias.
+    Returns (whether it moved, the decision with both numbers)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -157,7 +158,7 @@ def gate_champion(client: Any, name: str, version: str, mean_iu: float, split: s
         client.set_registered_model_alias(name, CHAMPION, version)
         decision = f"champion: version {version} (mean IU {mean_iu:.4f}; there was none)"
         _record(client, name, version, decision, None)
-        return Registration(name, version, "", True, decision)
+        return True, decision
     same = champ.tags.get("eval_split") == split and \
         champ.tags.get("dataset_fingerprint") == fingerprint and "mean_iu" in champ.tags
     if same:
@@ -177,7 +178,7 @@ def gate_champion(client: Any, name: str, version: str, mean_iu: float, split: s
                     f"{mean_iu:.4f} of version {version})")
         took = False
     _record(client, name, version, decision, champ_iu)
-    return Registration(name, version, "", took, decision)
+    return took, decision
 
 
 def _record(client: Any, name: str, version: str, decision: str, champ_iu: float | None

@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 import pipelines.ingest as ingest_mod
+from fcn_core.transforms import MEAN_BGR, image_to_tensor
 from pipelines.ingest import IngestConfig, ingest
-from pipelines.shards import decode_arrays, read_manifest, read_split_table
+from pipelines.shards import decode_arrays, decode_row, read_manifest, read_split_table
 from pipelines.sources import decode_image, decode_label, source
 from pipelines.sources import synthetic as synth
 
@@ -47,6 +49,10 @@ def test_round_trip_gives_exactly_the_source_pixels_and_labels(tmp_path, layout,
             rec = recs[(split, row["id"])]
             got = decode_arrays(row)
             assert row["image"] == Path(rec.image).read_bytes()  # original bytes kept
+            tensors = decode_row(row, MEAN_BGR["voc"])  # what training / evaluation see
+            assert torch.equal(tensors["image"], image_to_tensor(got["image"], MEAN_BGR["voc"]))
+            assert tensors["label"].dtype == torch.int64
+            assert np.array_equal(tensors["label"].numpy(), decode_label(rec))
             assert np.array_equal(got["image"], decode_image(rec.image))
             assert np.array_equal(got["label"], decode_label(rec))
             assert (row["height"], row["width"]) == (40, 52)
