@@ -130,7 +130,9 @@ def register(checkpoint: str, *, name: str, metrics: dict[str, float], split: st
             "dataset_fingerprint": manifest["source"]["fingerprint"],
             "dataset_version": manifest["version"], "config_digest": config_digest,
             "eval_split": split, "checkpoint": str(checkpoint)}
-    tags.update({k: f"{v:.6f}" for k, v in metrics.items() if isinstance(v, float)})
+    # Full precision: the gate compares these numbers, and a rounded tag would make a
+    # re-registered identical model lose the tie it should win.
+    tags.update({k: repr(float(v)) for k, v in metrics.items() if isinstance(v, float)})
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     client.set_registered_model_alias(name, CANDIDATE, version)
@@ -186,7 +188,7 @@ def _record(client: Any, name: str, version: str, decision: str, champ_iu: float
     client.set_model_version_tag(name, version, "champion_decision", decision)
     if champ_iu is not None:
         client.set_model_version_tag(name, version, "champion_mean_iu_at_gate",
-                                     f"{champ_iu:.6f}")
+                                     repr(float(champ_iu)))
 
 
 def list_models(name: str | None = None) -> list[dict[str, Any]]:

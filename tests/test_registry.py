@@ -140,7 +140,7 @@ def test_registration_aliases_champion_gate_and_pyfunc(data, tmp_path, tracking)
     aliases = client.get_registered_model(name).aliases
     assert {k: str(v) for k, v in aliases.items()} == {"champion": "2", "candidate": "3"}
     v2 = client.get_model_version_by_alias(name, "champion")
-    assert v2.tags["mean_iu"] == "0.450000" and v2.tags["variant"] == "fcn8s"
+    assert float(v2.tags["mean_iu"]) == 0.45 and v2.tags["variant"] == "fcn8s"
     assert v2.tags["dataset_fingerprint"] == manifest["source"]["fingerprint"]
     assert client.get_model_version(name, "3").tags["champion_decision"] == worse.decision
 
@@ -156,6 +156,10 @@ def test_registration_aliases_champion_gate_and_pyfunc(data, tmp_path, tracking)
     expected = predict_labels(own.net, list(batch), own.mean_bgr)
     assert np.array_equal(labels, np.stack(expected).astype(np.int64))
     assert len(np.unique(labels)) > 1  # a real prediction, not a constant
+
+    # "At least as good": an equal mean IU (recorded at full precision) takes the alias.
+    tie = reg(0, 0.45)
+    assert tie.champion and "0.4500 >= 0.4500" in tie.decision
 
 
 def test_fcn_predict_writes_input_sized_ids_and_skips_bad_files(tmp_path):
