@@ -1,9 +1,9 @@
 """The Parquet shard format: schema, manifest, and reading shards back as tensors.
 
-Layout of one ingested dataset (``<out>/<dataset>/``)::
+Layout of one ingested dataset (``<out>/<dataset>/``, a local folder or a bucket prefix)::
 
-    manifest.json                      the current version (replaced atomically)
-    versions/<version>/<split>/part-00000.parquet
+    manifest.json                      the current version (one PUT / an atomic replace)
+    versions/<version>/<split>/part-<hash of its ids>.parquet
     versions/<version>/quarantine.parquet
     versions/<version>/manifest.json   the same manifest, kept with its version
 
@@ -16,13 +16,14 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from pipelines import storage
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: ingest workers never need it
     import torch
@@ -58,7 +59,7 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class Manifest:
-    root: Path  # <out>/<dataset>
+    root: str  # <out>/<dataset>: a local path or a URI
     data: dict[str, Any]
 
     @property
@@ -73,56 +74,65 @@ class Manifest:
     def fingerprint(self) -> str:
         return str(self.data["source"]["fingerprint"])
 
+    @property
+    def location(self) -> str:
+        """Where the manifest object is (what lineage records)."""
+        return storage.join(self.root, MANIFEST)
+
     def shard_paths(self, split: str) -> list[str]:
+        """Locations (paths or URIs) of the split's shards."""
         if split not in self.data["splits"]:
-            raise ManifestError(f"split {split!r} is not in {self.root / MANIFEST} "
+            raise ManifestError(f"split {split!r} is not in {self.location} "
                                 f"(splits: {', '.join(self.splits) or 'none'})")
-        return [str(self.root / s["path"]) for s in self.data["splits"][split]["shards"]]
+        return [storage.join(self.root, s["path"])
+                for s in self.data["splits"][split]["shards"]]
 
 
-def read_manifest(dataset_dir: str | Path) -> Manifest:
-    """The current manifest of ``<out>/<dataset>`` (or of a manifest.json path)."""
-    p = Path(dataset_dir)
-    path = p if p.name == MANIFEST else p / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"no ingested dataset at {path.parent}: {MANIFEST} not found "
-                            "(run `fcn ingest` first)")
+def read_manifest(dataset_dir: str | os.PathLike[str]) -> Manifest:
+    """The current manifest of ``<out>/<dataset>`` (or of a manifest.json location)."""
+    loc = storage.normalize(dataset_dir)
+    path = loc if storage.name(loc) == MANIFEST else storage.join(loc, MANIFEST)
     try:
-        data = json.loads(path.read_text())
+        raw = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise ManifestError(f"no ingested dataset at {storage.parent(path)}: {MANIFEST} not "
+                            "found (run `fcn ingest` first)") from None
+    try:
+        data = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path} is not valid JSON: {e}") from e
     if data.get("schema_version") != SCHEMA_VERSION:
         raise ManifestError(f"{path} has schema version {data.get('schema_version')}; this "
                             f"code reads version {SCHEMA_VERSION}: re-run `fcn ingest`")
-    return Manifest(path.parent, data)
+    return Manifest(storage.parent(path), data)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Readers see the old file or the new one, never a half-written one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_split_table(dataset_dir: str | Path, split: str, columns: list[str] | None = None
-                     ) -> pa.Table:
+def read_split_table(dataset_dir: str | os.PathLike[str], split: str,
+                     columns: list[str] | None = None) -> pa.Table:
     """A whole split as one Arrow table, without Ray (small data, tests, notebooks)."""
     m = read_manifest(dataset_dir)
-    tables = [pq.read_table(p, columns=columns) for p in m.shard_paths(split)]
+    tables = []
+    for loc in m.shard_paths(split):
+        fs, path = storage.resolve(loc)
+        tables.append(pq.read_table(path, columns=columns, filesystem=fs))
     if not tables:
         return ROW_SCHEMA.empty_table() if columns is None else \
             pa.schema([ROW_SCHEMA.field(c) for c in columns]).empty_table()
     return pa.concat_tables(tables)
 
 
-def open_split(dataset_dir: str | Path, split: str, **read_kwargs: Any):
-    """A split as a Ray Dataset streamed from its shards (local Ray or RAY_ADDRESS)."""
+def open_split(dataset_dir: str | os.PathLike[str], split: str, **read_kwargs: Any):
+    """A split as a Ray Dataset streamed from its shards (local Ray or RAY_ADDRESS). The
+    filesystem is passed explicitly: pyarrow's own s3:// resolution ignores
+    AWS_ENDPOINT_URL."""
     import ray.data
 
-    paths = read_manifest(dataset_dir).shard_paths(split)
-    if not paths:
+    locations = read_manifest(dataset_dir).shard_paths(split)
+    if not locations:
         raise ManifestError(f"split {split!r} of {dataset_dir} has no rows")
-    return ray.data.read_parquet(paths, **read_kwargs)
+    fs = storage.filesystem(locations[0])
+    paths = [storage.resolve(loc)[1] for loc in locations]
+    return ray.data.read_parquet(paths, filesystem=fs, **read_kwargs)
 
 
 # ----------------------------------------------------------------------- row <-> arrays

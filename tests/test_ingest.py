@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import pipelines.ingest as ingest_mod
+from pipelines import storage
 from fcn_core.transforms import MEAN_BGR, image_to_tensor
 from pipelines.ingest import IngestConfig, ingest
 from pipelines.shards import decode_arrays, decode_row, read_manifest, read_split_table
@@ -113,7 +114,7 @@ def test_every_bad_input_is_quarantined_with_its_reason_and_good_rows_all_land(t
 
     result = ingest(IngestConfig(dataset="voc", root=base, out=tmp_path / "out"),
                     log=lambda m: None)
-    q = pq.read_table(result.dataset_dir / read_manifest(result.dataset_dir)
+    q = pq.read_table(Path(result.dataset_dir) / read_manifest(result.dataset_dir)
                       .data["quarantine"]).to_pylist()
     reasons = {row["id"]: row["reason"] for row in q}
     assert "truncated" in reasons[ids[0]]
@@ -137,10 +138,10 @@ def test_rerun_on_unchanged_sources_is_a_no_op_and_a_change_makes_a_new_version(
     base = synth.write_voc(tmp_path / "raw", n_train=4, n_val=2, size=(32, 32))
     cfg = IngestConfig(dataset="voc", root=base, out=tmp_path / "out")
     first = ingest(cfg, log=lambda m: None)
-    manifest_before = (first.dataset_dir / "manifest.json").read_bytes()
+    manifest_before = (Path(first.dataset_dir) / "manifest.json").read_bytes()
     again = ingest(cfg, log=lambda m: None)
     assert again.skipped and again.version == first.version
-    assert (first.dataset_dir / "manifest.json").read_bytes() == manifest_before
+    assert (Path(first.dataset_dir) / "manifest.json").read_bytes() == manifest_before
     # A changed label file makes a new version; the old one stays whole on disk.
     label = next((base / "SegmentationClass").glob("*.png"))
     arr = np.array(Image.open(label))
@@ -149,7 +150,7 @@ def test_rerun_on_unchanged_sources_is_a_no_op_and_a_change_makes_a_new_version(
     second = ingest(cfg, log=lambda m: None)
     assert not second.skipped and second.version != first.version
     assert read_manifest(first.dataset_dir).data["version"] == second.version
-    old = first.dataset_dir / "versions" / first.version
+    old = Path(first.dataset_dir) / "versions" / first.version
     assert (old / "manifest.json").is_file() and any(old.rglob("*.parquet"))
 
 
@@ -162,33 +163,30 @@ def test_a_failed_ingest_leaves_the_previous_version_readable_and_no_partial_sha
     val = base / "ImageSets/Segmentation/val.txt"
     val.write_text("\n".join(val.read_text().split()[:-1]) + "\n")  # a change: new version
 
-    real = ingest_mod._finalize_split
     calls = []
 
-    def dies_after_first_split(*args, **kwargs):
-        calls.append(args[1])
-        shards = real(*args, **kwargs)
-        if len(calls) == 2:  # train's shards are written, val's too: then the process dies
-            raise RuntimeError("simulated crash")
-        return shards
+    def dies_before_publishing(version_dir, manifest):
+        # Every shard of the new version is written (it is listed with its checksum):
+        # the process dies before the version's manifest and the switch.
+        calls.append(manifest["version"])
+        assert all(Path(storage.join(first.dataset_dir, sh["path"])).is_file()
+                   for s in manifest["splits"].values() for sh in s["shards"])
+        raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(ingest_mod, "_finalize_split", dies_after_first_split)
+    monkeypatch.setattr(ingest_mod, "_publish", dies_before_publishing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         ingest(cfg, log=lambda m: None)
-    assert calls == ["train", "val"]
+    assert len(calls) == 1 and calls[0] != first.version
     m = read_manifest(first.dataset_dir)
     assert m.data["version"] == first.version
     assert read_split_table(first.dataset_dir, "train").to_pylist() == before
-    visible = {p.relative_to(first.dataset_dir).parts[:2] for p in
-               first.dataset_dir.rglob("*.parquet")}
-    assert visible == {("versions", first.version)}
-    assert not list(first.dataset_dir.glob(".staging-*"))
-    # A killed process cannot clean up: its staging folder is removed by the next ingest.
-    (first.dataset_dir / ".staging-killed").mkdir()
-    monkeypatch.setattr(ingest_mod, "_finalize_split", real)
+    root = Path(first.dataset_dir)
+    visible = {p.relative_to(root).parts[:2] for p in root.rglob("*.parquet")}
+    assert visible == {("versions", first.version)}  # the failed version was removed
+    monkeypatch.undo()
     third = ingest(cfg, log=lambda m: None)
     assert third.rows == {"train": 6, "val": 3}
-    assert not list(first.dataset_dir.glob(".staging-*"))
+    assert read_manifest(first.dataset_dir).data["version"] == third.version
 
 
 def test_wrong_root_is_one_clear_line_from_the_cli(tmp_path):

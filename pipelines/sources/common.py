@@ -6,7 +6,7 @@ A reader only lists files (`list_records`); pixels are decoded later by the inge
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -16,6 +16,8 @@ import scipy.io
 from PIL import Image, UnidentifiedImageError
 
 from fcn_core.palettes import IGNORE_INDEX, SIFTFLOW_GEO_CLASSES
+from pipelines import storage
+from pipelines.storage import StoragePath
 
 IGNORE = IGNORE_INDEX  # 255 in every decoded label
 
@@ -25,8 +27,8 @@ class RawRecord:
     dataset: str  # "voc" | "sbd" | "nyud" | "siftflow"
     split: str  # e.g. "train", "val", "seg11valid"
     id: str  # e.g. "2008_000051", "5001" (nyud), "coast_arnat59" (siftflow)
-    image: str  # absolute path of the image file
-    label: str  # absolute path of the label file (png or mat)
+    image: str  # location of the image file (absolute local path or URI)
+    label: str  # location of the label file (png or mat)
     label_format: str  # "png" | "sbd-mat" | "nyud-mat" | "siftflow-mat"
     extras: tuple[tuple[str, str], ...] = ()  # ("depth", path), ("hha", path), ("label_geo", path)
 
@@ -57,44 +59,51 @@ class Entry:
 # ---------------------------------------------------------------------------- decoders
 
 
-def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise ValueError(f"missing file {path}")
-    if path.stat().st_size == 0:
+def _read_file(path: str) -> bytes:
+    """The bytes of one input file, from a local path or a URI."""
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise ValueError(f"missing file {path}") from None
+    except storage.StorageError as e:
+        raise ValueError(str(e)) from None
+    if not data:
         raise ValueError("empty file")
+    return data
 
 
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def _pil_error(path: Path, e: Exception) -> ValueError:
+def _pil_error(name: str, e: Exception) -> ValueError:
     """PIL's many error types -> one readable ValueError."""
     if isinstance(e, UnidentifiedImageError):
-        return ValueError(f"undecodable image: {path.name} is not a known image format")
+        return ValueError(f"undecodable image: {name} is not a known image format")
     if "truncated" in str(e):
-        return ValueError(f"truncated image {path.name}: {e}")
-    return ValueError(f"undecodable image: {path.name}: {e}")
+        return ValueError(f"truncated image {name}: {e}")
+    return ValueError(f"undecodable image: {name}: {e}")
 
 
-def _open_pil(path: Path) -> Image.Image:
+def _open_pil(path: str) -> Image.Image:
     """Open and fully decode; the caller closes the image."""
-    _check_file(path)
+    data = _read_file(path)
+    name = storage.name(path)
     try:
-        im = Image.open(path)
+        im = Image.open(io.BytesIO(data))
     except _PIL_ERRORS as e:
-        raise _pil_error(path, e) from e
+        raise _pil_error(name, e) from e
     try:
         im.load()  # decode now: a truncated file only fails here, not at open()
     except _PIL_ERRORS as e:
         im.close()
-        raise _pil_error(path, e) from e
+        raise _pil_error(name, e) from e
     return im
 
 
 def decode_image(path: str | Path) -> np.ndarray:
     """uint8 RGB (H, W, 3). Grayscale, CMYK, palette and RGBA inputs are converted to RGB.
     EXIF orientation is deliberately not applied: labels are aligned to the stored pixels."""
-    with _open_pil(Path(path)) as im:
+    with _open_pil(str(path)) as im:
         rgb = im if im.mode == "RGB" else im.convert("RGB")
         return np.array(rgb, dtype=np.uint8)
 
@@ -102,8 +111,8 @@ def decode_image(path: str | Path) -> np.ndarray:
 def decode_depth(path: str | Path) -> np.ndarray:
     """16-bit depth PNG in millimetres -> uint16 (H, W). 8-bit files are refused: they would
     silently lose the metric scale."""
-    p = Path(path)
-    with _open_pil(p) as im:
+    p = storage.path(path)
+    with _open_pil(str(path)) as im:
         mode = im.mode
         a = np.array(im)
     if mode in ("I;16", "I;16L", "I;16B"):
@@ -115,8 +124,8 @@ def decode_depth(path: str | Path) -> np.ndarray:
     raise ValueError(f"depth {p.name} has mode {mode}; expected a 16-bit PNG (mode I;16)")
 
 
-def _decode_png_label(path: Path) -> np.ndarray:
-    with _open_pil(path) as im:
+def _decode_png_label(path: StoragePath) -> np.ndarray:
+    with _open_pil(str(path)) as im:
         # 'P': the palette indices are the class ids (never convert to RGB); 'L': values are ids.
         if im.mode not in ("P", "L"):
             raise ValueError(
@@ -125,24 +134,24 @@ def _decode_png_label(path: Path) -> np.ndarray:
         return np.array(im, dtype=np.uint8)
 
 
-def _load_mat(path: Path) -> dict:
-    _check_file(path)
+def _load_mat(path: StoragePath) -> dict:
+    data = _read_file(str(path))
     try:
-        return scipy.io.loadmat(path)
+        return scipy.io.loadmat(io.BytesIO(data))
     except NotImplementedError as e:  # scipy's answer to MATLAB v7.3 (HDF5) files
         raise ValueError(f"label {path.name}: MATLAB v7.3 (HDF5) .mat is not supported") from e
     except (scipy.io.matlab.MatReadError, ValueError, OSError, TypeError) as e:
         raise ValueError(f"undecodable label {path.name}: {e}") from e
 
 
-def _mat_array(mat: dict, key: str, path: Path) -> np.ndarray:
+def _mat_array(mat: dict, key: str, path: StoragePath) -> np.ndarray:
     if key not in mat:
         keys = ", ".join(k for k in mat if not k.startswith("__"))
         raise ValueError(f"label {path.name} has no key '{key}' (keys: {keys})")
     return mat[key]
 
 
-def _integer_map(a: np.ndarray, path: Path) -> np.ndarray:
+def _integer_map(a: np.ndarray, path: StoragePath) -> np.ndarray:
     """A 2-D numeric class map -> int64, refusing non-integral values (MATLAB saves doubles)."""
     a = np.asarray(a)
     if a.ndim != 2 or a.dtype.kind not in "biuf":
@@ -154,7 +163,7 @@ def _integer_map(a: np.ndarray, path: Path) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _shift_void(a: np.ndarray, void: Sequence[int], path: Path) -> np.ndarray:
+def _shift_void(a: np.ndarray, void: Sequence[int], path: StoragePath) -> np.ndarray:
     """Datasets that count classes from 1: void values -> 255, class k -> k - 1."""
     out = a - 1
     out[np.isin(a, void)] = IGNORE
@@ -164,13 +173,13 @@ def _shift_void(a: np.ndarray, void: Sequence[int], path: Path) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _label_path(record: RawRecord, kind: str) -> Path:
+def _label_path(record: RawRecord, kind: str) -> StoragePath:
     if kind == "label":
-        return Path(record.label)
+        return storage.path(record.label)
     extras = dict(record.extras)
     if kind not in extras:
         raise ValueError(f"record {record.id} has no '{kind}' (has: {', '.join(extras) or '-'})")
-    return Path(extras[kind])
+    return storage.path(extras[kind])
 
 
 def decode_label(record: RawRecord, kind: str = "label") -> np.ndarray:
@@ -251,7 +260,8 @@ def load_example(
 # ------------------------------------------------------------------------ layout + splits
 
 
-def find_layout(root: Path, is_layout: Callable[[Path], bool], what: str, expected: str) -> Path:
+def find_layout(root: StoragePath, is_layout: Callable[[StoragePath], bool], what: str,
+                expected: str) -> StoragePath:
     """The one folder at root, one or two levels below it that is_layout accepts."""
     if not root.is_dir():
         raise LayoutError(f"no {what} layout under {root}: the folder does not exist")
@@ -268,28 +278,31 @@ def find_layout(root: Path, is_layout: Callable[[Path], bool], what: str, expect
     raise LayoutError(f"no {what} layout under {root}: expected {expected}")
 
 
-def _subdirs(p: Path) -> list[Path]:
+def _subdirs(p: StoragePath) -> list[StoragePath]:
     try:
         return [c for c in p.iterdir() if c.is_dir() and not c.name.startswith(".")]
     except OSError:  # unreadable folder: it simply is not a candidate
         return []
 
 
-def resolve_split_file(split_file: str | Path, root: Path) -> Path:
-    """A user-named split file: as given (absolute or from the cwd), else relative to the root."""
-    p = Path(split_file)
-    for cand in (p, root / p):
+def resolve_split_file(split_file: str | Path, root: StoragePath) -> StoragePath:
+    """A user-named split file: as given (a URI, absolute or from the cwd), else relative to
+    the root."""
+    cands = [storage.path(split_file)]
+    if storage.scheme(split_file) is None and not Path(split_file).is_absolute():
+        cands.append(root / str(split_file))
+    for cand in cands:
         if cand.is_file():
             return cand
     raise LayoutError(f"split file not found: {split_file} (also looked under {root})")
 
 
 def choose_splits(
-    split_dir: Path,
-    root: Path,
+    split_dir: StoragePath,
+    root: StoragePath,
     splits: Sequence[str] | None,
     split_file: str | Path | None,
-) -> list[tuple[str, Path]]:
+) -> list[tuple[str, StoragePath]]:
     """(split name, split file) pairs. A split_file is named by its stem unless `splits` gives
     exactly one name for it; otherwise every <split>.txt in split_dir (or the ones asked for)."""
     if split_file is not None:
@@ -309,7 +322,7 @@ def choose_splits(
     return [(s, available[s]) for s in splits]
 
 
-def read_lines(path: Path) -> list[str]:
+def read_lines(path: StoragePath) -> list[str]:
     """Non-blank stripped lines of a split file (an empty file is a valid empty split)."""
     text = path.read_text(encoding="utf-8", errors="replace")
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -321,9 +334,9 @@ def escapes_root(rel: str) -> bool:
     return p.is_absolute() or ".." in p.parts or "\x00" in rel
 
 
-def _file_reason(root: Path, role: str, rel: str) -> str | None:
+def _file_reason(root: StoragePath, role: str, rel: str) -> str | None:
     try:
-        size = os.stat(root / rel).st_size
+        size = (root / rel).stat().st_size  # from a cached folder listing
     except (FileNotFoundError, NotADirectoryError):
         return f"missing {role} file {rel}"
     return f"empty file {rel}" if size == 0 else None
@@ -332,17 +345,17 @@ def _file_reason(root: Path, role: str, rel: str) -> str | None:
 def collect_records(
     dataset: str,
     split: str,
-    root: Path,
+    root: StoragePath,
     entries: Iterable[Entry],
     label_format: str,
-    source: Path,
+    source: StoragePath,
 ) -> tuple[list[RawRecord], list[Problem]]:
     """Entries of one split -> records, with a Problem for escapes, duplicates, missing and
     empty files. One Problem per id, so the quarantine count equals the number of bad ids."""
     records: list[RawRecord] = []
     problems: list[Problem] = []
     seen: set[str] = set()
-    base = Path(os.path.abspath(root))
+    base = storage.path(root)
     for e in entries:
         if escapes_root(e.id) or any(escapes_root(rel) for _, rel in e.files):
             reason = "id escapes the dataset root"

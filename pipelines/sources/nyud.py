@@ -5,6 +5,7 @@ train.txt/val.txt/test.txt listing frame numbers, or the toolkit's splits.mat.""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from pipelines.sources.common import (
     read_lines,
     resolve_split_file,
 )
+from pipelines.storage import StoragePath
+from pipelines.storage import path as storage_path
 
 NAME = "nyud"
 CLASSES: tuple[str, ...] = NYUD_CLASSES
@@ -36,19 +39,19 @@ EXPECTED = (
 )
 
 
-def is_layout(p: Path) -> bool:
+def is_layout(p: StoragePath) -> bool:
     return (p / "data" / "images").is_dir() and (p / "segmentation").is_dir()
 
 
-def find_root(root: str | Path) -> Path:
-    return find_layout(Path(root), is_layout, "NYUD", EXPECTED)
+def find_root(root: str | Path | StoragePath) -> StoragePath:
+    return find_layout(storage_path(root), is_layout, "NYUD", EXPECTED)
 
 
-def read_splits_mat(path: str | Path) -> dict[str, list[str]]:
+def read_splits_mat(path: str | Path | StoragePath) -> dict[str, list[str]]:
     """{"train": [...], "test": [...]} frame ids from splits.mat (trainNdxs 795, testNdxs 654)."""
-    p = Path(path)
+    p = storage_path(path)
     try:
-        mat = scipy.io.loadmat(p)
+        mat = scipy.io.loadmat(io.BytesIO(p.read_bytes()))
     except (scipy.io.matlab.MatReadError, ValueError, OSError, NotImplementedError) as e:
         raise LayoutError(f"unreadable splits file {p}: {e}") from e
     missing = [k for k in SPLITS_MAT_KEYS.values() if k not in mat]
@@ -66,11 +69,11 @@ def _frame(line: str) -> str:
 
 
 def _split_ids(
-    base: Path, splits: Sequence[str] | None, split_file: str | Path | None
-) -> list[tuple[str, Path, list[str]]]:
+    base: StoragePath, splits: Sequence[str] | None, split_file: str | Path | None
+) -> list[tuple[str, StoragePath, list[str]]]:
     """(split, source file, frame ids): txt split files win; splits.mat is the fallback."""
     if split_file is not None and Path(split_file).suffix.lower() == ".mat":
-        mat_path: Path | None = resolve_split_file(split_file, base)
+        mat_path: StoragePath | None = resolve_split_file(split_file, base)
     elif split_file is None and not any(base.glob("*.txt")) and (base / "splits.mat").is_file():
         mat_path = base / "splits.mat"
     else:
@@ -86,7 +89,7 @@ def _split_ids(
     return [(s, mat_path, by_split[s]) for s in wanted]
 
 
-def _entry(base: Path, frame: str) -> Entry:
+def _entry(base: StoragePath, frame: str) -> Entry:
     files = [("image", f"data/images/img_{frame}.png"), ("label", f"segmentation/img_{frame}.mat")]
     # Depth and HHA are optional per dataset copy; once their folder exists every id needs one.
     files += [(k, f"{d}/img_{frame}.png") for k, d in OPTIONAL_DIRS.items() if (base / d).is_dir()]
@@ -94,7 +97,7 @@ def _entry(base: Path, frame: str) -> Entry:
 
 
 def list_records(
-    root: str | Path,
+    root: str | Path | StoragePath,
     splits: Sequence[str] | None = None,
     split_file: str | Path | None = None,
 ) -> tuple[list[RawRecord], list[Problem]]:

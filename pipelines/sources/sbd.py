@@ -16,6 +16,8 @@ from pipelines.sources.common import (
     find_layout,
     read_lines,
 )
+from pipelines.storage import StoragePath
+from pipelines.storage import path as storage_path
 
 NAME = "sbd"
 CLASSES: tuple[str, ...] = VOC_CLASSES
@@ -23,16 +25,16 @@ NUM_CLASSES = len(CLASSES)
 EXPECTED = "img/, cls/ and train.txt/val.txt (benchmark_RELEASE/dataset or its parent)"
 
 
-def is_layout(p: Path) -> bool:
+def is_layout(p: StoragePath) -> bool:
     return (p / "img").is_dir() and (p / "cls").is_dir()
 
 
-def find_root(root: str | Path) -> Path:
-    return find_layout(Path(root), is_layout, "SBD", EXPECTED)
+def find_root(root: str | Path | StoragePath) -> StoragePath:
+    return find_layout(storage_path(root), is_layout, "SBD", EXPECTED)
 
 
 def list_records(
-    root: str | Path,
+    root: str | Path | StoragePath,
     splits: Sequence[str] | None = None,
     split_file: str | Path | None = None,
 ) -> tuple[list[RawRecord], list[Problem]]:

@@ -18,6 +18,8 @@ from pipelines.sources.common import (
     find_layout,
     read_lines,
 )
+from pipelines.storage import StoragePath
+from pipelines.storage import path as storage_path
 
 NAME = "siftflow"
 CLASSES: tuple[str, ...] = SIFTFLOW_CLASSES
@@ -31,15 +33,15 @@ EXPECTED = (
 )
 
 
-def is_layout(p: Path) -> bool:
+def is_layout(p: StoragePath) -> bool:
     return (p / "Images" / CATEGORY_DIR).is_dir() and (p / "SemanticLabels" / CATEGORY_DIR).is_dir()
 
 
-def find_root(root: str | Path) -> Path:
-    return find_layout(Path(root), is_layout, "SIFT Flow", EXPECTED)
+def find_root(root: str | Path | StoragePath) -> StoragePath:
+    return find_layout(storage_path(root), is_layout, "SIFT Flow", EXPECTED)
 
 
-def _entry(base: Path, id_: str) -> Entry:
+def _entry(base: StoragePath, id_: str) -> Entry:
     files = [
         ("image", f"Images/{CATEGORY_DIR}/{id_}.jpg"),
         ("label", f"SemanticLabels/{CATEGORY_DIR}/{id_}.mat"),
@@ -51,7 +53,7 @@ def _entry(base: Path, id_: str) -> Entry:
 
 
 def list_records(
-    root: str | Path,
+    root: str | Path | StoragePath,
     splits: Sequence[str] | None = None,
     split_file: str | Path | None = None,
 ) -> tuple[list[RawRecord], list[Problem]]:

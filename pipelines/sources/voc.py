@@ -19,6 +19,8 @@ from pipelines.sources.common import (
     find_layout,
     read_lines,
 )
+from pipelines.storage import StoragePath
+from pipelines.storage import path as storage_path
 
 NAME = "voc"
 CLASSES: tuple[str, ...] = VOC_CLASSES
@@ -31,15 +33,15 @@ EXPECTED = (
 )
 
 
-def is_layout(p: Path) -> bool:
+def is_layout(p: StoragePath) -> bool:
     return (p / "JPEGImages").is_dir() and any((p / d).is_dir() for d in LABEL_DIRS)
 
 
-def find_root(root: str | Path) -> Path:
-    return find_layout(Path(root), is_layout, "VOC", EXPECTED)
+def find_root(root: str | Path | StoragePath) -> StoragePath:
+    return find_layout(storage_path(root), is_layout, "VOC", EXPECTED)
 
 
-def _id_entry(root: Path, id_: str) -> Entry:
+def _id_entry(root: StoragePath, id_: str) -> Entry:
     # Per id, SegmentationClass wins and SegmentationClassAug (a superset, same ids) fills in,
     # so a devkit holding both serves VOC val and the SBD-augmented train ids alike.
     # An escaping id is never probed on disk; collect_records reports it.
@@ -57,7 +59,7 @@ def _pair_entry(image: str, label: str) -> Entry:
 
 
 def _entries(
-    root: Path, lines: list[str], split: str, source: Path
+    root: StoragePath, lines: list[str], split: str, source: Path
 ) -> tuple[list[Entry], list[Problem]]:
     entries: list[Entry] = []
     problems: list[Problem] = []
@@ -74,7 +76,7 @@ def _entries(
 
 
 def list_records(
-    root: str | Path,
+    root: str | Path | StoragePath,
     splits: Sequence[str] | None = None,
     split_file: str | Path | None = None,
 ) -> tuple[list[RawRecord], list[Problem]]:
