@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -81,14 +82,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     _quiet_ray_logs(args.verbose)
     splits = tuple(s for s in args.splits.split(",") if s) if args.splits else None
-    cfg = IngestConfig(dataset=args.dataset, root=Path(args.root), out=Path(args.out),
+    cfg = IngestConfig(dataset=args.dataset, root=args.root, out=args.out,
                        splits=splits, split_file=args.split_file, shard_rows=args.shard_rows)
     try:
         result = ingest(cfg, log=lambda msg: print(msg, flush=True))
     except (LayoutError, ManifestError) as exc:
         raise UsageError(str(exc)) from None
     print(result.summary())
+    _write_result(args, dataclasses.asdict(result))
     return 0
+
+
+def _write_result(args: argparse.Namespace, result: dict) -> None:
+    """--result-json: the command's result for a caller that ran it as a Ray job."""
+    if getattr(args, "result_json", None):
+        from pipelines import storage
+
+        storage.write_json(args.result_json, result)
 
 
 def stage_table(results: list) -> str:
@@ -121,7 +131,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.stages:
             cfg = cfg.only_stages([s for s in args.stages.split(",") if s])
         run, results = train_pipeline(cfg, args.data, storage=args.storage, resume=args.resume,
-                                      log=lambda m: print(m, flush=True))
+                                      log=lambda m: print(m, flush=True),
+                                      init_checkpoint=args.init_checkpoint,
+                                      finish=not args.keep_open)
     except (ConfigError, ManifestError) as exc:
         raise UsageError(str(exc)) from None
     except StageFailed as exc:
@@ -131,6 +143,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(stage_table(results))
     print(f"\npipeline run {run.run_id} (resume with --resume {run.run_id}); "
           f"MLflow parent run {run.mlflow_parent}")
+    _write_result(args, {"run": dataclasses.asdict(run),
+                         "stages": [dataclasses.asdict(r) for r in results]})
     return 0
 
 
@@ -164,13 +178,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         result = evaluate(args.model, args.data, args.split, options=_inference_options(args),
                           actors=args.actors, batch_size=args.batch_size, use_gpu=args.gpu,
-                          log=lambda m: print(m, flush=True))
+                          run_name=args.run_name, log=lambda m: print(m, flush=True))
     except _lookup_errors() as exc:
         raise UsageError(str(exc)) from None
     print(result.table())
     if result.run_id:
         print(f"\nlogged to MLflow run {result.run_id}: metrics.json, per_class_iu.md, "
               "confusion_matrix.png, samples.png")
+    _write_result(args, result.summary())
     return 0
 
 
@@ -207,7 +222,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from pipelines.evaluate import evaluate
+    from pipelines.evaluate import evaluate, evaluation_metrics
     from pipelines.registry import register
     from pipelines.shards import read_manifest
 
@@ -215,22 +230,28 @@ def cmd_register(args: argparse.Namespace) -> int:
     try:
         manifest = read_manifest(args.data)
         name = args.name or f"fcn-{manifest.data['dataset']}"
-        result = evaluate(args.checkpoint, args.data, args.split,
-                          log=lambda m: print(m, flush=True))
-        print(result.table())
+        if args.metrics_from_run:  # scored already (fcn evaluate): reuse its run and metrics
+            metrics, eval_run = evaluation_metrics(args.metrics_from_run), args.metrics_from_run
+        else:
+            result = evaluate(args.checkpoint, args.data, args.split,
+                              log=lambda m: print(m, flush=True))
+            print(result.table())
+            metrics, eval_run = result.metrics, result.run_id
 
         def rescore(uri: str) -> float:
             return evaluate(uri, args.data, args.split, log_to_mlflow=False,
                             log=lambda m: None).metrics["mean_iu"]
 
-        reg = register(args.checkpoint, name=name, metrics=result.metrics, split=args.split,
+        reg = register(args.checkpoint, name=name, metrics=metrics, split=args.split,
                        manifest=manifest.data, config_digest=args.config_digest or "-",
-                       run_id=result.run_id, evaluate_champion=rescore,
+                       run_id=eval_run, evaluate_champion=rescore,
                        log=lambda m: print(m, flush=True))
     except _lookup_errors() as exc:
         raise UsageError(str(exc)) from None
     print(f"look it up as models:/{reg.name}/{reg.version}, models:/{reg.name}@candidate"
           + (f", models:/{reg.name}@champion" if reg.champion else ""))
+    _write_result(args, {"name": reg.name, "version": reg.version, "champion": reg.champion,
+                         "decision": reg.decision})
     return 0
 
 
@@ -248,11 +269,15 @@ def prefect_env(data: Path) -> None:
 
 
 def _pipeline_params(args: argparse.Namespace) -> dict:
-    params = {"dataset": args.dataset, "root": str(Path(args.root).resolve()),
+    from pipelines.storage import as_location
+
+    params = {"dataset": args.dataset, "root": as_location(args.root),
               "config": str(Path(args.config).resolve()), "split": args.split,
               "force": args.force}
     if args.out:
-        params["out"] = str(Path(args.out).resolve())
+        params["out"] = as_location(args.out)
+    if args.storage:
+        params["storage"] = as_location(args.storage)
     if args.name:
         params["model_name"] = args.name
     return params
@@ -344,6 +369,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_result_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--result-json", default=None, metavar="LOCATION",
+                   help="also write the result as JSON to this path or URI (what `fcn run` "
+                        "reads back from a Ray job)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fcn",
@@ -386,14 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
                "  synthetic  generates a small VOC layout at --root when it is empty, then "
                "ingests it")
     p.add_argument("dataset", choices=["voc", "sbd", "nyud", "siftflow", "synthetic"])
-    p.add_argument("--root", required=True, help="the dataset folder as downloaded")
-    p.add_argument("--out", required=True, help="output folder; shards go to OUT/DATASET/")
+    p.add_argument("--root", required=True,
+                   help="the dataset folder as downloaded: a path or a URI (s3://bucket/voc)")
+    p.add_argument("--out", required=True,
+                   help="output folder or URI; shards go to OUT/DATASET/")
     p.add_argument("--splits", default=None,
                    help="comma-separated splits, e.g. train,val (default: all the layout has)")
     p.add_argument("--split-file", default=None,
                    help="a split file to use instead (ids, or 'image label' pairs per line)")
     p.add_argument("--shard-rows", type=int, default=500, help="rows per shard (default 500)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
+    _add_result_arg(p)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser(
@@ -403,15 +437,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "run is an MLflow parent run with a nested run per stage "
                     "(MLFLOW_TRACKING_URI, default: SQLite under ./data/mlflow).")
     p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/demo.yaml")
-    p.add_argument("--data", required=True, help="an ingested dataset: OUT/DATASET of fcn ingest")
+    p.add_argument("--data", required=True,
+                   help="an ingested dataset: OUT/DATASET of fcn ingest (a path or a URI)")
     p.add_argument("--stages", default=None, help="subset of the config's stages, e.g. 16s,8s")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (config)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
     p.add_argument("--backbone-weights", default=None,
                    help="local torchvision vgg16 state dict (.pth) to start FCN-32s from")
-    p.add_argument("--storage", default=None, help="checkpoint folder (default ./data/runs)")
+    p.add_argument("--storage", default=None,
+                   help="checkpoints: a folder or a URI every Ray node can reach, e.g. "
+                        "s3://bucket/runs (default ./data/runs)")
     p.add_argument("--resume", default=None, metavar="RUN_ID",
                    help="continue an interrupted pipeline run from its latest checkpoints")
+    p.add_argument("--init-checkpoint", default=None, metavar="CKPT",
+                   help="start the first stage from this checkpoint (with --stages, to run "
+                        "a later stage on its own)")
+    p.add_argument("--keep-open", action="store_true",
+                   help="leave the MLflow parent run open (a scheduler runs the next stages)")
+    _add_result_arg(p)
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
     p.set_defaults(func=cmd_train)
 
@@ -429,8 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=2, help="Ray actors (default 2)")
     p.add_argument("--batch-size", type=int, default=4, help="images per actor call")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--run-name", default=None, help="MLflow run name (default evaluate-SPLIT)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
     _add_inference_args(p)
+    _add_result_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -443,7 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--name", default=None, help="registered model name (default fcn-DATASET)")
     p.add_argument("--config-digest", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--metrics-from-run", default=None, metavar="RUN_ID",
+                   help="take the metrics of this MLflow evaluation run (of the same "
+                        "checkpoint and split) instead of evaluating again")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
+    _add_result_arg(p)
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("models", help="registered models: versions, aliases, mean IU",
@@ -468,8 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/demo.yaml")
         p.add_argument("--dataset", required=True,
                        choices=["voc", "sbd", "nyud", "siftflow", "synthetic"])
-        p.add_argument("--root", required=True, help="the dataset folder as downloaded")
-        p.add_argument("--out", default=None, help="shards folder (default DATA/shards)")
+        p.add_argument("--root", required=True,
+                       help="the dataset folder as downloaded: a path or a URI")
+        p.add_argument("--out", default=None,
+                       help="shards folder or URI (default DATA/shards)")
+        p.add_argument("--storage", default=None,
+                       help="checkpoints folder or URI (default DATA/runs)")
         p.add_argument("--split", default="val", help="split to evaluate on (default val)")
         p.add_argument("--name", default=None, help="registered model (default fcn-DATASET)")
         p.add_argument("--data", default="data", help="project data folder (default ./data)")
@@ -506,6 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _redact(text: str) -> str:
+    from pipelines.storage import redact
+
+    return redact(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -515,8 +574,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return func(args)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
-        print(f"fcn {args.command}: error: {exc}", file=sys.stderr)
+    except (UsageError, ValueError, FileNotFoundError, ConnectionError) as exc:
+        print(f"fcn {args.command}: error: {_redact(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # storage errors (pipelines.storage.StorageError) are one line
+        from pipelines.storage import StorageError, redact
+
+        if not isinstance(exc, StorageError):
+            raise
+        print(f"fcn {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fcn {args.command}: interrupted", file=sys.stderr)

@@ -34,7 +34,7 @@ def ingest_flow(dataset: Dataset, root: str, out: str | None = None,
                 splits: list[str] | None = None, split_file: str | None = None,
                 synthetic_size: int = 128, force: bool = False) -> dict[str, Any]:
     """A dataset as downloaded -> validated Parquet shards (skipped when unchanged)."""
-    cfg = {"dataset": dataset, "root": Path(root), "out": Path(out or _data_dir() / "shards"),
+    cfg = {"dataset": dataset, "root": root, "out": out or str(_data_dir() / "shards"),
            "splits": tuple(splits) if splits else None, "split_file": split_file,
            "synthetic_size": (synthetic_size, synthetic_size)}
     return ingest_task.with_options(refresh_cache=force)(cfg)

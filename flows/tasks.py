@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -28,23 +27,48 @@ def _ingest_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
     cfg = IngestConfig(**params["cfg"])
     if cfg.dataset == "synthetic":  # generated from a seed: its parameters are its content
         return _digest("ingest", params["cfg"])
-    _, _, records, problems = list_sources(cfg, log=lambda m: None)
+    listing = list_sources(cfg, log=lambda m: None)
     # The output is not part of the key: after deleting shards, run with --force.
-    return _digest("ingest", params["cfg"], source_fingerprint(cfg, records, problems))
+    return _digest("ingest", params["cfg"], source_fingerprint(cfg, listing))
+
+
+def _on_cluster() -> bool:
+    """RAY_ADDRESS is a dashboard address: cluster steps run as Ray jobs."""
+    from pipelines.jobs import jobs_address
+
+    return jobs_address() is not None
+
+
+def _job(args: list[str], result_dir: str) -> dict[str, Any]:
+    """Run ``fcn ARGS`` as a Ray job, its logs in this task's log; its JSON result."""
+    from pipelines.jobs import run_job
+
+    return run_job(args, result_dir, log=get_run_logger().info)
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 30], cache_key_fn=_ingest_key,
       persist_result=True)
 def ingest_task(cfg: dict[str, Any]) -> dict[str, Any]:
+    from pipelines import storage
     from pipelines.ingest import IngestConfig, ingest
     from pipelines.shards import read_manifest
 
     logger = get_run_logger()
-    result = ingest(IngestConfig(**cfg), log=logger.info)
-    logger.info(result.summary())
-    m = read_manifest(result.dataset_dir)
-    return {"data": str(result.dataset_dir), "fingerprint": m.fingerprint,
-            "version": m.data["version"], "rows": result.rows}
+    c = IngestConfig(**cfg)
+    if _on_cluster():
+        args = ["ingest", c.dataset, "--root", c.root, "--out", c.out,
+                "--shard-rows", str(c.shard_rows)]
+        args += ["--splits", ",".join(c.splits)] if c.splits else []
+        args += ["--split-file", c.split_file] if c.split_file else []
+        dataset_dir = _job(args, storage.join(c.out, "_jobs"))["dataset_dir"]
+    else:
+        result = ingest(c, log=logger.info)
+        logger.info(result.summary())
+        dataset_dir = result.dataset_dir
+    m = read_manifest(dataset_dir)
+    return {"data": dataset_dir, "fingerprint": m.fingerprint,
+            "version": m.data["version"], "rows": {s: v["rows"] for s, v in
+                                                   m.data["splits"].items()}}
 
 
 @task(name="start-pipeline-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -76,19 +100,40 @@ def train_stage_task(config: dict[str, Any], stage: str, data: str, fingerprint:
     logger = get_run_logger()
     cfg = from_dict(config)
     stage_cfg = next(s for s in cfg.stages if s.name == stage)
-    pipeline_run = PipelineRun(run["run_id"], Path(run["storage"]), run["mlflow_parent"])
-    res = run_stage(cfg, stage_cfg, data, pipeline_run, init_checkpoint, log=logger.info)
+    pipeline_run = PipelineRun(run["run_id"], run["storage"], run["mlflow_parent"])
+    if _on_cluster():
+        res = _stage_job(cfg, stage, data, pipeline_run, init_checkpoint)
+    else:
+        res = run_stage(cfg, stage_cfg, data, pipeline_run, init_checkpoint, log=logger.info)
     logger.info(f"stage {stage}: {res.steps} steps, mean IU {res.metrics.get('mean_iu', 0):.4f}, "
                 f"checkpoint {res.checkpoint}; MLflow run {run_link(res.run_id)}")
     return {"stage": stage, "checkpoint": res.checkpoint, "steps": res.steps,
             "metrics": res.metrics, "mlflow_run": res.run_id, "seconds": res.seconds}
 
 
+def _stage_job(cfg: Any, stage: str, data: str, run: Any, init: str | None) -> Any:
+    """One stage as a Ray job: ``fcn train --stages STAGE --resume RUN`` with the resolved
+    config saved beside the run's checkpoints."""
+    import yaml
+
+    from pipelines import storage
+    from pipelines.config import StageResult
+
+    base = storage.join(run.storage, run.run_id)
+    config = storage.join(base, "config.yaml")
+    storage.write_text(config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    args = ["train", "--config", config, "--data", data, "--storage", run.storage,
+            "--resume", run.run_id, "--stages", stage, "--keep-open"]
+    args += ["--init-checkpoint", init] if init else []
+    (res,) = _job(args, storage.join(base, "_jobs"))["stages"]
+    return StageResult(**res)
+
+
 @task(name="finish-pipeline-run", cache_policy=NO_CACHE)
 def finish_run_task(run: dict[str, Any], ok: bool) -> None:
     from pipelines.train import PipelineRun, finish_pipeline_run
 
-    finish_pipeline_run(PipelineRun(run["run_id"], Path(run["storage"]), run["mlflow_parent"]),
+    finish_pipeline_run(PipelineRun(run["run_id"], run["storage"], run["mlflow_parent"]),
                         ok)
 
 
@@ -96,25 +141,37 @@ def finish_run_task(run: dict[str, Any], ok: bool) -> None:
       task_run_name="evaluate-{label}")
 def evaluate_task(model: str, data: str, split: str, label: str = "model",
                   actors: int = 2) -> dict[str, Any]:
+    from pipelines import storage
     from pipelines.evaluate import evaluate
 
     logger = get_run_logger()
-    result = evaluate(model, data, split, actors=actors, run_name=f"evaluate-{label}",
-                      log=logger.info)
-    logger.info(result.table())
-    logger.info(f"MLflow evaluation run: {run_link(result.run_id)}")
-    return {"model": model, "split": split, "metrics": result.metrics,
-            "per_class_iu": dict(result.per_class), "mlflow_run": result.run_id}
+    if _on_cluster():
+        summary = _job(["evaluate", "--model", model, "--data", data, "--split", split,
+                        "--run-name", f"evaluate-{label}", "--actors", str(actors)],
+                       storage.join(data, "_jobs"))
+    else:
+        result = evaluate(model, data, split, actors=actors, run_name=f"evaluate-{label}",
+                          log=logger.info)
+        logger.info(result.table())
+        summary = result.summary()
+    logger.info(f"MLflow evaluation run: {run_link(summary['mlflow_run'])}")
+    return summary
 
 
 @task(name="register", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
 def register_task(checkpoint: str, data: str, split: str, metrics: dict[str, float],
                   name: str, config_digest: str, run_id: str | None) -> dict[str, Any]:
+    from pipelines import storage
     from pipelines.evaluate import evaluate
     from pipelines.registry import register
     from pipelines.shards import read_manifest
 
     logger = get_run_logger()
+    if _on_cluster():
+        args = ["register", "--checkpoint", checkpoint, "--data", data, "--split", split,
+                "--name", name, "--config-digest", config_digest]
+        args += ["--metrics-from-run", run_id] if run_id else []
+        return _job(args, storage.join(data, "_jobs"))
 
     def rescore(uri: str) -> float:
         return evaluate(uri, data, split, log_to_mlflow=False, log=logger.info) \

@@ -156,11 +156,15 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
     """Read a YAML preset; ``overrides`` (e.g. from the CLI) win over the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+    from pipelines import storage
+
+    p = storage.as_location(path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = storage.read_text(p)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -33,6 +33,13 @@ class EvalResult:
     run_id: str | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
 
+    def summary(self) -> dict[str, Any]:
+        """What a caller (a Prefect task, a Ray job's --result-json) needs: JSON-ready."""
+        return {"model": self.model, "split": self.split, "metrics": self.metrics,
+                "per_class_iu": {n: (None if np.isnan(v) else float(v))
+                                 for n, v in self.per_class},
+                "images": self.images, "mlflow_run": self.run_id}
+
     def table(self) -> str:
         lines = [f"{self.model} on {self.split} ({self.images} images)",
                  "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()), "",
@@ -183,6 +190,23 @@ def _log_result(result: EvalResult, manifest: Any, data: Any, split: str,
             result.artifacts[f.name] = f"runs:/{run_id}/{f.name}"
     client.set_terminated(run_id, "FINISHED")
     result.run_id = run_id
+
+
+def evaluation_metrics(run_id: str) -> dict[str, float]:
+    """The metrics an evaluation run logged (pixel_acc, mean_acc, mean_iu, fw_iu)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+
+    try:
+        metrics = MlflowClient(tracking_uri()).get_run(run_id).data.metrics
+    except MlflowException as e:
+        raise ValueError(f"no MLflow run {run_id}: {e.message.splitlines()[0]}") from None
+    if "mean_iu" not in metrics:
+        raise ValueError(f"MLflow run {run_id} is not an evaluation run (no mean_iu metric)")
+    return {k: float(metrics[k]) for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
+            if k in metrics}
 
 
 def confusion_image(hist: np.ndarray, cell: int = 12) -> Any:

@@ -6,14 +6,16 @@ actor). Unreadable files are reported and skipped; every readable one is written
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fcn_core.inference import InferenceOptions
+from pipelines import storage
+from pipelines.storage import StoragePath
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
 Log = Callable[[str], None]
@@ -25,11 +27,12 @@ class PredictResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files as given, folders searched recursively for images; missing paths reported."""
+def collect_inputs(inputs: Sequence[str]) -> tuple[list[StoragePath], list[tuple[str, str]]]:
+    """Files as given, folders searched recursively for images; missing ones reported.
+    Paths and URIs (s3://bucket/images/) alike."""
     files, missing = [], []
     for item in inputs:
-        p = Path(item)
+        p = storage.path(item)
         if p.is_dir():
             files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         elif p.is_file():
@@ -50,7 +53,7 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndar
     return out.round().astype(np.uint8)
 
 
-def _output_names(files: list[Path]) -> list[str]:
+def _output_names(files: list[StoragePath]) -> list[str]:
     """<stem>, made unique when two inputs share a stem (a/x.jpg, b/x.png)."""
     seen: dict[str, int] = {}
     names = []
@@ -61,11 +64,17 @@ def _output_names(files: list[Path]) -> list[str]:
     return names
 
 
-def predict_one(loaded: Any, path: str, out_dir: Path, name: str, options: InferenceOptions,
-                device: Any = "cpu") -> tuple[str | None, str | None]:
-    """(written label path, None) or (None, why it was skipped)."""
+def _png(array: np.ndarray) -> bytes:
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def predict_one(loaded: Any, path: str, out_dir: str, name: str, options: InferenceOptions,
+                device: Any = "cpu") -> tuple[str | None, str | None]:
+    """(written label location, None) or (None, why it was skipped)."""
     from fcn_core.inference import predict_labels
     from pipelines.sources import decode_image
 
@@ -74,10 +83,11 @@ def predict_one(loaded: Any, path: str, out_dir: Path, name: str, options: Infer
     except ValueError as e:
         return None, str(e)
     (label,) = predict_labels(loaded.net, [image], loaded.mean_bgr, options, device)
-    target = out_dir / f"{name}.png"
-    Image.fromarray(label).save(target)
-    Image.fromarray(overlay(image, label)).save(out_dir / f"{name}_color.png")
-    return str(target), None
+    target = storage.join(out_dir, f"{name}.png")
+    storage.write_bytes(target, _png(label))
+    storage.write_bytes(storage.join(out_dir, f"{name}_color.png"),
+                        _png(overlay(image, label)))
+    return target, None
 
 
 class _FolderPredictor:
@@ -88,7 +98,7 @@ class _FolderPredictor:
         from pipelines.registry import resolve_model
 
         self.loaded = resolve_model(model_uri, tracking_uri)
-        self.out_dir = Path(out_dir)
+        self.out_dir = out_dir
         self.options = InferenceOptions(**{k: tuple(v) if k == "scales" else v
                                            for k, v in options.items()})
 
@@ -102,7 +112,7 @@ class _FolderPredictor:
                 "reason": np.array(reasons, dtype=object)}
 
 
-def predict(model_uri: str, inputs: Sequence[str], out: str | Path, *,
+def predict(model_uri: str, inputs: Sequence[str], out: str, *,
             options: InferenceOptions | None = None, ray_threshold: int = 64,
             actors: int = 2, log: Log = print) -> PredictResult:
     """Predict every image in ``inputs`` into ``out``: <name>.png (uint8 class ids, the
@@ -111,8 +121,9 @@ def predict(model_uri: str, inputs: Sequence[str], out: str | Path, *,
     from pipelines.tracking import tracking_uri
 
     options = options or InferenceOptions()
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = storage.as_location(out)
+    storage.check_writable(out_dir)
+    storage.makedirs(out_dir)
     files, missing = collect_inputs(inputs)
     result = PredictResult(skipped=list(missing))
     names = _output_names(files)
@@ -143,7 +154,7 @@ def predict(model_uri: str, inputs: Sequence[str], out: str | Path, *,
                               num_cpus=actor_cpus(actors),
                               fn_constructor_kwargs={"model_uri": model_uri,
                                                      "tracking_uri": uri,
-                                                     "out_dir": str(out_dir),
+                                                     "out_dir": out_dir,
                                                      "options": asdict(options)})
         for batch in done.iter_batches(batch_format="numpy", batch_size=None):
             for path, written, why in zip(batch["path"], batch["written"], batch["reason"],

@@ -35,8 +35,12 @@ class LoadedModel:
     source: str  # what was loaded, for logs
 
 
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
 def is_mlflow_uri(uri: str) -> bool:
-    return uri.startswith(("models:/", "runs:/")) or "://" in uri
+    """An MLflow model URI; anything else (a path, s3://...) is a checkpoint location."""
+    return str(uri).startswith(MLFLOW_SCHEMES)
 
 
 def resolve_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:

@@ -8,7 +8,7 @@ into the stage's run).
 
 from __future__ import annotations
 
-import json
+import io
 import tempfile
 import time
 import uuid
@@ -27,6 +27,7 @@ from fcn_core.metrics import ConfusionMatrix
 from fcn_core.optim import param_groups
 from fcn_core.surgery import promote, transplant_vgg16
 from fcn_core.transforms import MEAN_BGR
+from pipelines import storage
 from pipelines.config import StageConfig, StageResult, TrainConfig, from_dict
 from pipelines.shards import model_input, read_manifest, training_batch
 
@@ -84,14 +85,22 @@ def model_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     return net.state_dict(), {"kind": kind, **net.config.to_dict()}
 
 
+def checkpoint_file(checkpoint: str | Path) -> str:
+    """The checkpoint.pt of a checkpoint directory (or the file itself): a location."""
+    loc = storage.as_location(checkpoint)
+    return storage.join(loc, CHECKPOINT_FILE) if storage.is_dir(loc) else loc
+
+
 def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
-    """The saved dict of a checkpoint directory (or its checkpoint.pt)."""
-    p = Path(checkpoint)
-    path = p / CHECKPOINT_FILE if p.is_dir() else p
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    """The saved dict of a checkpoint directory (or its checkpoint.pt), local or in a
+    bucket."""
+    path = checkpoint_file(checkpoint)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise FileNotFoundError(f"{path} is not a readable checkpoint ({e})") from None
     except Exception as e:  # pickle's errors have no common base beyond Exception
@@ -348,13 +357,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
 def _first_injection(run_dir: str) -> bool:
     """True once per stage run: a marker on shared storage survives the worker restart."""
-    marker = Path(run_dir) / ".failure_injected"
-    try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        with open(marker, "x"):
-            return True
-    except FileExistsError:
-        return False
+    return storage.create_exclusive(storage.join(run_dir, ".failure_injected"))
 
 
 # ------------------------------------------------------------------------- the driver
@@ -362,11 +365,11 @@ def _first_injection(run_dir: str) -> bool:
 @dataclass(frozen=True)
 class PipelineRun:
     run_id: str  # names the Ray Train runs (resume with the same id)
-    storage: Path  # <storage>/<run_id>/<stage>/ holds Ray Train's checkpoints
+    storage: str  # location; <storage>/<run_id>/<stage>/ holds Ray Train's checkpoints
     mlflow_parent: str | None = None
 
 
-def train_stage(cfg: TrainConfig, stage: StageConfig, data: Path, run: PipelineRun,
+def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRun,
                 init_checkpoint: str | None, mlflow_run_id: str | None, log: Log = print
                 ) -> StageResult:
     """Fit one stage with a TorchTrainer; return its final checkpoint and metrics."""
@@ -381,10 +384,10 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: Path, run: PipelineR
     log(init_ray())
     manifest = read_manifest(data)
     t0 = time.perf_counter()
-    stage_dir = run.storage / run.run_id / stage.name
-    done = stage_dir / DONE_FILE
-    if done.is_file():  # finished in an earlier attempt of this run (--resume)
-        info = json.loads(done.read_text())
+    stage_dir = storage.join(run.storage, run.run_id, stage.name)
+    done = storage.join(stage_dir, DONE_FILE)
+    if storage.is_file(done):  # finished in an earlier attempt of this run (--resume)
+        info = storage.read_json(done)
         log(f"stage {stage.name}: already finished in run {run.run_id}, reusing its checkpoint")
         return StageResult(stage.name, info["checkpoint"], info["steps"], info["metrics"],
                            mlflow_run_id, 0.0)
@@ -393,6 +396,7 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: Path, run: PipelineR
     if cfg.cache_dataset:  # read + decode the Parquet once, not once per epoch
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     datasets = {"train": train_ds.randomize_block_order(), "val": val_ds}
+    run_fs, run_fs_path = storage.resolve(storage.join(run.storage, run.run_id))
     per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -405,7 +409,10 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: Path, run: PipelineR
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
-            name=f"{run.run_id}-{stage.name}", storage_path=str(run.storage / run.run_id),
+            # The filesystem is passed explicitly: pyarrow's own s3:// resolution ignores
+            # AWS_ENDPOINT_URL. Every node reads its credentials from its environment.
+            name=f"{run.run_id}-{stage.name}", storage_path=run_fs_path,
+            storage_filesystem=run_fs if storage.is_remote(run.storage) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -425,11 +432,12 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: Path, run: PipelineR
                           f"`fcn train --resume {run.run_id}`") from result.error
     assert result.checkpoint is not None, "a finished stage always reports a checkpoint"
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    info = {"checkpoint": result.checkpoint.path, "steps": int(metrics.get("step", 0)),
+    checkpoint = storage.location(result.checkpoint.filesystem, result.checkpoint.path,
+                                  like=run.storage)
+    info = {"checkpoint": checkpoint, "steps": int(metrics.get("step", 0)),
             "metrics": metrics}
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(info, indent=2))
-    return StageResult(stage.name, result.checkpoint.path, info["steps"], metrics,
+    storage.write_json(done, info)
+    return StageResult(stage.name, checkpoint, info["steps"], metrics,
                        mlflow_run_id, time.perf_counter() - t0)
 
 
@@ -437,7 +445,7 @@ def new_run_id(cfg: TrainConfig) -> str:
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def start_pipeline_run(cfg: TrainConfig, data: str | Path, storage: str | Path | None = None,
+def start_pipeline_run(cfg: TrainConfig, data: str | Path, where: str | Path | None = None,
                        resume: str | None = None, experiment: str | None = None,
                        log: Log = print) -> PipelineRun:
     """The MLflow parent run (created, or found again when resuming) and the run folder."""
@@ -446,7 +454,8 @@ def start_pipeline_run(cfg: TrainConfig, data: str | Path, storage: str | Path |
     from pipelines.tracking import data_dir, experiment_id, flatten, tracking_uri
 
     manifest = read_manifest(data)  # fails early with a clear message
-    storage = Path(storage) if storage else data_dir() / "runs"
+    where = storage.as_location(where or data_dir() / "runs")
+    storage.check_writable(where)
     run_id = resume or new_run_id(cfg)
     client = MlflowClient(tracking_uri())
     exp = experiment_id(client, experiment or f"fcn-{manifest.data['dataset']}")
@@ -460,7 +469,7 @@ def start_pipeline_run(cfg: TrainConfig, data: str | Path, storage: str | Path |
                      ("config_digest", cfg.digest())):
             client.set_tag(parent, k, v)
     log(f"pipeline run {run_id}: MLflow {tracking_uri()} experiment {exp} run {parent}")
-    return PipelineRun(run_id, storage.resolve(), parent)
+    return PipelineRun(run_id, where, parent)
 
 
 def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: PipelineRun,
@@ -477,7 +486,8 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: Pipel
                                 f"{cfg.name}-{stage.name}")
     client.set_tag(child, "manifest_fingerprint", read_manifest(data).fingerprint)
     try:
-        res = train_stage(cfg, stage, Path(data), run, init_checkpoint, child, log)
+        res = train_stage(cfg, stage, storage.as_location(data), run, init_checkpoint, child,
+                          log)
     except BaseException:
         client.set_terminated(child, "FAILED")
         raise
@@ -497,12 +507,15 @@ def finish_pipeline_run(run: PipelineRun, ok: bool) -> None:
 
 def train_pipeline(cfg: TrainConfig, data: str | Path, storage: str | Path | None = None,
                    resume: str | None = None, log: Log = print,
-                   experiment: str | None = None) -> tuple[PipelineRun, list[StageResult]]:
+                   experiment: str | None = None, init_checkpoint: str | None = None,
+                   finish: bool = True) -> tuple[PipelineRun, list[StageResult]]:
     """Every stage of ``cfg`` in order, each from the previous one's final checkpoint, all
-    under one MLflow parent run with a nested run per stage."""
+    under one MLflow parent run with a nested run per stage. ``init_checkpoint`` starts the
+    first stage from a checkpoint (a later stage run on its own); ``finish=False`` leaves
+    the parent run open for the stages a scheduler runs next."""
     run = start_pipeline_run(cfg, data, storage, resume, experiment, log)
     results: list[StageResult] = []
-    init = None
+    init = init_checkpoint
     try:
         for stage in cfg.stages:
             results.append(run_stage(cfg, stage, data, run, init, log))
@@ -510,7 +523,8 @@ def train_pipeline(cfg: TrainConfig, data: str | Path, storage: str | Path | Non
     except BaseException:
         finish_pipeline_run(run, ok=False)
         raise
-    finish_pipeline_run(run, ok=True)
+    if finish:
+        finish_pipeline_run(run, ok=True)
     return run, results
 
 
@@ -532,11 +546,12 @@ def _log_stage_artifacts(client: Any, run_id: str, res: StageResult, cfg: TrainC
     for k, v in res.metrics.items():
         if k not in ("step", "resumed_from") and np.isfinite(v):
             client.log_metric(run_id, f"final_{k}", v, step=res.steps)
-    ckpt = Path(res.checkpoint) / CHECKPOINT_FILE
-    if ckpt.is_file():
-        client.log_artifact(run_id, str(ckpt), artifact_path="checkpoint")
     with tempfile.TemporaryDirectory() as d:
         import yaml
+
+        ckpt = checkpoint_file(res.checkpoint)
+        if storage.is_file(ckpt):
+            client.log_artifact(run_id, storage.local_copy(ckpt, d), artifact_path="checkpoint")
 
         p = Path(d) / "config.yaml"
         p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 import pipelines.ingest as ingest_mod
-from pipelines import storage
 from fcn_core.transforms import MEAN_BGR, image_to_tensor
+from pipelines import storage
 from pipelines.ingest import IngestConfig, ingest
 from pipelines.shards import decode_arrays, decode_row, read_manifest, read_split_table
 from pipelines.sources import decode_image, decode_label, source

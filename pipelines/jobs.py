@@ -1,0 +1,106 @@
+"""Ray Jobs: run an ``fcn`` subcommand on a remote cluster and bring its result back.
+
+When RAY_ADDRESS is a dashboard address (``http://head:8265``) each cluster step of a
+pipeline is submitted as a Ray job whose entrypoint is the same ``fcn`` subcommand with the
+same arguments, plus ``--result-json LOCATION``: the job writes its result (a small JSON)
+to shared storage (a bucket), and the caller reads it back. The job's logs are streamed to
+``log`` line by line; a failed job raises ``JobFailed`` with the job's own error line.
+
+The cluster's image (or runtime env) provides the project; credentials come from the
+nodes' own environment. Only non-secret settings travel with a job (``FORWARDED_ENV``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pipelines import storage
+from pipelines.ray_env import RayUnavailable, address_kind, quiet_env
+
+Log = Callable[[str], None]
+# Settings a job needs that are not secrets (credentials stay in the cluster's environment).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL",
+                 "AWS_DEFAULT_REGION", "MLFLOW_EXPERIMENT_NAME")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class JobFailed(RuntimeError):
+    """A Ray job ended in failure; the message is the job's own error line."""
+
+
+def jobs_address() -> str | None:
+    """The dashboard address when RAY_ADDRESS selects Ray Jobs, else None."""
+    address = os.environ.get("RAY_ADDRESS")
+    return address if address_kind(address) == "jobs" else None
+
+
+def job_env() -> dict[str, str]:
+    env = dict(quiet_env())
+    for var in FORWARDED_ENV:
+        value = os.environ.get(var)
+        if value and storage.redact(value) == value:  # never a URI with a password in it
+            env[var] = value
+    return env
+
+
+def _client(address: str) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RayUnavailable(f"the Ray Jobs API at RAY_ADDRESS={address} does not answer: "
+                             f"{storage.redact(first)}") from None
+
+
+def error_line(logs: str) -> str | None:
+    """The ``fcn CMD: ...`` line a failed subcommand printed last, if any."""
+    for line in reversed(logs.splitlines()):
+        if re.match(r"^fcn [a-z]+: ", line):
+            return line.strip()
+    return None
+
+
+def run_job(args: list[str], result_dir: str, log: Log = print, *,
+            address: str | None = None, poll_s: float = 1.0,
+            entrypoint_num_cpus: float = 0.25) -> dict[str, Any]:
+    """Run ``fcn ARGS --result-json <result_dir>/<uuid>.json`` as a Ray job, stream its
+    logs, and return the JSON result it wrote."""
+    address = address or jobs_address()
+    assert address, "run_job needs RAY_ADDRESS=http://host:8265 (or address=)"
+    result = storage.join(result_dir, f"job-{uuid.uuid4().hex[:12]}.json")
+    storage.check_writable(result_dir)
+    entrypoint = shlex.join(["fcn", *args, "--result-json", result])
+    client = _client(address)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": job_env()},
+                               entrypoint_num_cpus=entrypoint_num_cpus,
+                               metadata={"fcn_command": args[0]})
+    log(f"Ray job {job_id} on {address}: {storage.redact(entrypoint)}")
+    shown = 0
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        logs = client.get_job_logs(job_id)
+        for line in logs[shown:].splitlines():
+            if line.strip():
+                log(storage.redact(line))
+        shown = len(logs)
+        if status in TERMINAL:
+            break
+        time.sleep(poll_s)
+    if status != "SUCCEEDED":
+        info = client.get_job_info(job_id)
+        why = error_line(logs) or (info.message or "").strip().splitlines()[-1:] or [status]
+        why = why if isinstance(why, str) else why[0]
+        raise JobFailed(storage.redact(f"Ray job {job_id} {status.lower()}: {why}"))
+    try:
+        return storage.read_json(result)
+    except FileNotFoundError:
+        raise JobFailed(f"Ray job {job_id} succeeded but wrote no result at {result}: does "
+                        "the cluster reach that storage?") from None
