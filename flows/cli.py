@@ -292,11 +292,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         load_config(args.config)  # a bad config fails here, in one line
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    _check_cluster_locations(args)
     from flows.pipeline import fcn_pipeline
 
     summary = fcn_pipeline(**_pipeline_params(args))
     print_summary(summary)
     return 0
+
+
+def _check_cluster_locations(args: argparse.Namespace) -> None:
+    """With Ray Jobs the steps run on cluster nodes that share no disk with this machine:
+    every location they read or write must be a URI they reach."""
+    from pipelines.jobs import jobs_address
+    from pipelines.storage import is_remote
+
+    address = jobs_address()
+    if not address:
+        return
+    for flag, value in (("--root", args.root), ("--out", args.out),
+                        ("--storage", args.storage)):
+        if value is None or not is_remote(value):
+            raise UsageError(f"RAY_ADDRESS={address} runs each step as a Ray job on the "
+                             f"cluster, whose nodes cannot read this machine's disk: give "
+                             f"{flag} as a URI they reach (e.g. s3://bucket/...), got "
+                             f"{value or 'the local default'}")
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -311,6 +330,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         Cron(args.cron)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    _check_cluster_locations(args)
     print(f"serving deployment fcn-pipeline/{args.deployment} on cron {args.cron!r}; "
           "Ctrl-C stops it (runs stay scheduled in the Prefect API)", flush=True)
     fcn_pipeline.serve(name=args.deployment, cron=args.cron,

@@ -18,6 +18,7 @@ import yaml
 STAGE_VARIANTS = {"32s": "fcn32s", "16s": "fcn16s", "8s": "fcn8s", "8s-atonce": "fcn8s_atonce"}
 INPUTS = ("rgb", "hha", "rgbd", "rgb-hha")  # NYUD: colour, HHA, 4-channel, late fusion
 SCHEDULES = ("fixed", "poly")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -68,6 +69,7 @@ class TrainConfig:
     workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # < 1 leaves CPUs for Ray Data on small machines
+    placement_strategy: str = "PACK"  # workers on few nodes (PACK) or across nodes (SPREAD)
     checkpoint_every: int = 50  # steps between checkpoints (and resume points)
     val_every: int = 50  # steps between validations (0 = only at the end of a stage)
     max_failures: int = 2  # worker failures a stage survives (restart from a checkpoint)
@@ -87,6 +89,8 @@ class TrainConfig:
             raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
+        if self.placement_strategy not in PLACEMENTS:
+            raise bad("placement_strategy", f"must be one of {', '.join(PLACEMENTS)}")
         for name in ("batch_size", "workers", "checkpoint_every", "pad_multiple"):
             if int(getattr(self, name)) < 1:
                 raise bad(name, "must be >= 1")

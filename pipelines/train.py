@@ -407,7 +407,8 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRu
             "threads_per_worker": cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=per_worker),
+                                               resources_per_worker=per_worker,
+                                               placement_strategy=cfg.placement_strategy),
         run_config=ray.train.RunConfig(
             # The filesystem is passed explicitly: pyarrow's own s3:// resolution ignores
             # AWS_ENDPOINT_URL. Every node reads its credentials from its environment.

@@ -46,3 +46,42 @@ def ray_local():
              log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# --- real servers, one of each per test session, started only when a test asks -----------
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """A module-scoped monkeypatch (for environment variables shared by a module's tests)."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API (SeaweedFS) on 127.0.0.1 with generated credentials; stopped by pid."""
+    from servers import SeaweedS3
+
+    with SeaweedS3(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A throwaway PostgreSQL 15 cluster on 127.0.0.1 (run as an unprivileged user)."""
+    from servers import Postgres
+
+    with Postgres(tmp_path_factory.mktemp("pg")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_server, postgres):
+    """`mlflow server` with a PostgreSQL backend store and artifacts in s3://fcn/mlflow."""
+    from servers import MlflowServer
+
+    s3_server.create_bucket("fcn")
+    with MlflowServer(tmp_path_factory.mktemp("mlflow"), postgres.uri(), "s3://fcn/mlflow",
+                      env=s3_server.env()) as server:
+        yield server

@@ -1,0 +1,171 @@
+"""pipelines.storage: locations on a local disk and in a real S3 server (SeaweedFS), the
+pathlib-like view readers use, and the one-line errors for bad locations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import storage
+from pipelines.sources import source
+from pipelines.sources import synthetic as synth
+
+# ------------------------------------------------------------------ locations (no server)
+
+
+def test_locations_join_and_split_for_paths_and_uris(tmp_path):
+    assert storage.join("s3://b/x/", "y", "z.json") == "s3://b/x/y/z.json"
+    assert storage.join(tmp_path, "a/b") == str(tmp_path / "a" / "b")
+    assert storage.join(f"file://{tmp_path}", "a") == str(tmp_path / "a")
+    assert storage.parent("s3://b/x/y") == "s3://b/x" and storage.name("s3://b/x/y") == "y"
+    assert storage.is_remote("s3://b") and storage.is_remote("gs://b/x")
+    assert not storage.is_remote(tmp_path) and not storage.is_remote(f"file://{tmp_path}")
+    assert storage.normalize("data/x") == os.path.abspath("data/x")
+    fs, path = storage.resolve("s3://bucket/a/b")
+    assert fs.type_name == "s3" and path == "bucket/a/b"
+    assert storage.location(fs, "bucket/a/b/c", like="s3://bucket") == "s3://bucket/a/b/c"
+
+
+def test_an_unknown_scheme_is_one_clear_line():
+    with pytest.raises(storage.StorageError, match=r"scheme 'ftp://' is not one of .*s3://"):
+        storage.resolve("ftp://host/data")
+
+
+def test_local_writes_are_atomic_and_listings_are_cached(tmp_path):
+    target = tmp_path / "d" / "m.json"
+    storage.write_json(target, {"a": 1})
+    assert storage.read_json(target) == {"a": 1}
+    assert sorted(os.listdir(tmp_path / "d")) == ["m.json"]  # no temporary left behind
+    assert storage.create_exclusive(tmp_path / "marker") is True
+    assert storage.create_exclusive(tmp_path / "marker") is False
+    root = storage.path(tmp_path)
+    assert (root / "d").is_dir() and (root / "d" / "m.json").is_file()
+    (tmp_path / "d" / "late.txt").write_text("x")  # after the listing: the cache answers
+    assert not (root / "d" / "late.txt").exists()
+    assert storage.path(tmp_path / "d" / "late.txt").exists()  # a fresh view sees it
+    assert [p.name for p in storage.path(tmp_path).rglob("*.txt")] == ["late.txt"]
+
+
+def test_secrets_are_redacted(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-xyz")
+    text = "failed for s3cr3t-value-xyz at postgresql://u:pw123@h/db"
+    assert storage.redact(text) == "failed for *** at postgresql://u:***@h/db"
+
+
+# ----------------------------------------------------------------------- a real S3 server
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server, monkeypatch_module):
+    for k, v in s3_server.env().items():
+        monkeypatch_module.setenv(k, v)
+    return s3_server.create_bucket("storage-tests")
+
+
+@pytest.mark.slow
+def test_s3_objects_round_trip_through_the_standard_variables(bucket):
+    loc = storage.join(bucket, "a", "b.json")
+    storage.write_json(loc, {"x": [1, 2]})
+    assert storage.read_json(loc) == {"x": [1, 2]}
+    assert storage.is_dir(storage.join(bucket, "a")) and storage.is_file(loc)
+    root = storage.path(bucket)
+    assert [p.name for p in root.iterdir()] == ["a"]
+    assert (root / "a" / "b.json").stat().st_size == len(storage.read_bytes(loc))
+    with pytest.raises(FileNotFoundError, match="no such file or folder: s3://storage-tests"):
+        storage.read_bytes(storage.join(bucket, "missing.json"))
+    storage.delete_dir(storage.join(bucket, "a"))
+    assert not storage.exists(loc)
+
+
+@pytest.mark.slow
+def test_s3_errors_name_the_location_and_cause_never_the_secret(bucket, s3_server,
+                                                                monkeypatch):
+    with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket' does not exist"):
+        storage.check_writable("s3://no-such-bucket/shards")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789")
+    with pytest.raises(storage.StorageError) as e:
+        storage.read_bytes(storage.join(bucket, "x"))
+    assert "access denied" in str(e.value) and "wrong-secret" not in str(e.value)
+    assert "s3://storage-tests/x" in str(e.value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(storage.StorageError, match="S3 endpoint does not answer"):
+        storage.read_bytes(storage.join(bucket, "x"))
+
+
+@pytest.mark.slow
+def test_readers_list_a_dataset_in_a_bucket_like_on_disk(bucket, tmp_path):
+    for layout, writer in (("voc", synth.write_voc), ("nyud", synth.write_nyud),
+                           ("siftflow", synth.write_siftflow)):
+        raw = writer(tmp_path / layout, n_train=3, n_val=2, size=(24, 24), seed=1)
+        remote = storage.join(bucket, "raw", layout)
+        storage.copy_tree(raw, remote)
+        local, _ = source(layout).list_records(raw)
+        there, problems = source(layout).list_records(remote)
+        assert not problems
+        assert [(r.split, r.id) for r in there] == [(r.split, r.id) for r in local]
+        assert all(r.image.startswith("s3://storage-tests/raw/") for r in there)
+        from pipelines.sources import load_example
+
+        a, _ = load_example(local[0], 40)
+        b, _ = load_example(there[0], 40)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_ingest_into_a_bucket_then_rerun_is_a_no_op(bucket, tmp_path, s3_server):
+    from pipelines.ingest import IngestConfig, ingest
+    from pipelines.shards import read_manifest, read_split_table
+
+    raw = synth.write_voc(tmp_path / "raw", n_train=5, n_val=3, size=(32, 32))
+    remote_raw = storage.join(bucket, "voc-raw")
+    storage.copy_tree(raw, remote_raw)
+    cfg = IngestConfig(dataset="voc", root=remote_raw, out=storage.join(bucket, "shards"),
+                       shard_rows=2)
+    first = ingest(cfg, log=lambda m: None)
+    assert first.dataset_dir == "s3://storage-tests/shards/voc"
+    m = read_manifest(first.dataset_dir)
+    assert m.data["source"]["root"] == remote_raw
+    rows = read_split_table(first.dataset_dir, "train").to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(
+        r.id for r in source("voc").list_records(raw)[0] if r.split == "train")
+    fs = s3_server.filesystem()  # independent of pipelines.storage
+    for sh in m.data["splits"]["train"]["shards"]:
+        assert pq.read_metadata(f"storage-tests/shards/voc/{sh['path']}",
+                                filesystem=fs).num_rows == sh["rows"]
+    again = ingest(cfg, log=lambda m: None)
+    assert again.skipped and again.version == first.version
+
+
+@pytest.mark.slow
+def test_cli_bad_locations_exit_2_with_one_line(bucket, tmp_path, s3_server):
+    env = {**os.environ, **s3_server.env()}
+    raw = synth.write_voc(tmp_path / "raw", n_train=2, n_val=1, size=(24, 24))
+    cases = [
+        (["ingest", "voc", "--root", str(raw), "--out", "ftp://x/y"], "scheme 'ftp://'"),
+        (["ingest", "voc", "--root", str(raw), "--out", "s3://absent-bucket/x"],
+         "bucket 'absent-bucket' does not exist"),
+        (["ingest", "voc", "--root", "s3://storage-tests/nothing-here", "--out",
+          str(tmp_path / "o")], "no VOC layout under s3://storage-tests/nothing-here"),
+        (["train", "--config", "configs/demo.yaml", "--data", "s3://storage-tests/none"],
+         "no ingested dataset at s3://storage-tests/none"),
+    ]
+    for args, expected in cases:
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(lines) == 1 and expected in lines[0], (args, proc.stderr)
+        assert s3_server.secret_key not in proc.stderr + proc.stdout
+    bad = {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret-987654321"}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", "voc", "--root",
+                           str(raw), "--out", "s3://storage-tests/x"], env=bad,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "access denied" in proc.stderr, proc.stderr
+    assert "not-the-secret" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
