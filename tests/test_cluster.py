@@ -1,0 +1,174 @@
+"""The pipeline on a real two-node Ray cluster with every location in a real S3 server and
+MLflow on PostgreSQL + S3: a GCS-address driver, Ray Jobs submission from Prefect, and no
+secret anywhere it could leak.
+
+The cluster: a head and a second node, separate processes started from different working
+directories, each with its own temp dir, ports and custom resource (node_a / node_b), and
+the S3 variables in their own environment (as on a real cluster, where a secret provides
+them). Training workers take 1.5 CPUs of a node's 2, so SPREAD puts one on each node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from servers import RayHead, RayWorkerNode
+
+from pipelines import storage
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "fcn-cluster"
+
+
+def _config(tmp: Path, steps: tuple[int, int, int] = (4, 2, 2), **extra: object) -> Path:
+    lines = ["name: cluster", "dataset: synthetic", "width: 0.0625", "optimizer: adam",
+             "stages:", f"  - {{name: 32s, steps: {steps[0]}, lr: 0.001}}",
+             f"  - {{name: 16s, steps: {steps[1]}, lr: 0.0005}}",
+             f"  - {{name: 8s, steps: {steps[2]}, lr: 0.0002}}",
+             "batch_size: 2", "normalize_loss: true", "workers: 2", "cpus_per_worker: 1.5",
+             "placement_strategy: SPREAD", "checkpoint_every: 2", "val_every: 0"]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    path = tmp / f"cluster-{len(list(tmp.glob('cluster-*.yaml')))}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_server, mlflow_server):
+    """Head (2 CPUs, node_a) + second node (2 CPUs, node_b), S3 credentials in each node's
+    environment, the venv's `fcn` on their PATH (what a cluster image provides)."""
+    s3_server.create_bucket(BUCKET)
+    work = tmp_path_factory.mktemp("cluster")
+    node_env = {**s3_server.env(), "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+                "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri}
+    head = RayHead(work, num_cpus=2, resources={"node_a": 1}, env=node_env,
+                   object_store_memory=200 * 1024**2)
+    with head:
+        node = RayWorkerNode(head, work, num_cpus=2, resources={"node_b": 1}, env=node_env,
+                             object_store_memory=200 * 1024**2)
+        with node:
+            yield head, node
+
+
+def _client_env(tmp: Path, s3_server, mlflow_server, **extra: str) -> dict[str, str]:
+    """A user's shell: the servers' addresses and the S3 variables, nothing of the tests'."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "MLFLOW_", "RAY_", "PREFECT_", "FCN_"))}
+    env.update(s3_server.env(), MLFLOW_TRACKING_URI=mlflow_server.tracking_uri,
+               RAY_AUTH_MODE="token", FCN_DATA_DIR=str(tmp / "data"),
+               PREFECT_HOME=str(tmp / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    env.update(extra)
+    return env
+
+
+def _fcn(args: list[str], env: dict[str, str], timeout: float = 600
+         ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _train_worker_nodes(head: RayHead, env: dict[str, str]) -> list[tuple[str, str]]:
+    """(node id, state) of every Ray Train worker actor the cluster has seen."""
+    code = textwrap.dedent(f"""
+        import json
+        from ray.util.state import list_actors
+        actors = list_actors(address={head.dashboard_url!r}, limit=1000, detail=True,
+                             filters=[("class_name", "=", "RayTrainWorker")])
+        print(json.dumps([[a.node_id, a.state] for a in actors]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [tuple(x) for x in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+def test_gcs_driver_trains_across_two_nodes_with_everything_in_s3(
+        cluster, s3_server, mlflow_server, tmp_path, monkeypatch):
+    head, node = cluster
+    env = _client_env(tmp_path, s3_server, mlflow_server, RAY_ADDRESS=head.address)
+    base = f"s3://{BUCKET}/gcs"
+    proc = _fcn(["ingest", "synthetic", "--root", f"{base}/raw", "--out", f"{base}/shards"],
+                env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"Ray: {head.address} (4 CPUs, 2 node(s)" in proc.stdout
+    proc = _fcn(["train", "--config", str(_config(tmp_path)), "--data",
+                 f"{base}/shards/synthetic", "--storage", f"{base}/runs", "--stages", "32s",
+                 "--result-json", f"{base}/result.json"], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    result = storage.read_json(f"{base}/result.json")
+    (stage,) = result["stages"]
+    assert stage["checkpoint"].startswith(f"{base}/runs/") and stage["steps"] == 4
+    assert storage.is_file(storage.join(stage["checkpoint"], "checkpoint.pt"))
+    assert stage["metrics"]["world_size"] == 2 and stage["metrics"]["replicas_in_sync"] == 1
+    # The two workers ran on the two nodes (Ray's state API, not our own bookkeeping).
+    nodes = {n for n, _ in _train_worker_nodes(head, env)}
+    assert nodes == {head.node_id, node.node_id}
+    # Nothing was written on this machine's disk for the run: no local data folder.
+    assert not (tmp_path / "data" / "runs").exists()
+    # The next stage starts from that checkpoint in the bucket.
+    from pipelines.train import load_model
+
+    assert load_model(stage["checkpoint"]).config.variant == "fcn32s"
+
+
+def test_prefect_submits_ray_jobs_and_the_model_lands_in_the_registry(
+        cluster, s3_server, mlflow_server, postgres, tmp_path, monkeypatch):
+    head, _ = cluster
+    env = _client_env(tmp_path, s3_server, mlflow_server, RAY_ADDRESS=head.dashboard_url)
+    base = f"s3://{BUCKET}/jobs"
+    proc = _fcn(["run", "--config", str(_config(tmp_path)), "--dataset", "synthetic",
+                 "--root", f"{base}/raw", "--out", f"{base}/shards", "--storage",
+                 f"{base}/runs", "--name", "fcn-cluster", "--data", str(tmp_path / "data")],
+                env, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert out.count("Ray job ") >= 8  # ingest, 3 stages, 3 evaluations, register
+    assert "registered fcn-cluster version 1" in proc.stdout
+
+    # Stock MLflow, in a process that never imported this project, with only the tracking
+    # URI and the S3 variables: the champion loads and segments an image.
+    code = textwrap.dedent("""
+        import mlflow.pyfunc, numpy as np
+        m = mlflow.pyfunc.load_model("models:/fcn-cluster@champion")
+        out = m.predict(np.zeros((1, 40, 36, 3), np.uint8))
+        print(tuple(out.shape))
+    """)
+    clean = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "FCN_DATA_DIR")}
+    probe = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean,
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert probe.stdout.strip().splitlines()[-1] == "(1, 40, 36)"
+    # Its artifacts are objects in the bucket behind the MLflow server.
+    fs = s3_server.filesystem()
+    from pyarrow.fs import FileSelector
+
+    keys = [i.path for i in fs.get_file_info(FileSelector("fcn/mlflow", recursive=True))]
+    assert any(k.endswith("MLmodel") for k in keys), keys[:20]
+
+    # No secret in anything the run produced: its output, the MLflow store (params, tags,
+    # metrics of every run, in PostgreSQL), Prefect's database and logs, the Ray logs.
+    secret, key_id = s3_server.secret_key, s3_server.access_key
+    assert secret not in out and key_id not in out
+    with postgres.connect() as conn, conn.cursor() as cur:
+        for table in ("params", "tags", "model_version_tags", "registered_model_tags",
+                      "experiment_tags", "runs", "model_versions"):
+            cur.execute(f"SELECT * FROM {table}")  # noqa: S608 (fixed names)
+            dump = repr(cur.fetchall())
+            assert secret not in dump and key_id not in dump, table
+    for folder in (tmp_path / "prefect", head.temp_dir):
+        for f in Path(folder).rglob("*"):
+            if f.is_file() and f.stat().st_size < 50_000_000:
+                data = f.read_bytes()
+                assert secret.encode() not in data, f
