@@ -84,8 +84,11 @@ def init_ray(num_cpus: int | None = None) -> str:
         if kind == "gcs":
             assert address is not None
             check_reachable(address)
+            # Inside a Ray job the job's runtime env already carries these (and Ray refuses
+            # the same variable from both).
+            in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
             ctx = ray.init(address=address, log_to_driver=True,
-                           runtime_env={"env_vars": quiet_env()})
+                           runtime_env=None if in_job else {"env_vars": quiet_env()})
         else:
             ctx = ray.init(num_cpus=num_cpus, include_dashboard=True,
                            dashboard_host="127.0.0.1", log_to_driver=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stop the local FCN stack that infra/local/up.sh started from STATE_DIR (default
-# ./data/servers). Only the processes recorded in STATE_DIR/*.pid (and their sessions) are
-# signalled: never `ray stop`, which would end every Ray on the machine.
+# ./data/servers), the S3 and PostgreSQL servers of --s3/--postgres included. Only the processes
+# recorded in STATE_DIR/*.pid (and their sessions) are signalled: never `ray stop`, which would
+# end every Ray on the machine. Their data stays in STATE_DIR for the next up.sh.
 #
 #   infra/local/down.sh [STATE_DIR]
 set -euo pipefail
@@ -9,7 +10,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 case "${1:-}" in
-    -h|--help) sed -n '2,6s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,7s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) die "unknown option $1 (usage: $PROG [STATE_DIR])" ;;
 esac
 (($# <= 1)) || die "one STATE_DIR only (usage: $PROG [STATE_DIR])"
@@ -19,8 +20,9 @@ dir="${1:-${FCN_STATE_DIR:-$REPO_ROOT/data/servers}}"
 resolve_state_dir "$dir"
 
 stopped=0
-# Prefect and MLflow first, Ray last (drivers of a flow may still be talking to it).
-for svc in prefect mlflow ray; do
+# Prefect and MLflow first, then Ray (drivers of a flow may still be talking to it), the stores
+# MLflow used last.
+for svc in prefect mlflow ray postgres s3; do
     file="$(pid_file "$svc")"
     if pid="$(service_pid "$svc")"; then
         stop_session "$svc" "$pid"
@@ -40,6 +42,13 @@ for svc in prefect mlflow ray; do
     fi
     rm -f "$file"
 done
+
+# The Unix sockets weed leaves in /tmp when it is killed (named after the ports it had).
+if [[ -f "$STATE_DIR/s3/ports" ]] && ! service_pid s3 >/dev/null; then
+    for port in $(tr -dc '0-9 ' <"$STATE_DIR/s3/ports"); do
+        rm -f "${TMPDIR:-/tmp}"/seaweedfs-*-"$port".sock
+    done
+fi
 
 # A Ray temp dir made under /tmp (when STATE_DIR's path is too long for Ray's sockets).
 if [[ -f "$STATE_DIR/ray.tmpdir" ]]; then

