@@ -278,6 +278,8 @@ def _pipeline_params(args: argparse.Namespace) -> dict:
         params["out"] = as_location(args.out)
     if args.storage:
         params["storage"] = as_location(args.storage)
+    if getattr(args, "evaluate", "every") == "final":
+        params["evaluate_every_stage"] = False
     if args.name:
         params["model_name"] = args.name
     return params
@@ -543,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shards folder or URI (default DATA/shards)")
         p.add_argument("--storage", default=None,
                        help="checkpoints folder or URI (default DATA/runs)")
+        p.add_argument("--evaluate", choices=["every", "final"], default="every",
+                       help="score every stage's checkpoint (default) or only the final one")
         p.add_argument("--split", default="val", help="split to evaluate on (default val)")
         p.add_argument("--name", default=None, help="registered model (default fcn-DATASET)")
         p.add_argument("--data", default="data", help="project data folder (default ./data)")

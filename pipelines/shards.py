@@ -122,9 +122,8 @@ def read_split_table(dataset_dir: str | os.PathLike[str], split: str,
 
 
 def open_split(dataset_dir: str | os.PathLike[str], split: str, **read_kwargs: Any):
-    """A split as a Ray Dataset streamed from its shards (local Ray or RAY_ADDRESS). The
-    filesystem is passed explicitly: pyarrow's own s3:// resolution ignores
-    AWS_ENDPOINT_URL."""
+    """A split as a Ray Dataset streamed from its shards (local Ray or RAY_ADDRESS), read
+    through pipelines.storage's filesystem (the same settings as every other access)."""
     import ray.data
 
     locations = read_manifest(dataset_dir).shard_paths(split)

@@ -410,8 +410,8 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRu
                                                resources_per_worker=per_worker,
                                                placement_strategy=cfg.placement_strategy),
         run_config=ray.train.RunConfig(
-            # The filesystem is passed explicitly: pyarrow's own s3:// resolution ignores
-            # AWS_ENDPOINT_URL. Every node reads its credentials from its environment.
+            # pipelines.storage's filesystem: the same settings (endpoint, region, timeouts,
+            # no implicit buckets) as every other access. Credentials: each node's env.
             name=f"{run.run_id}-{stage.name}", storage_path=run_fs_path,
             storage_filesystem=run_fs if storage.is_remote(run.storage) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),

@@ -5,7 +5,8 @@ secret anywhere it could leak.
 The cluster: a head and a second node, separate processes started from different working
 directories, each with its own temp dir, ports and custom resource (node_a / node_b), and
 the S3 variables in their own environment (as on a real cluster, where a secret provides
-them). Training workers take 1.5 CPUs of a node's 2, so SPREAD puts one on each node.
+them). Training workers take 1.5 CPUs; SPREAD puts one on each node, and the head (4 CPUs)
+can host both when the second node (2 CPUs) is lost.
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ def _config(tmp: Path, steps: tuple[int, int, int] = (4, 2, 2), **extra: object)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_server, mlflow_server):
-    """Head (2 CPUs, node_a) + second node (2 CPUs, node_b), S3 credentials in each node's
+    """Head (4 CPUs, node_a) + second node (2 CPUs, node_b), S3 credentials in each node's
     environment, the venv's `fcn` on their PATH (what a cluster image provides)."""
     s3_server.create_bucket(BUCKET)
     work = tmp_path_factory.mktemp("cluster")
     node_env = {**s3_server.env(), "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
                 "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri}
-    head = RayHead(work, num_cpus=2, resources={"node_a": 1}, env=node_env,
+    head = RayHead(work, num_cpus=4, resources={"node_a": 1}, env=node_env,
                    object_store_memory=200 * 1024**2)
     with head:
         node = RayWorkerNode(head, work, num_cpus=2, resources={"node_b": 1}, env=node_env,
@@ -99,7 +100,7 @@ def test_gcs_driver_trains_across_two_nodes_with_everything_in_s3(
     proc = _fcn(["ingest", "synthetic", "--root", f"{base}/raw", "--out", f"{base}/shards"],
                 env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"Ray: {head.address} (4 CPUs, 2 node(s)" in proc.stdout
+    assert f"Ray: {head.address} (6 CPUs, 2 node(s)" in proc.stdout
     proc = _fcn(["train", "--config", str(_config(tmp_path)), "--data",
                  f"{base}/shards/synthetic", "--storage", f"{base}/runs", "--stages", "32s",
                  "--result-json", f"{base}/result.json"], env)
@@ -130,11 +131,13 @@ def test_prefect_submits_ray_jobs_and_the_model_lands_in_the_registry(
     base = f"s3://{BUCKET}/jobs"
     proc = _fcn(["run", "--config", str(_config(tmp_path)), "--dataset", "synthetic",
                  "--root", f"{base}/raw", "--out", f"{base}/shards", "--storage",
-                 f"{base}/runs", "--name", "fcn-cluster", "--data", str(tmp_path / "data")],
+                 f"{base}/runs", "--name", "fcn-cluster", "--data", str(tmp_path / "data"),
+                 "--evaluate", "final"],
                 env, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    assert out.count("Ray job ") >= 8  # ingest, 3 stages, 3 evaluations, register
+    submitted = [ln for ln in out.splitlines() if "Ray job raysubmit_" in ln and " on " in ln]
+    assert len(submitted) == 6, submitted  # ingest, 3 stages, evaluation, registration
     assert "registered fcn-cluster version 1" in proc.stdout
 
     # Stock MLflow, in a process that never imported this project, with only the tracking
@@ -172,3 +175,54 @@ def test_prefect_submits_ray_jobs_and_the_model_lands_in_the_registry(
             if f.is_file() and f.stat().st_size < 50_000_000:
                 data = f.read_bytes()
                 assert secret.encode() not in data, f
+
+
+def test_losing_a_node_mid_stage_resumes_from_the_last_checkpoint(
+        cluster, s3_server, mlflow_server, tmp_path, monkeypatch):
+    """Kill the second node's raylet (the pid this test session started) in the middle of a
+    stage: the stage finishes on the surviving node from its last checkpoint in the bucket.
+    Runs last in this module: the node stays dead."""
+    import signal
+    import time
+
+    head, node = cluster
+    env = _client_env(tmp_path, s3_server, mlflow_server, RAY_ADDRESS=head.address)
+    base = f"s3://{BUCKET}/failover"
+    proc = _fcn(["ingest", "synthetic", "--root", f"{base}/raw", "--out", f"{base}/shards"],
+                env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    every, steps = 10, 120
+    config = _config(tmp_path, steps=(steps, 1, 1), checkpoint_every=every, max_failures=3)
+    train = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "train", "--config", str(config), "--data",
+         f"{base}/shards/synthetic", "--storage", f"{base}/runs", "--stages", "32s",
+         "--result-json", f"{base}/result.json"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, lines, killed_at = 0, [], None
+    deadline = time.monotonic() + 600
+    assert train.stdout is not None
+    for line in train.stdout:
+        lines.append(line)
+        if killed_at is None and "[32s] step " in line:
+            seen = int(line.split("[32s] step ", 1)[1].split("/", 1)[0])
+            if seen >= 3 * every:
+                raylet = node.raylet_pid()
+                assert raylet is not None
+                os.kill(raylet, signal.SIGKILL)
+                killed_at = seen
+        assert time.monotonic() < deadline, "".join(lines[-50:])
+    assert train.wait(timeout=120) == 0, "".join(lines[-80:])
+    assert killed_at is not None, "the stage ended before the node could be killed"
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    (stage,) = storage.read_json(f"{base}/result.json")["stages"]
+    resumed = int(stage["metrics"]["resumed_from"])
+    # It resumed from a checkpoint (not from the start) no older than one interval before
+    # the last progress line seen alive, and finished every step with both workers.
+    assert killed_at - every <= resumed <= killed_at + every, (resumed, killed_at)
+    assert resumed > 0 and resumed % every == 0
+    assert stage["steps"] == steps and stage["metrics"]["world_size"] == 2
+    assert stage["metrics"]["replicas_in_sync"] == 1
+    print(f"\nnode failure: killed after step {killed_at} was printed; resumed from the "
+          f"checkpoint at step {resumed}; final mean IU {stage['metrics']['mean_iu']:.4f}")

@@ -193,8 +193,17 @@ start_ray() {
     local extra=()
     [[ -n "${FCN_RAY_NUM_CPUS:-}" ]] && extra+=(--num-cpus "$FCN_RAY_NUM_CPUS")
     start_log ray
+    # The head's tasks and Ray jobs read and write the bucket: with --s3 the node gets the S3
+    # variables in its own environment (never through a job). PATH: Ray jobs run `fcn`.
+    local s3_env=()
+    if ((want_s3)); then
+        s3_env=(AWS_ENDPOINT_URL="$(s3_endpoint)" MLFLOW_S3_ENDPOINT_URL="$(s3_endpoint)"
+                AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET_KEY"
+                AWS_DEFAULT_REGION="$S3_REGION")
+    fi
     # Drain timeout 0: on SIGTERM the head stops at once (no 30 s drain for Ray Serve).
-    RAY_AUTH_MODE="$RAY_AUTH" RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
+    env "${s3_env[@]}" PATH="$BIN:$PATH" \
+        RAY_AUTH_MODE="$RAY_AUTH" RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
         setsid "$BIN/ray" start --head --block --port "$RAY_PORT" \
         --dashboard-host "$HOST" --dashboard-port "$RAY_DASHBOARD_PORT" \
         --ray-client-server-port "$RAY_CLIENT_PORT" --temp-dir "$ray_tmp" \
