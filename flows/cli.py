@@ -296,8 +296,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     _check_cluster_locations(args)
     from flows.pipeline import fcn_pipeline
+    from pipelines.jobs import JobFailed
+    from pipelines.train import StageFailed
 
-    summary = fcn_pipeline(**_pipeline_params(args))
+    try:
+        summary = fcn_pipeline(**_pipeline_params(args))
+    except JobFailed as exc:  # the job's own line; a user's mistake exits 2
+        print(f"fcn run: {exc}", file=sys.stderr)
+        return 2 if exc.usage else 1
+    except StageFailed as exc:
+        print(f"fcn run: {exc}", file=sys.stderr)
+        return 1
     print_summary(summary)
     return 0
 
@@ -305,7 +314,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _check_cluster_locations(args: argparse.Namespace) -> None:
     """With Ray Jobs the steps run on cluster nodes that share no disk with this machine:
     every location they read or write must be a URI they reach."""
-    from pipelines.jobs import jobs_address
+    from pipelines.jobs import check_jobs_api, jobs_address
     from pipelines.storage import is_remote
 
     address = jobs_address()
@@ -318,6 +327,7 @@ def _check_cluster_locations(args: argparse.Namespace) -> None:
                              f"cluster, whose nodes cannot read this machine's disk: give "
                              f"{flag} as a URI they reach (e.g. s3://bucket/...), got "
                              f"{value or 'the local default'}")
+    check_jobs_api(address)  # a dashboard that does not answer fails now, in one line
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -592,6 +602,8 @@ def _redact(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Our own lines name the runs; MLflow would add a "View run ..." pair per run.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()

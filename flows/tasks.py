@@ -16,6 +16,22 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry what can pass (a lost node, a network error), never a
+    user's mistake (a bad root, config or location: the same inputs fail the same way)."""
+    from pipelines.jobs import JobFailed
+
+    try:
+        state.result()
+    except JobFailed as exc:
+        return not exc.usage
+    except ValueError:  # ConfigError, ManifestError, LayoutError, ModelLookupError
+        return False
+    except Exception:  # anything else may be transient
+        return True
+    return True
+
+
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -47,7 +63,7 @@ def _job(args: list[str], result_dir: str) -> dict[str, Any]:
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 30], cache_key_fn=_ingest_key,
-      persist_result=True)
+      persist_result=True, retry_condition_fn=retry_transient)
 def ingest_task(cfg: dict[str, Any]) -> dict[str, Any]:
     from pipelines import storage
     from pipelines.ingest import IngestConfig, ingest
@@ -91,7 +107,7 @@ def _stage_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
 
 
 @task(name="train-stage", retries=1, retry_delay_seconds=10, cache_key_fn=_stage_key,
-      persist_result=True, task_run_name="train-{stage}")
+      persist_result=True, task_run_name="train-{stage}", retry_condition_fn=retry_transient)
 def train_stage_task(config: dict[str, Any], stage: str, data: str, fingerprint: str,
                      run: dict[str, Any], init_checkpoint: str | None) -> dict[str, Any]:
     from pipelines.config import from_dict
@@ -138,7 +154,7 @@ def finish_run_task(run: dict[str, Any], ok: bool) -> None:
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
-      task_run_name="evaluate-{label}")
+      task_run_name="evaluate-{label}", retry_condition_fn=retry_transient)
 def evaluate_task(model: str, data: str, split: str, label: str = "model",
                   actors: int = 2) -> dict[str, Any]:
     from pipelines import storage
@@ -158,7 +174,8 @@ def evaluate_task(model: str, data: str, split: str, label: str = "model",
     return summary
 
 
-@task(name="register", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
+@task(name="register", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE,
+      retry_condition_fn=retry_transient)
 def register_task(checkpoint: str, data: str, split: str, metrics: dict[str, float],
                   name: str, config_digest: str, run_id: str | None) -> dict[str, Any]:
     from pipelines import storage

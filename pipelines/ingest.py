@@ -303,6 +303,21 @@ def _publish(version_dir: str, manifest: dict[str, Any]) -> None:
     storage.write_json(storage.join(version_dir, MANIFEST), manifest)
 
 
+def _batches(ds: Any) -> Any:
+    """The dataset's batches; a storage error inside a Ray task (a node without credentials,
+    an endpoint down) surfaces as its own one-line StorageError, not Ray's wrapper."""
+    try:
+        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None:
+            if isinstance(cause, storage.StorageError):
+                last = str(cause).strip().splitlines()[-1]
+                raise storage.StorageError(last.split("StorageError: ", 1)[-1]) from e
+            cause = cause.__cause__ or getattr(cause, "cause", None)
+        raise
+
+
 def _run(cfg: IngestConfig, listing: Listing, split_names: list[str], fingerprint: str,
          version: str, version_dir: str, log: Log
          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -336,7 +351,7 @@ def _run(cfg: IngestConfig, listing: Listing, split_names: list[str], fingerprin
                          fn_kwargs={"folder": storage.join(version_dir, split),
                                     "rel": f"versions/{version}/{split}",
                                     "num_classes": num_classes}))
-        for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in _batches(results):
             for row in batch.to_pylist():
                 if row["kind"] == "reject":
                     quarantine.append({"dataset": cfg.dataset, "split": row["split"],

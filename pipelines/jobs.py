@@ -31,7 +31,13 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 class JobFailed(RuntimeError):
-    """A Ray job ended in failure; the message is the job's own error line."""
+    """A Ray job ended in failure; the message is the job's own error line. ``usage`` is True
+    when that line is a user's mistake (``fcn CMD: error: ...``, exit code 2): retrying
+    cannot help."""
+
+    def __init__(self, message: str, usage: bool = False):
+        super().__init__(message)
+        self.usage = usage
 
 
 def jobs_address() -> str | None:
@@ -58,6 +64,11 @@ def _client(address: str) -> Any:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RayUnavailable(f"the Ray Jobs API at RAY_ADDRESS={address} does not answer: "
                              f"{storage.redact(first)}") from None
+
+
+def check_jobs_api(address: str) -> None:
+    """Raise RayUnavailable (one line) unless the Ray Jobs API at ``address`` answers."""
+    _client(address)
 
 
 def error_line(logs: str) -> str | None:
@@ -96,9 +107,10 @@ def run_job(args: list[str], result_dir: str, log: Log = print, *,
         time.sleep(poll_s)
     if status != "SUCCEEDED":
         info = client.get_job_info(job_id)
-        why = error_line(logs) or (info.message or "").strip().splitlines()[-1:] or [status]
-        why = why if isinstance(why, str) else why[0]
-        raise JobFailed(storage.redact(f"Ray job {job_id} {status.lower()}: {why}"))
+        line = error_line(logs)
+        why = line or ((info.message or "").strip().splitlines() or [status])[-1]
+        raise JobFailed(storage.redact(f"Ray job {job_id} {status.lower()}: {why}"),
+                        usage=bool(line and ": error: " in line))
     try:
         return storage.read_json(result)
     except FileNotFoundError:

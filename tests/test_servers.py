@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,8 +21,6 @@ import pytest
 from servers import (
     MlflowServer,
     Postgres,
-    RayHead,
-    RayWorkerNode,
     SeaweedS3,
     ServerProcess,
     ServerStartError,
@@ -70,47 +67,15 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("servers")
 
 
+# The session's shared servers (tests/conftest.py): the same instances the other modules use.
 @pytest.fixture(scope="module")
-def s3_pg(workdir):
-    s3, pg = SeaweedS3(workdir / "s3"), Postgres(workdir / "pg")
-    start_all(s3, pg)  # side by side: both mostly wait
-    try:
-        yield s3, pg
-    finally:
-        pg.stop()
-        s3.stop()
+def s3(s3_server) -> SeaweedS3:
+    return s3_server
 
 
 @pytest.fixture(scope="module")
-def s3(s3_pg) -> SeaweedS3:
-    return s3_pg[0]
-
-
-@pytest.fixture(scope="module")
-def pg(s3_pg) -> Postgres:
-    return s3_pg[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(workdir, s3, pg):
-    s3.create_bucket("fcn")
-    server = MlflowServer(workdir / "mlflow", pg.uri(), "s3://fcn/mlflow", env=s3.env())
-    with server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(workdir):
-    head = RayHead(workdir / "ray", num_cpus=1, resources={"node_a": 1},
-                   object_store_memory=100 * 1024**2)
-    node = RayWorkerNode(head, workdir / "ray", num_cpus=1, resources={"node_b": 1},
-                         object_store_memory=100 * 1024**2)
-    start_all(head, node)  # the node joins as soon as the head's GCS answers
-    try:
-        yield head, node
-    finally:
-        node.stop()
-        head.stop()
+def pg(postgres) -> Postgres:
+    return postgres
 
 
 # --- S3 --------------------------------------------------------------------------------------
@@ -234,7 +199,13 @@ def test_mlflow_postgres_backend_and_s3_artifacts(mlflow_server, s3, pg):
         assert pg.password not in " ".join(cmdline(pid)), cmdline(pid)[:3]
 
 
-def test_stop_s3_postgres_mlflow_leaves_nothing(mlflow_server, s3, pg):
+def test_stop_s3_postgres_mlflow_leaves_nothing(workdir):
+    # Its own instances: the session's are shared with other modules.
+    s3, pg = SeaweedS3(workdir / "s3-stop"), Postgres(workdir / "pg-stop")
+    start_all(s3, pg)
+    s3.create_bucket("fcn")
+    mlflow_server = MlflowServer(workdir / "mlflow-stop", pg.uri(), "s3://fcn/mlflow",
+                                 env=s3.env()).start()
     servers = {"mlflow": mlflow_server, "postgres": pg, "seaweedfs": s3}
     pids = {name: srv.pids() for name, srv in servers.items()}
     ports = [mlflow_server.port, pg.port, s3.port]
@@ -249,50 +220,8 @@ def test_stop_s3_postgres_mlflow_leaves_nothing(mlflow_server, s3, pg):
     print({name: (srv.ready_seconds, srv.stop_seconds) for name, srv in servers.items()})
 
 
-# --- Ray -------------------------------------------------------------------------------------
-
-
-def test_ray_two_nodes_custom_resources(ray_cluster):
-    head, node = ray_cluster
-    assert head.node_id and node.node_id and head.node_id != node.node_id
-    assert node.address == head.address == f"127.0.0.1:{head.port}"
-    assert _port_open(head.dashboard_port)
-    res = _py("""
-        import json, os, ray
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-
-        @ray.remote(num_cpus=0.5)
-        def where():
-            return ray.get_runtime_context().get_node_id()
-
-        on_b = ray.get(where.options(resources={"node_b": 1}).remote())
-        on_a = ray.get(where.options(resources={"node_a": 1}).remote())
-        alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        print(json.dumps([on_b, on_a, alive, ray.cluster_resources().get("node_b")]))
-    """, _clean_env(**head.env(), RAY_USAGE_STATS_ENABLED="0"))
-    on_b, on_a, alive, node_b = res
-    assert on_b == node.node_id
-    assert on_a == head.node_id
-    assert alive == sorted([head.node_id, node.node_id]) and node_b == 1
-
-
-def test_ray_stop_after_raylet_killed_leaves_nothing(ray_cluster):
-    head, node = ray_cluster
-    raylet = node.raylet_pid()
-    assert raylet is not None and Path(cmdline(raylet)[0]).name == "raylet"
-    assert raylet in node.pids() and raylet not in head.pids()
-    assert head.raylet_pid() not in (None, raylet)
-    node_pids, head_pids = node.pids(), head.pids()
-    temp_dirs = [head.temp_dir, node.temp_dir]
-    os.kill(raylet, signal.SIGKILL)  # the loss of a node, as a test of failures would do it
-    node.stop()
-    _assert_all_gone("ray node", node_pids)
-    head.stop()
-    _assert_all_gone("ray head", head_pids)
-    assert not _port_open(head.port) and not _port_open(head.dashboard_port)
-    assert [d for d in temp_dirs if d is not None and d.exists()] == []
-    print({"head": (head.ready_seconds, head.stop_seconds),
-           "node": (node.ready_seconds, node.stop_seconds)})
+# The Ray helpers (RayHead, RayWorkerNode: custom resources, raylet loss, stop) are proven by
+# tests/test_cluster.py on the session's one two-node cluster.
 
 
 # --- the shared machinery, with stand-in programs --------------------------------------------
