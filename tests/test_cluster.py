@@ -135,34 +135,6 @@ def shards(cluster, s3_server, mlflow_server, tmp_path_factory) -> str:
     return f"{base}/shards/synthetic"
 
 
-def test_gcs_driver_trains_across_two_nodes_with_everything_in_s3(
-        cluster, shards, s3_server, mlflow_server, tmp_path, monkeypatch):
-    head, node = cluster
-    env = _client_env(tmp_path, s3_server, mlflow_server, RAY_ADDRESS=head.address)
-    base = f"s3://{BUCKET}/gcs"
-    proc = _fcn(["train", "--config", str(_config(tmp_path)), "--data",
-                 shards, "--storage", f"{base}/runs", "--stages", "32s",
-                 "--result-json", f"{base}/result.json"], env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    result = storage.read_json(f"{base}/result.json")
-    (stage,) = result["stages"]
-    assert stage["checkpoint"].startswith(f"{base}/runs/") and stage["steps"] == 4
-    assert storage.is_file(storage.join(stage["checkpoint"], "checkpoint.pt"))
-    assert stage["metrics"]["world_size"] == 2 and stage["metrics"]["replicas_in_sync"] == 1
-    # The two workers ran on the two nodes (Ray's state API, not our own bookkeeping).
-    nodes = {n for n, _ in _train_worker_nodes(head, env)}
-    assert nodes == {head.node_id, node.node_id}
-    # Nothing was written on this machine's disk for the run: no local data folder.
-    assert not (tmp_path / "data" / "runs").exists()
-    # The next stage starts from that checkpoint in the bucket.
-    from pipelines.train import load_model
-
-    assert load_model(stage["checkpoint"]).config.variant == "fcn32s"
-
-
 def test_prefect_submits_ray_jobs_and_the_model_lands_in_the_registry(
         cluster, s3_server, mlflow_server, postgres, tmp_path, monkeypatch):
     head, _ = cluster
@@ -262,18 +234,19 @@ def test_a_failing_ray_job_fails_the_flow_with_its_own_line_and_no_retry(
     assert s3_server.secret_key not in out
 
 
-def test_losing_a_node_mid_stage_resumes_from_the_last_checkpoint(
+def test_gcs_driver_trains_on_two_nodes_in_s3_and_survives_losing_one(
         cluster, shards, s3_server, mlflow_server, tmp_path, monkeypatch):
-    """Kill the second node's raylet (the pid this test session started) in the middle of a
-    stage: the stage finishes on the surviving node from its last checkpoint in the bucket.
-    Runs last in this module: the node stays dead."""
+    """`fcn train` as a driver on the cluster (GCS address), data and checkpoints in the
+    bucket, its two workers on the two nodes. Then kill the second node's raylet (the pid
+    this test session started) in the middle of the stage: the stage finishes on the
+    surviving node from its last checkpoint in the bucket. Runs last: the node stays dead."""
     import signal
     import time
 
     head, node = cluster
     env = _client_env(tmp_path, s3_server, mlflow_server, RAY_ADDRESS=head.address)
     base = f"s3://{BUCKET}/failover"
-    every, steps = 10, 60
+    every, steps = 10, 40
     config = _config(tmp_path, steps=(steps,), checkpoint_every=every, max_failures=3)
     train = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "train", "--config", str(config), "--data",
@@ -306,6 +279,15 @@ def test_losing_a_node_mid_stage_resumes_from_the_last_checkpoint(
     assert resumed > 0 and resumed % every == 0
     assert stage["steps"] == steps and stage["metrics"]["world_size"] == 2
     assert stage["metrics"]["replicas_in_sync"] == 1
+    # Before the loss, the two workers ran on the two nodes (Ray's state API, not our own
+    # bookkeeping); the final checkpoint is in the bucket and the next stage can start from
+    # it; nothing of the run was written on this machine's disk.
+    assert {n for n, _ in _train_worker_nodes(head, env)} == {head.node_id, node.node_id}
+    assert stage["checkpoint"].startswith(f"{base}/runs/")
+    from pipelines.train import load_model
+
+    assert load_model(stage["checkpoint"]).config.variant == "fcn32s"
+    assert not (tmp_path / "data" / "runs").exists()
     # The helper stops what is left of the node (its raylet died): nothing of it survives.
     pids, temp = node.pids(), node.temp_dir
     node.stop()

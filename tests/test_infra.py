@@ -379,7 +379,8 @@ def _pipeline_on_the_stack(tmp_path: Path, stack: dict[str, str], client_env: di
     fcn = str(Path(sys.executable).with_name("fcn"))
     t0 = time.monotonic()
     r = _run([fcn, "run", "--config", str(cfg), "--dataset", "synthetic", "--root",
-              str(work / "raw"), "--data", str(work / "data"), "--name", "fcn-infratest"],
+              str(work / "raw"), "--data", str(work / "data"), "--name", "fcn-infratest",
+              "--evaluate", "final"],
              client_env, timeout=480)
     took = time.monotonic() - t0
     assert r.returncode == 0, f"fcn run failed after {took:.0f} s:\n{r.stdout[-6000:]}\n" \

@@ -1,14 +1,7 @@
 """Ingest on real Ray Data: round trips, quarantine, atomic versions, no-op re-runs."""
 
-import contextlib
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -199,60 +192,8 @@ def test_wrong_root_is_one_clear_line_from_the_cli(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def ray_head(port: int, env: dict):
-    """`ray start --head --block` in its own process group, so that stopping it cannot touch
-    the test session's own Ray (`ray stop` would stop every Ray on the machine)."""
-    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # AF_UNIX paths: < 108 bytes
-    ray_bin = Path(sys.executable).with_name("ray")
-    proc = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-         "--disable-usage-stats", f"--temp-dir={temp}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        start_new_session=True)
-    try:
-        seen = []
-        deadline = time.monotonic() + 120
-        for line in proc.stdout:  # blocks until the head says it is up (or exits)
-            seen.append(line)
-            if "Ray runtime started" in line:
-                break
-            assert time.monotonic() < deadline, "".join(seen)
-        assert proc.poll() is None, "".join(seen)
-        yield
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_ingest_against_a_separate_ray_head(tmp_path, ray_local):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    base = synth.write_voc(tmp_path / "raw", n_train=4, n_val=2, size=(32, 32))
-    with ray_head(port, env):
-        proc = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "ingest", "voc", "--root", str(base),
-             "--out", str(tmp_path / "out")],
-            capture_output=True, text=True, timeout=300,
-            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"Ray: 127.0.0.1:{port}" in proc.stdout
-    assert read_manifest(tmp_path / "out" / "voc").data["splits"]["train"]["rows"] == 4
-    # The session's own Ray is untouched.
-    assert ray_local.get(ray_local.remote(lambda: 7).remote()) == 7
+# A separate Ray head (ingest from a GCS-address driver) is tested in test_cluster.py, with
+# the shards in a real S3 server.
 
 
 def test_training_batches_pad_mirror_and_match_the_reference_input(tmp_path):

@@ -179,3 +179,40 @@ def test_cli_bad_locations_exit_2_with_one_line(bucket, tmp_path, s3_server):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "access denied" in proc.stderr, proc.stderr
     assert "not-the-secret" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_predict_reads_a_checkpoint_and_images_from_a_bucket_and_writes_there(
+        bucket, tmp_path, s3_server):
+    import io
+
+    import torch
+    from PIL import Image
+
+    from fcn_core.fcn import fcn8s
+
+    model = fcn8s(width=1 / 16)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "arch": {"kind": "fcn", **model.config.to_dict()},
+                "step": 0, "config": {"dataset": "voc", "input": "rgb"}}, buf)
+    storage.write_bytes(storage.join(bucket, "ckpt", "checkpoint.pt"), buf.getvalue())
+    rng = np.random.default_rng(2)
+    for name, shape in (("a.jpg", (33, 21, 3)), ("sub/b.png", (18, 40, 3))):
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(
+            out, format="PNG" if name.endswith("png") else "JPEG")
+        storage.write_bytes(storage.join(bucket, "images", name), out.getvalue())
+    storage.write_bytes(storage.join(bucket, "images", "broken.jpg"), b"not an image")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+           **s3_server.env()}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "predict", "--model",
+                           storage.join(bucket, "ckpt"), storage.join(bucket, "images"),
+                           "--out", storage.join(bucket, "pred")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote 2 prediction(s)" in proc.stdout and "broken.jpg" in proc.stdout
+    for name, shape in (("a", (33, 21)), ("b", (18, 40))):
+        ids = np.array(Image.open(io.BytesIO(storage.read_bytes(
+            storage.join(bucket, "pred", f"{name}.png")))))
+        assert ids.shape == shape and ids.max() < 21
+        assert storage.is_file(storage.join(bucket, "pred", f"{name}_color.png"))

@@ -174,6 +174,17 @@ check_ports() {  # NAME: every port NAME needs is free (checked before anything 
     esac
 }
 
+# The local S3 server's variables for a service's environment (empty without --s3), in the
+# global array s3_env: `env "${s3_env[@]}" ...` keeps the keys off every command line.
+s3_env_vars() {
+    s3_env=()
+    if ((want_s3)); then
+        s3_env=(AWS_ENDPOINT_URL="$(s3_endpoint)" MLFLOW_S3_ENDPOINT_URL="$(s3_endpoint)"
+                AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET_KEY"
+                AWS_DEFAULT_REGION="$S3_REGION")
+    fi
+}
+
 start_ray() {
     if [[ "$RAY_AUTH" == token ]]; then
         # The head and its drivers share the token in ~/.ray/auth_token; make one if missing.
@@ -195,12 +206,7 @@ start_ray() {
     start_log ray
     # The head's tasks and Ray jobs read and write the bucket: with --s3 the node gets the S3
     # variables in its own environment (never through a job). PATH: Ray jobs run `fcn`.
-    local s3_env=()
-    if ((want_s3)); then
-        s3_env=(AWS_ENDPOINT_URL="$(s3_endpoint)" MLFLOW_S3_ENDPOINT_URL="$(s3_endpoint)"
-                AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET_KEY"
-                AWS_DEFAULT_REGION="$S3_REGION")
-    fi
+    s3_env_vars
     # Drain timeout 0: on SIGTERM the head stops at once (no 30 s drain for Ray Serve).
     env "${s3_env[@]}" PATH="$BIN:$PATH" \
         RAY_AUTH_MODE="$RAY_AUTH" RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
@@ -214,12 +220,7 @@ start_ray() {
 start_mlflow() {
     mkdir -p "$STATE_DIR/mlflow/artifacts"
     start_log mlflow
-    local s3_env=()
-    if ((want_s3)); then
-        s3_env=(AWS_ENDPOINT_URL="$(s3_endpoint)" MLFLOW_S3_ENDPOINT_URL="$(s3_endpoint)"
-                AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET_KEY"
-                AWS_DEFAULT_REGION="$S3_REGION")
-    fi
+    s3_env_vars
     # The backend goes in MLFLOW_BACKEND_STORE_URI (the env twin of --backend-store-uri), so a
     # PostgreSQL password never shows in `ps` (nor do the S3 keys). Job execution (GenAI
     # judges/optimizers) is off unless asked for: seven huey consumer processes the pipeline
