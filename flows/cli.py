@@ -413,8 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fully Convolutional Networks (FCN-32s/16s/8s on VGG16) for semantic "
                     "segmentation: ingest datasets with Ray Data, train the stages with Ray "
                     "Train, track and register models in MLflow, orchestrate with Prefect.",
-        epilog="environment: RAY_ADDRESS (a Ray cluster), MLFLOW_TRACKING_URI (an MLflow "
-               "server), PREFECT_API_URL (a Prefect server), FCN_DATA_DIR (default ./data)")
+        epilog="environment: RAY_ADDRESS (a Ray cluster: head:6379, or http://head:8265 to "
+               "submit Ray jobs), MLFLOW_TRACKING_URI (an MLflow server), PREFECT_API_URL (a "
+               "Prefect server), FCN_DATA_DIR (default ./data), AWS_ENDPOINT_URL / "
+               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION (s3:// "
+               "locations)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("describe", help="print an FCN's layers, shapes, crop offsets and cost",
@@ -565,7 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run", help="run the whole pipeline once through Prefect",
         description="ingest -> train 32s/16s/8s -> evaluate -> register, as a Prefect flow "
-                    "run (PREFECT_API_URL selects a server; without it Prefect's local API).")
+                    "run (PREFECT_API_URL selects a server; without it Prefect's local API). "
+                    "With RAY_ADDRESS=http://head:8265 each step runs as a Ray job on that "
+                    "cluster, and --root, --out and --storage must be URIs its nodes reach "
+                    "(s3://bucket/...); with RAY_ADDRESS=head:6379 this process is the driver.")
     pipeline_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO logs")
     p.set_defaults(func=cmd_run)
