@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
+from flows.results import result_storage
 from flows.tasks import (
     evaluate_task,
     finish_run_task,
@@ -86,9 +87,13 @@ def fcn_pipeline(dataset: Dataset, root: str, config: str, out: str | None = Non
 
     logger = get_run_logger()
     cfg = load_config(config, **(overrides or {}))
-    shards = ingest_flow(dataset, root, out, splits, split_file, force=force)
-    stages = train_flow(config, shards["data"], shards["fingerprint"], storage, None, force,
-                        overrides)
+    # Cached results (ingest, stages) live beside the run's data when that is a bucket, so a
+    # run scheduled on another machine finds them.
+    results = result_storage(storage, out)
+    shards = ingest_flow.with_options(result_storage=results)(
+        dataset, root, out, splits, split_file, force=force)
+    stages = train_flow.with_options(result_storage=results)(
+        config, shards["data"], shards["fingerprint"], storage, None, force, overrides)
     to_score = stages if evaluate_every_stage else stages[-1:]
     evals = evaluate_flow([s["checkpoint"] for s in to_score], shards["data"], split,
                           [s["stage"] for s in to_score])

@@ -15,11 +15,13 @@ import os
 import socket
 from pathlib import Path
 
+from pipelines.errors import ServiceUnavailable
+
 DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 _DASHBOARD: dict[str, str] = {}  # the dashboard URL ray.init() returned in this process
 
 
-class RayUnavailable(ConnectionError):
+class RayUnavailable(ServiceUnavailable, ConnectionError):
     """RAY_ADDRESS names a cluster this process cannot use; the message says why."""
 
 

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import storage
+from pipelines.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: ingest workers never need it
     import torch
@@ -53,7 +54,7 @@ QUARANTINE_SCHEMA = pa.schema([
 ])
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """No (readable) ingested dataset where one was expected."""
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipelines.errors import UserError
+
 # Schemes pyarrow resolves (FileSystem.from_uri) that we accept; "file" is local.
 SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
@@ -37,9 +39,18 @@ _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 _USERINFO = re.compile(r"(://[^/:@\s]+):[^@/\s]+@")
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A location that cannot be used (bad scheme, missing bucket, denied, unreachable); the
     message is one line naming the location and the cause, never a secret."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        # An endpoint that does not answer may answer later (Prefect retries it).
+        self.transient = "does not answer" in message
+
+
+class NotFound(UserError, FileNotFoundError):
+    """A file or folder that does not exist (a user's input, or a location not written yet)."""
 
 
 def redact(text: str) -> str:
@@ -191,7 +202,7 @@ def _errors(loc: str, action: str) -> Iterator[None]:
     except StorageError:
         raise
     except FileNotFoundError:
-        raise FileNotFoundError(redact(f"no such file or folder: {loc}")) from None
+        raise NotFound(redact(f"no such file or folder: {loc}")) from None
     except OSError as e:
         raise StorageError(explain(e, loc, action)) from None
     except Exception as e:  # pyarrow's ArrowInvalid for malformed URIs and the like
@@ -450,7 +461,7 @@ class StoragePath:
     def stat(self) -> Stat:
         i = self._info()
         if i is None:
-            raise FileNotFoundError(f"no such file: {self._loc}")
+            raise NotFound(f"no such file: {self._loc}")
         return Stat(int(i.size or 0), int(i.mtime_ns or 0))
 
     def iterdir(self) -> Iterator[StoragePath]:

@@ -149,3 +149,49 @@ def test_served_deployment_with_cron_has_scheduled_runs(tmp_path):
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_cached_results_live_in_the_bucket_and_hit_from_there(prefect_api, s3_server,
+                                                             monkeypatch, tmp_path):
+    """A cached task's result is an object under the run's bucket prefix, and a second flow
+    run (any machine with the S3 variables) is a cache hit read from there."""
+    from prefect import flow, task
+
+    from flows.results import BucketResults, result_storage, results_location
+    from pipelines import storage
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    s3_server.create_bucket("prefect-results")
+    base = "s3://prefect-results/runs"
+    assert results_location(None, str(tmp_path)) is None  # local runs keep Prefect's default
+    assert results_location(None, base) == f"{base}/_prefect/results"
+    calls = tmp_path / "calls"
+
+    @task(cache_key_fn=lambda ctx, params: f"square-{params['x']}", persist_result=True)
+    def square(x: int) -> int:
+        with calls.open("a") as f:
+            f.write("x")
+        return x * x
+
+    @flow
+    def twice(x: int) -> int:
+        return square(x)
+
+    @flow
+    def outer() -> BucketResults | None:  # the pipeline saves its block inside its flow
+        return result_storage(str(tmp_path), base)
+
+    block = outer()
+    assert block is not None and block._block_document_id is not None
+    run = twice.with_options(result_storage=block)
+    assert run(7) == 49 and run(7) == 49
+    assert calls.read_text() == "x"  # the second run read the cached result
+    names = [storage.name(o.path) for o in storage.listdir(f"{base}/_prefect/results")]
+    assert "square-7" in names, names  # (the flows' own results are beside it)
+    # A missing key is "not cached" to Prefect; a key that escapes the base is refused.
+    store = BucketResults(basepath=f"{base}/_prefect/results")
+    with pytest.raises(OSError):
+        store.read_path("nope", _sync=True)
+    with pytest.raises(ValueError):
+        store.write_path("../escape", b"", _sync=True)
