@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fcn demo --data $(DATA)
+	$(VENV)/bin/fcn demo --project-dir $(DATA)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -17,19 +17,36 @@ from prefect.context import TaskRunContext
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry what can pass (a lost node, a network error), never a
-    user's mistake (a bad root, config or location: the same inputs fail the same way)."""
+    """Prefect retry condition: retry what can pass (a lost node, a server that did not
+    answer, a network error), never a user's mistake (a bad root, config or location: the
+    same inputs fail the same way) and never a bug."""
+    from pipelines.errors import UserError
     from pipelines.jobs import JobFailed
+    from pipelines.train import StageFailed
 
     try:
         state.result()
     except JobFailed as exc:
         return not exc.usage
-    except ValueError:  # ConfigError, ManifestError, LayoutError, ModelLookupError
+    except UserError as exc:
+        return exc.transient
+    except (StageFailed, ConnectionError, TimeoutError, OSError):
+        return True  # a worker, node or connection that failed: may pass on a retry
+    except Exception:  # a bug fails the same way again
         return False
-    except Exception:  # anything else may be transient
-        return True
     return True
+
+
+# Every task has a time limit: a hung server or cluster fails the run instead of holding it.
+# Long ones are generous (a VGG16 stage on a real dataset takes hours); users who need more
+# set FCN_TASK_TIMEOUT_HOURS.
+def _hours(default: float) -> float:
+    import os
+
+    return 3600 * float(os.environ.get("FCN_TASK_TIMEOUT_HOURS", default))
+
+
+SHORT = 600.0  # starting or finishing a run: a few MLflow calls
 
 
 def _digest(*parts: Any) -> str:
@@ -63,7 +80,7 @@ def _job(args: list[str], result_dir: str) -> dict[str, Any]:
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 30], cache_key_fn=_ingest_key,
-      persist_result=True, retry_condition_fn=retry_transient)
+      persist_result=True, retry_condition_fn=retry_transient, timeout_seconds=_hours(12))
 def ingest_task(cfg: dict[str, Any]) -> dict[str, Any]:
     from pipelines import storage
     from pipelines.ingest import IngestConfig, ingest
@@ -87,15 +104,21 @@ def ingest_task(cfg: dict[str, Any]) -> dict[str, Any]:
                                                    m.data["splits"].items()}}
 
 
-@task(name="start-pipeline-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="start-pipeline-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_transient, timeout_seconds=SHORT)
 def start_run_task(config: dict[str, Any], data: str, storage: str | None,
                    resume: str | None) -> dict[str, Any]:
+    from prefect.runtime import task_run
+
     from pipelines.config import from_dict
     from pipelines.tracking import tracking_uri
     from pipelines.train import start_pipeline_run
 
     logger = get_run_logger()
-    run = start_pipeline_run(from_dict(config), data, storage, resume, log=logger.info)
+    cfg = from_dict(config)
+    # The same id on every retry of this task run: a retry finds the parent run it created.
+    run_id = f"{cfg.name}-{str(task_run.id)[:18]}" if task_run.id else None
+    run = start_pipeline_run(cfg, data, storage, resume, log=logger.info, run_id=run_id)
     logger.info(f"MLflow parent run: {run_link(run.mlflow_parent)}")
     return {"run_id": run.run_id, "storage": str(run.storage), "mlflow_parent": run.mlflow_parent,
             "tracking_uri": tracking_uri()}
@@ -107,7 +130,8 @@ def _stage_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
 
 
 @task(name="train-stage", retries=1, retry_delay_seconds=10, cache_key_fn=_stage_key,
-      persist_result=True, task_run_name="train-{stage}", retry_condition_fn=retry_transient)
+      persist_result=True, task_run_name="train-{stage}", retry_condition_fn=retry_transient,
+      timeout_seconds=_hours(48))
 def train_stage_task(config: dict[str, Any], stage: str, data: str, fingerprint: str,
                      run: dict[str, Any], init_checkpoint: str | None) -> dict[str, Any]:
     from pipelines.config import from_dict
@@ -145,7 +169,8 @@ def _stage_job(cfg: Any, stage: str, data: str, run: Any, init: str | None) -> A
     return StageResult(**res)
 
 
-@task(name="finish-pipeline-run", cache_policy=NO_CACHE)
+@task(name="finish-pipeline-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_transient, timeout_seconds=SHORT)
 def finish_run_task(run: dict[str, Any], ok: bool) -> None:
     from pipelines.train import PipelineRun, finish_pipeline_run
 
@@ -154,7 +179,8 @@ def finish_run_task(run: dict[str, Any], ok: bool) -> None:
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
-      task_run_name="evaluate-{label}", retry_condition_fn=retry_transient)
+      task_run_name="evaluate-{label}", retry_condition_fn=retry_transient,
+      timeout_seconds=_hours(6))
 def evaluate_task(model: str, data: str, split: str, label: str = "model",
                   actors: int = 2) -> dict[str, Any]:
     from pipelines import storage
@@ -175,7 +201,7 @@ def evaluate_task(model: str, data: str, split: str, label: str = "model",
 
 
 @task(name="register", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE,
-      retry_condition_fn=retry_transient)
+      retry_condition_fn=retry_transient, timeout_seconds=_hours(6))
 def register_task(checkpoint: str, data: str, split: str, metrics: dict[str, float],
                   name: str, config_digest: str, run_id: str | None) -> dict[str, Any]:
     from pipelines import storage

@@ -17,6 +17,7 @@ import numpy as np
 
 from fcn_core.inference import InferenceOptions
 from fcn_core.metrics import ConfusionMatrix
+from pipelines.errors import UsageError
 
 Log = Callable[[str], None]
 ROW_COLUMNS = ("image", "label", "label_geo", "depth", "hha")
@@ -122,6 +123,7 @@ def evaluate(model_uri: str, data: str | Path, split: str = "val", *,
 
     options = options or InferenceOptions()
     manifest = read_manifest(data)
+    manifest.shard_paths(split)  # an unknown split fails now, before the model loads
     n = manifest.num_classes
     uri = tracking_uri() if is_mlflow_uri(model_uri) else None
     loaded = resolve_model(model_uri, uri)  # fail here, in one line, not in every actor
@@ -202,9 +204,11 @@ def evaluation_metrics(run_id: str) -> dict[str, float]:
     try:
         metrics = MlflowClient(tracking_uri()).get_run(run_id).data.metrics
     except MlflowException as e:
-        raise ValueError(f"no MLflow run {run_id}: {e.message.splitlines()[0]}") from None
+        raise UsageError(f"--metrics-from-run {run_id}: no such MLflow run "
+                         f"({e.message.splitlines()[0]})") from None
     if "mean_iu" not in metrics:
-        raise ValueError(f"MLflow run {run_id} is not an evaluation run (no mean_iu metric)")
+        raise UsageError(f"--metrics-from-run {run_id}: not an evaluation run (no mean_iu "
+                         "metric); give the run `fcn evaluate` printed")
     return {k: float(metrics[k]) for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
             if k in metrics}
 

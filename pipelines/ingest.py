@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fcn_core.palettes import IGNORE_INDEX
-from pipelines import storage
+from pipelines import datasets, storage
+from pipelines.errors import UsageError
 from pipelines.shards import (
     MANIFEST,
     QUARANTINE,
@@ -48,7 +49,6 @@ from pipelines.sources import Problem, RawRecord, load_example, source
 from pipelines.sources import synthetic as synth
 from pipelines.storage import StoragePath
 
-DATASETS = ("voc", "sbd", "nyud", "siftflow", "synthetic")
 # What a decode task produces per example: the row, or the reason it was rejected.
 STAGING_SCHEMA = ROW_SCHEMA.append(pa.field("reason", pa.string())) \
     .append(pa.field("source_path", pa.string())) \
@@ -257,10 +257,9 @@ def _current(dataset_dir: str) -> dict[str, Any] | None:
 def ingest(cfg: IngestConfig, log: Log = print) -> IngestResult:
     """Ingest one dataset. Re-running on unchanged sources returns at once (skipped=True)."""
     t0 = time.perf_counter()
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
+    datasets.check(cfg.dataset)
     if cfg.shard_rows < 1:
-        raise ValueError(f"shard_rows must be >= 1, got shard_rows={cfg.shard_rows}")
+        raise UsageError(f"shard_rows must be >= 1, got shard_rows={cfg.shard_rows}")
     storage.check_writable(cfg.out)  # a missing bucket fails now, not after the decoding
     listing = list_sources(cfg, log)
     dataset_dir = storage.join(cfg.out, cfg.dataset)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import storage
-from pipelines.errors import UserError
+from pipelines.errors import UsageError, UserError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: ingest workers never need it
     import torch
@@ -258,15 +258,15 @@ def model_input(batch: dict[str, Any], mean_bgr: tuple[float, float, float],
         parts.append(bgr)
     if input in ("hha", "rgb-hha"):
         if img.shape[-1] < 6:
-            raise ValueError(f"input={input!r} needs HHA images; these rows have none")
+            raise UsageError(f"input={input!r} needs HHA images; these rows have none")
         parts.append(minus(img[..., 3:6].permute(0, 3, 1, 2), MEAN_HHA))
     if input == "rgbd":
         if "depth" not in batch:
-            raise ValueError("input='rgbd' needs depth; these rows have none")
+            raise UsageError("input='rgbd' needs depth; these rows have none")
         d = torch.as_tensor(batch["depth"]).to(device, non_blocking=True).float()
         parts.append(torch.log(d.clamp_min(1.0))[:, None] - MEAN_LOG_DEPTH)
     if not parts:
-        raise ValueError(f"input must be one of rgb, hha, rgbd, rgb-hha, got input={input!r}")
+        raise UsageError(f"input must be one of rgb, hha, rgbd, rgb-hha, got input={input!r}")
     x = torch.cat(parts, dim=1).masked_fill(pad, 0.0)
     labels = {k: torch.as_tensor(batch[k]).to(device, non_blocking=True).long()
               for k in ("label", "label_geo") if k in batch}

@@ -12,15 +12,47 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import ServiceUnavailable
+
 
 def data_dir() -> Path:
     """The project's data directory (shards, runs, MLflow store)."""
     return Path(os.environ.get("FCN_DATA_DIR", "data")).resolve()
 
 
+_ANSWERED: set[str] = set()  # tracking servers that answered in this process
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer is one line now, not minutes of MLflow's
+    retries and then a traceback. Checked once per process and server."""
+    if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
+        return
+    import urllib.error
+    import urllib.request
+
+    from pipelines.storage import redact
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            ok = r.status == 200
+        cause = "" if ok else f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        ok, cause = False, f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        ok, cause = False, str(getattr(e, "reason", e))
+    if not ok:
+        raise ServiceUnavailable(redact(
+            f"the MLflow tracking server at MLFLOW_TRACKING_URI={uri} does not answer "
+            f"({cause}): start it, or point MLFLOW_TRACKING_URI at one that runs"))
+    _ANSWERED.add(uri)
+
+
 def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI (a server that answers), else SQLite under the data folder."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        check_server(uri)
         return uri
     folder = data_dir() / "mlflow"
     folder.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,7 @@ def test_prefect_submits_ray_jobs_and_the_model_lands_in_the_registry(
     base = f"s3://{BUCKET}/jobs"
     proc = _fcn(["run", "--config", str(_config(tmp_path, steps=(4, 2))), "--dataset",
                  "synthetic", "--root", f"{base}/raw", "--out", f"{base}/shards", "--storage",
-                 f"{base}/runs", "--name", "fcn-cluster", "--data", str(tmp_path / "data"),
+                 f"{base}/runs", "--name", "fcn-cluster", "--project-dir", str(tmp_path / "data"),
                  "--evaluate", "final"],
                 env, timeout=900)
     out = proc.stdout + proc.stderr
@@ -229,7 +229,7 @@ def test_a_failing_ray_job_fails_the_flow_with_its_own_line_and_no_retry(
     base = f"s3://{BUCKET}/failing"
     proc = _fcn(["run", "--config", str(_config(tmp_path)), "--dataset", "voc", "--root",
                  f"{base}/not-a-dataset", "--out", f"{base}/shards", "--storage",
-                 f"{base}/runs", "--data", str(tmp_path / "data")], env, timeout=600)
+                 f"{base}/runs", "--project-dir", str(tmp_path / "data")], env, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-4000:]
     (last,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("fcn run: ")]

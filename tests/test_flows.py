@@ -122,7 +122,7 @@ def test_served_deployment_with_cron_has_scheduled_runs(tmp_path):
         cfg = _tiny_config(tmp_path)
         served = subprocess.Popen(
             [str(bin_dir / "fcn"), "deploy", "--cron", "0 3 * * *", "--config", str(cfg),
-             "--dataset", "synthetic", "--root", str(tmp_path / "raw"), "--data",
+             "--dataset", "synthetic", "--root", str(tmp_path / "raw"), "--project-dir",
              str(tmp_path / "data"), "--deployment", "nightly"], env=env, cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 120

@@ -379,7 +379,7 @@ def _pipeline_on_the_stack(tmp_path: Path, stack: dict[str, str], client_env: di
     fcn = str(Path(sys.executable).with_name("fcn"))
     t0 = time.monotonic()
     r = _run([fcn, "run", "--config", str(cfg), "--dataset", "synthetic", "--root",
-              str(work / "raw"), "--data", str(work / "data"), "--name", "fcn-infratest",
+              str(work / "raw"), "--project-dir", str(work / "data"), "--name", "fcn-infratest",
               "--evaluate", "final"],
              client_env, timeout=480)
     took = time.monotonic() - t0

@@ -17,9 +17,9 @@ import scipy.sparse
 from PIL import Image
 
 from fcn_core.palettes import SIFTFLOW_CLASSES, SIFTFLOW_GEO_CLASSES, voc_colormap
+from pipelines.datasets import DOWNLOADED
 
 Size = tuple[int, int]  # (H, W)
-DATASETS = ("voc", "sbd", "nyud", "siftflow")
 SPLITS: dict[str, tuple[str, str]] = {  # (train split, val split) as each dataset names them
     "voc": ("train", "val"),
     "sbd": ("train", "val"),
@@ -147,7 +147,7 @@ def example(
         sem, geo = SIFTFLOW_IDS[s.cls], SIFTFLOW_GEO_IDS[s.cls]
         sem[s.ring], geo[s.ring] = 0, -1  # the release's void values
         return {"image": s.image, "label": sem, "label_geo": geo}
-    raise ValueError(f"dataset must be one of {DATASETS}, got dataset={dataset!r}")
+    raise ValueError(f"dataset must be one of {DOWNLOADED}, got dataset={dataset!r}")
 
 
 def example_id(dataset: str, index: int) -> str:

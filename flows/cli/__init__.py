@@ -1,0 +1,51 @@
+"""The ``fcn`` command line: one module per command group, one error policy (``errors``).
+
+Heavy engines are imported inside each command, so ``fcn --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+
+from flows.cli import data, errors, models, nets, pipeline, training
+from flows.cli.training import stage_table
+
+EPILOG = ("environment: RAY_ADDRESS (a Ray cluster: head:6379, or http://head:8265 to submit "
+          "Ray jobs), MLFLOW_TRACKING_URI (an MLflow server), PREFECT_API_URL (a Prefect "
+          "server), FCN_DATA_DIR (local state, default ./data), AWS_ENDPOINT_URL / "
+          "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION (s3:// locations). "
+          "Exit status: 0 done, 2 a mistake in the input (one line says which), 1 a failure "
+          "or a bug (with its traceback).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcn",
+        description="Fully Convolutional Networks (FCN-32s/16s/8s on VGG16) for semantic "
+                    "segmentation: ingest datasets with Ray Data, train the stages with Ray "
+                    "Train, track and register models in MLflow, orchestrate with Prefect.",
+        epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for group in (nets, data, training, models, pipeline):
+        group.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Our own lines name the runs; MLflow would add a "View run ..." pair per run, and its
+    # INFO lines (creating the SQLite tables, ...) are its internals: -v shows them.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if not getattr(args, "verbose", False):
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    return errors.run(func, args)
+
+
+__all__ = ["build_parser", "main", "stage_table"]

@@ -1,0 +1,57 @@
+"""``fcn ingest``: a dataset as downloaded -> validated Parquet shards."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from flows.cli.common import (
+    add_result_arg,
+    add_verbose,
+    positive_int,
+    quiet_ray_logs,
+    say,
+    write_result,
+)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from pipelines.ingest import IngestConfig, ingest
+
+    quiet_ray_logs(args.verbose)
+    splits = tuple(s for s in args.splits.split(",") if s) if args.splits else None
+    cfg = IngestConfig(dataset=args.dataset, root=args.root, out=args.out,
+                       splits=splits, split_file=args.split_file, shard_rows=args.shard_rows)
+    result = ingest(cfg, log=say)
+    print(result.summary())
+    write_result(args, dataclasses.asdict(result))
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from pipelines.datasets import NAMES, layouts_help
+
+    p = sub.add_parser(
+        "ingest", help="read a dataset's own layout into validated Parquet shards",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read a dataset as downloaded, decode and validate every example with Ray "
+                    "Data, and write Parquet shards, manifest.json and quarantine.parquet "
+                    "under OUT/DATASET/ (that folder is what --data of train, evaluate and "
+                    "register takes). Re-running on unchanged files does nothing; changed "
+                    "files make a new version and keep the old one. Uses the Ray cluster in "
+                    "RAY_ADDRESS when set, else a local Ray.",
+        epilog=layouts_help())
+    p.add_argument("dataset", choices=NAMES)
+    p.add_argument("--root", required=True,
+                   help="the dataset folder as downloaded: a path or a URI (s3://bucket/voc)")
+    p.add_argument("--out", required=True,
+                   help="output folder or URI; shards go to OUT/DATASET/")
+    p.add_argument("--splits", default=None,
+                   help="comma-separated splits, e.g. train,val (default: all the layout has)")
+    p.add_argument("--split-file", default=None,
+                   help="a split file to use instead (ids, or 'image label' pairs per line)")
+    p.add_argument("--shard-rows", type=positive_int, default=500,
+                   help="rows per shard (default 500)")
+    add_verbose(p)
+    add_result_arg(p)
+    p.set_defaults(func=cmd_ingest)

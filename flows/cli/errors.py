@@ -1,0 +1,51 @@
+"""How a command ends: the CLI's error policy, in one place.
+
+- A ``pipelines.errors.UserError`` (bad argument, config, input, model, or a server that does
+  not answer) is one line on stderr, ``fcn CMD: error: …``, exit 2.
+- A failed stage (``StageFailed``) or Ray job (``JobFailed``) is the one line they carry (the
+  resume hint, the job's own error); exit 2 when the job failed on a user's mistake, else 1.
+- Anything else is a bug: its traceback, then a line saying so, exit 1.
+Every line is redacted (no secret from the environment or a URI reaches the terminal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+
+BUG_LINE = ("this is a bug in fcn, not a problem with your input: please report it with the "
+            "command line and the traceback above")
+
+
+def _redact(text: str) -> str:
+    from pipelines.storage import redact
+
+    return redact(text)
+
+
+def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    from pipelines.errors import UserError
+    from pipelines.jobs import JobFailed
+    from pipelines.train import StageFailed
+
+    command = args.command
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"fcn {command}: error: {_redact(str(exc))}", file=sys.stderr)
+        return 2
+    except JobFailed as exc:  # the job's own line; a user's mistake exits 2
+        print(f"fcn {command}: {_redact(str(exc))}", file=sys.stderr)
+        return 2 if exc.usage else 1
+    except StageFailed as exc:
+        print(f"fcn {command}: {_redact(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fcn {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        print(_redact(traceback.format_exc()), file=sys.stderr, end="")
+        print(f"fcn {command}: {BUG_LINE}", file=sys.stderr)
+        return 1

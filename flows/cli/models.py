@@ -1,0 +1,152 @@
+"""``fcn evaluate``, ``fcn register``, ``fcn models``, ``fcn predict``: models in use."""
+
+from __future__ import annotations
+
+import argparse
+
+from flows.cli.common import (
+    add_inference_args,
+    add_result_arg,
+    add_verbose,
+    inference_options,
+    positive_int,
+    quiet_ray_logs,
+    say,
+    write_result,
+)
+
+MODEL_HELP = ("models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, or a checkpoint "
+              "(a folder, checkpoint.pt, or its URI)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import evaluate
+
+    quiet_ray_logs(args.verbose)
+    result = evaluate(args.model, args.data, args.split, options=inference_options(args),
+                      actors=args.actors, batch_size=args.batch_size, use_gpu=args.gpu,
+                      run_name=args.run_name, log=say)
+    print(result.table())
+    if result.run_id:
+        print(f"\nlogged to MLflow run {result.run_id}: metrics.json, per_class_iu.md, "
+              "confusion_matrix.png, samples.png")
+    write_result(args, result.summary())
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import evaluate, evaluation_metrics
+    from pipelines.registry import register
+    from pipelines.shards import read_manifest
+
+    quiet_ray_logs(args.verbose)
+    manifest = read_manifest(args.data)
+    name = args.name or f"fcn-{manifest.data['dataset']}"
+    if args.metrics_from_run:  # scored already (fcn evaluate): reuse its run and metrics
+        metrics, eval_run = evaluation_metrics(args.metrics_from_run), args.metrics_from_run
+    else:
+        result = evaluate(args.checkpoint, args.data, args.split, log=say)
+        print(result.table())
+        metrics, eval_run = result.metrics, result.run_id
+
+    def rescore(uri: str) -> float:
+        return evaluate(uri, args.data, args.split, log_to_mlflow=False,
+                        log=lambda m: None).metrics["mean_iu"]
+
+    reg = register(args.checkpoint, name=name, metrics=metrics, split=args.split,
+                   manifest=manifest.data, config_digest=args.config_digest or "-",
+                   run_id=eval_run, evaluate_champion=rescore, log=say)
+    print(f"look it up as models:/{reg.name}/{reg.version}, models:/{reg.name}@candidate"
+          + (f", models:/{reg.name}@champion" if reg.champion else ""))
+    write_result(args, {"name": reg.name, "version": reg.version, "champion": reg.champion,
+                        "decision": reg.decision})
+    return 0
+
+
+def _table(rows: list[dict], cols: tuple[str, ...]) -> None:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pipelines.registry import list_models
+
+    rows = list_models(args.name)
+    if not rows:
+        print("no registered models" + (f" named {args.name}" if args.name else ""))
+        return 0
+    _table(rows, ("name", "version", "aliases", "stage", "mean_iu", "split", "created"))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipelines.predict import predict
+
+    quiet_ray_logs(args.verbose)
+    result = predict(args.model, args.inputs, args.out, options=inference_options(args),
+                     log=say)
+    print(f"wrote {len(result.written)} prediction(s) to {args.out} (<name>.png class ids, "
+          f"<name>_color.png overlay); skipped {len(result.skipped)}")
+    return 1 if result.skipped and not result.written else 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="score a model on a split: pixel acc, mean acc, mean IU, f.w. IU",
+        description="Score a model on a split of an ingested dataset with Ray Data batch "
+                    "inference (an actor pool; each actor loads the model once). Logs "
+                    "metrics.json, the per-class table, a confusion-matrix image and sample "
+                    "predictions to an MLflow run.")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--data", required=True,
+                   help="an ingested dataset: OUT/DATASET of fcn ingest (a path or a URI)")
+    p.add_argument("--split", default="val", help="split to score (default val)")
+    p.add_argument("--actors", type=positive_int, default=2, help="Ray actors (default 2)")
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="images per actor call (default 4)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--run-name", default=None, help="MLflow run name (default evaluate-SPLIT)")
+    add_verbose(p)
+    add_inference_args(p)
+    add_result_arg(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "register", help="evaluate a checkpoint and register it (candidate; champion gate)",
+        description="Evaluate a checkpoint, log it as an MLflow model, register it as a "
+                    "new version (alias candidate), and move alias champion to it only if its "
+                    "mean IU on the split is at least the current champion's.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a training checkpoint (a folder, checkpoint.pt, or its URI)")
+    p.add_argument("--data", required=True,
+                   help="an ingested dataset: OUT/DATASET of fcn ingest (a path or a URI)")
+    p.add_argument("--split", default="val", help="split to score on (default val)")
+    p.add_argument("--name", default=None, help="registered model name (default fcn-DATASET)")
+    p.add_argument("--config-digest", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--metrics-from-run", default=None, metavar="RUN_ID",
+                   help="take the metrics of this MLflow evaluation run (of the same "
+                        "checkpoint and split) instead of evaluating again")
+    add_verbose(p)
+    add_result_arg(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("models", help="registered models: versions, aliases, mean IU",
+                       description="List registered FCN models with their versions, aliases "
+                                   "(candidate, champion), stage, mean IU and creation time.")
+    p.add_argument("name", nargs="?", default=None, help="one registered model name")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "predict", help="segment image files or folders",
+        description="Write <name>.png (uint8 class ids, the input's size) and <name>_color.png "
+                    "(overlay) for every image; folders are searched recursively and large "
+                    "ones run through Ray Data. Unreadable inputs are reported and skipped.")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files and/or folders (paths or URIs)")
+    p.add_argument("--out", required=True, help="output folder (a path or a URI)")
+    add_verbose(p)
+    add_inference_args(p)
+    p.set_defaults(func=cmd_predict)

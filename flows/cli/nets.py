@@ -1,0 +1,50 @@
+"""``fcn describe``: an FCN's layers, shapes, crop offsets and cost."""
+
+from __future__ import annotations
+
+import argparse
+
+from flows.cli.common import positive_float, positive_int, size
+
+VARIANTS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    import torch
+
+    from fcn_core.fcn import BUILDERS
+    from fcn_core.profile import layer_stats
+
+    model = BUILDERS[args.variant](num_classes=args.classes, width=args.width,
+                                   in_channels=args.in_channels).eval()
+    h, w = args.size
+    x = torch.zeros(1, args.in_channels, h, w)
+    stats = layer_stats(model, x)
+    print(f"{args.variant}  width={args.width}  classes={args.classes}  input 1x"
+          f"{args.in_channels}x{h}x{w}")
+    print(f"{'layer':<28}{'kind':<17}{'output':<22}{'params':>12}{'MMAC':>12}")
+    for s in stats:
+        print(f"{s.name:<28}{s.kind:<17}{str(s.out_shape):<22}{s.params:>12,}{s.macs / 1e6:>12.1f}")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"crop offsets: {model.offsets}")
+    print(f"parameters: {n_params:,} ({n_train:,} trainable)   "
+          f"GMAC per image: {sum(s.macs for s in stats) / 1e9:.2f}")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("describe", help="print an FCN's layers, shapes, crop offsets and cost",
+                       description="Build an FCN and print every conv, pool and deconvolution "
+                                   "with its output shape, parameters and multiply-accumulates "
+                                   "for one input size.")
+    p.add_argument("--variant", choices=VARIANTS, default="fcn8s",
+                   help="which net (default: fcn8s)")
+    p.add_argument("--width", type=positive_float, default=1.0,
+                   help="channel multiplier of VGG16 (1.0 = the real net; default 1.0)")
+    p.add_argument("--classes", type=positive_int, default=21,
+                   help="number of classes (default 21)")
+    p.add_argument("--in-channels", type=positive_int, default=3,
+                   help="3 = BGR, 4 = RGB-D (default 3)")
+    p.add_argument("--size", type=size, default=(500, 500), help="input HxW (default 500x500)")
+    p.set_defaults(func=cmd_describe)

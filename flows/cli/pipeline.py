@@ -1,0 +1,216 @@
+"""``fcn run``, ``fcn deploy``, ``fcn demo``: the whole pipeline as a Prefect flow.
+
+These commands keep all local state (Prefect's database, MLflow's SQLite store, default shard
+and checkpoint folders) in one project folder, ``--project-dir`` (default ``./data``, or
+``FCN_DATA_DIR``). ``--data`` means one thing everywhere: an ingested dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flows.cli.common import add_verbose, quiet_ray_logs
+from pipelines.errors import UsageError
+
+
+def prefect_env(project: Path) -> None:
+    """Before Prefect is imported: keep its database in the project folder (so the Prefect
+    UI can show the runs later) unless PREFECT_API_URL names a server."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    # The temporary local API can take longer than Prefect's default to start on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if not os.environ.get("PREFECT_API_URL"):
+        home = Path(os.environ.setdefault("PREFECT_HOME",
+                                          str((project / "prefect").resolve())))
+        home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
+    os.environ.setdefault("FCN_DATA_DIR", str(project.resolve()))
+
+
+def _pipeline_params(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.storage import as_location
+
+    params: dict[str, Any] = {"dataset": args.dataset, "root": as_location(args.root),
+                              "config": str(Path(args.config).resolve()),
+                              "split": args.split, "force": args.force}
+    if args.out:
+        params["out"] = as_location(args.out)
+    if args.storage:
+        params["storage"] = as_location(args.storage)
+    if getattr(args, "evaluate", "every") == "final":
+        params["evaluate_every_stage"] = False
+    if args.name:
+        params["model_name"] = args.name
+    return params
+
+
+def _check_cluster_locations(args: argparse.Namespace) -> None:
+    """With Ray Jobs the steps run on cluster nodes that share no disk with this machine:
+    every location they read or write must be a URI they reach."""
+    from pipelines.jobs import check_jobs_api, jobs_address
+    from pipelines.storage import is_remote
+
+    address = jobs_address()
+    if not address:
+        return
+    for flag, value in (("--root", args.root), ("--out", args.out),
+                        ("--storage", args.storage)):
+        if value is None or not is_remote(value):
+            raise UsageError(f"RAY_ADDRESS={address} runs each step as a Ray job on the "
+                             f"cluster, whose nodes cannot read this machine's disk: give "
+                             f"{flag} as a URI they reach (e.g. s3://bucket/...), got "
+                             f"{value or 'the local default'}")
+    check_jobs_api(address)  # a dashboard that does not answer fails now, in one line
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    prefect_env(Path(args.project_dir))
+    quiet_ray_logs(args.verbose)
+    from pipelines.config import load_config
+
+    load_config(args.config)  # a bad config fails here, in one line
+    _check_cluster_locations(args)
+    from flows.pipeline import fcn_pipeline
+
+    summary = fcn_pipeline(**_pipeline_params(args))
+    print_summary(summary)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    prefect_env(Path(args.project_dir))
+    from prefect.schedules import Cron
+
+    from flows.pipeline import fcn_pipeline
+    from pipelines.config import load_config
+
+    load_config(args.config)
+    try:
+        Cron(args.cron)
+    except ValueError as exc:
+        raise UsageError(f"--cron {args.cron!r} is not a cron schedule: {exc}") from None
+    _check_cluster_locations(args)
+    print(f"serving deployment fcn-pipeline/{args.deployment} on cron {args.cron!r}; "
+          "Ctrl-C stops it (runs stay scheduled in the Prefect API)", flush=True)
+    fcn_pipeline.serve(name=args.deployment, cron=args.cron,
+                       parameters=_pipeline_params(args))
+    return 0
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from pipelines.tracking import tracking_uri
+
+    print("\nper-stage results on the validation split (whole images, reference metrics):")
+    print(f"{'stage':<8}{'pixel acc':>11}{'mean acc':>10}{'mean IU':>9}{'f.w. IU':>9}")
+    for ev in summary["evaluations"]:
+        m = ev["metrics"]
+        label = next((s["stage"] for s in summary["stages"] if s["checkpoint"] == ev["model"]),
+                     ev["model"])
+        print(f"FCN-{label:<4}{m['pixel_acc']:>11.3f}{m['mean_acc']:>10.3f}"
+              f"{m['mean_iu']:>9.3f}{m['fw_iu']:>9.3f}")
+    reg = summary["registration"]
+    print(f"\nregistered {reg['name']} version {reg['version']}: {reg['decision']}")
+    print(f"look it up:   models:/{reg['name']}@champion   (or @candidate, or /"
+          f"{reg['version']})")
+    print(f"MLflow:       {tracking_uri()}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    project = Path(args.project_dir)
+    prefect_env(project)
+    quiet_ray_logs(args.verbose)
+    t0 = time.perf_counter()
+    home = project.resolve()
+    print(f"fcn demo: the whole pipeline through Prefect on a generated dataset, all state in "
+          f"{home}/\n  ingest (Ray Data) -> FCN-32s -> 16s -> 8s (Ray Train, 2 "
+          "workers) -> evaluate -> register (MLflow)\n", flush=True)
+    from flows.pipeline import fcn_pipeline
+
+    summary = fcn_pipeline(dataset="synthetic", root=str(home / "raw" / "synthetic"),
+                           config=str(Path(args.config).resolve()),
+                           out=str(home / "shards"), force=args.force)
+    print_summary(summary)
+    ious = [ev["metrics"]["mean_iu"] for ev in summary["evaluations"]]
+    if len(ious) == 3:
+        verdict = "holds" if ious[2] >= ious[1] >= ious[0] else "does NOT hold this time"
+        print(f"\nthe paper's point, finer strides help (8s >= 16s >= 32s mean IU): {verdict} "
+              f"({ious[0]:.3f} -> {ious[1]:.3f} -> {ious[2]:.3f})")
+    env = "" if str(home) == str(Path("data").resolve()) else f"FCN_DATA_DIR={home} "
+    print("\nexplore it:")
+    print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri "
+          f"sqlite:///{home}/mlflow/mlflow.db --port 5000   # http://127.0.0.1:5000")
+    print(f"  Prefect UI:  PREFECT_HOME={home}/prefect .venv/bin/prefect server start"
+          "   # http://127.0.0.1:4200")
+    print(f"  predict:     {env}.venv/bin/fcn predict --model models:/"
+          f"{summary['registration']['name']}@champion {home}/raw/synthetic/VOCdevkit"
+          f"/VOC2012/JPEGImages --out {home}/predictions")
+    print(f"  models:      {env}.venv/bin/fcn models {summary['registration']['name']}")
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s (a second `make demo` reuses the cached "
+          "ingest and stages; `fcn demo --force` retrains)")
+    return 0
+
+
+def _add_project_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--project-dir", default=os.environ.get("FCN_DATA_DIR", "data"),
+                   metavar="DIR",
+                   help="local state: Prefect's and MLflow's databases and the default shard "
+                        "and checkpoint folders (default: FCN_DATA_DIR or ./data)")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from pipelines.datasets import NAMES
+
+    def pipeline_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/demo.yaml")
+        p.add_argument("--dataset", required=True, choices=NAMES)
+        p.add_argument("--root", required=True,
+                       help="the dataset folder as downloaded: a path or a URI")
+        p.add_argument("--out", default=None,
+                       help="shards folder or URI (default PROJECT_DIR/shards)")
+        p.add_argument("--storage", default=None,
+                       help="checkpoints folder or URI (default PROJECT_DIR/runs)")
+        p.add_argument("--evaluate", choices=["every", "final"], default="every",
+                       help="score every stage's checkpoint (default) or only the final one")
+        p.add_argument("--split", default="val", help="split to evaluate on (default val)")
+        p.add_argument("--name", default=None, help="registered model (default fcn-DATASET)")
+        _add_project_dir(p)
+        p.add_argument("--force", action="store_true", help="ignore cached ingest and stages")
+
+    p = sub.add_parser(
+        "run", help="run the whole pipeline once through Prefect",
+        description="ingest -> train 32s/16s/8s -> evaluate -> register, as a Prefect flow "
+                    "run (PREFECT_API_URL selects a server; without it Prefect's local API). "
+                    "With RAY_ADDRESS=http://head:8265 each step runs as a Ray job on that "
+                    "cluster, and --root, --out and --storage must be URIs its nodes reach "
+                    "(s3://bucket/...); with RAY_ADDRESS=head:6379 this process is the driver.")
+    pipeline_args(p)
+    add_verbose(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "deploy", help="serve the pipeline as a scheduled Prefect deployment",
+        description="Serve fcn-pipeline as a Prefect deployment with a cron schedule from this "
+                    "process (it runs the scheduled flow runs until stopped). For a Prefect "
+                    "server with work pools, see the README's `prefect deploy` route.")
+    pipeline_args(p)
+    p.add_argument("--cron", required=True, help='e.g. "0 3 * * *" (every day at 03:00)')
+    p.add_argument("--deployment", default="scheduled", help="deployment name")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser(
+        "demo", help="the whole pipeline on a generated dataset (what `make demo` runs)",
+        description="Generate a small dataset in VOC layout and run ingest -> FCN-32s -> 16s "
+                    "-> 8s -> evaluate -> register through Prefect on a local Ray, an MLflow "
+                    "SQLite store and Prefect's local API, all under --project-dir.")
+    _add_project_dir(p)
+    p.add_argument("--config", default="configs/demo.yaml", help="training preset")
+    p.add_argument("--force", action="store_true", help="ignore cached ingest and stages")
+    add_verbose(p)
+    p.set_defaults(func=cmd_demo)
+
+
+

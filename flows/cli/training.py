@@ -1,0 +1,86 @@
+"""``fcn train``: the config's stages in order with Ray Train, tracked in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from flows.cli.common import (
+    add_result_arg,
+    add_verbose,
+    positive_int,
+    quiet_ray_logs,
+    say,
+    write_result,
+)
+
+
+def stage_table(results: list[Any]) -> str:
+    """The closing table of a training run, one row per stage."""
+    head = (f"{'stage':<10}{'steps':>7}{'loss':>10}{'pixel acc':>11}{'mean acc':>10}"
+            f"{'mean IU':>9}{'f.w. IU':>9}{'time s':>8}  checkpoint")
+    rows = [head, "-" * len(head)]
+    for r in results:
+        m = r.metrics
+
+        def f(k: str, m: dict = m) -> str:
+            return f"{m[k]:.3f}" if k in m else "-"
+
+        rows.append(f"{r.stage:<10}{r.steps:>7}{f('loss'):>10}{f('pixel_acc'):>11}"
+                    f"{f('mean_acc'):>10}{f('mean_iu'):>9}{f('fw_iu'):>9}{r.seconds:>8.0f}"
+                    f"  {r.checkpoint}")
+    return "\n".join(rows)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+    from pipelines.train import train_pipeline
+
+    quiet_ray_logs(args.verbose)
+    cfg = load_config(args.config, workers=args.workers,
+                      backbone_weights=args.backbone_weights,
+                      use_gpu=True if args.gpu else None)
+    if args.stages:
+        cfg = cfg.only_stages([s for s in args.stages.split(",") if s])
+    run, results = train_pipeline(cfg, args.data, storage=args.storage, resume=args.resume,
+                                  log=say, init_checkpoint=args.init_checkpoint,
+                                  finish=not args.keep_open)
+    print()
+    print(stage_table(results))
+    print(f"\npipeline run {run.run_id} (resume with --resume {run.run_id}); "
+          f"MLflow parent run {run.mlflow_parent}")
+    write_result(args, {"run": dataclasses.asdict(run),
+                        "stages": [dataclasses.asdict(r) for r in results]})
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="staged FCN-32s -> 16s -> 8s training with Ray Train, tracked in MLflow",
+        description="Train the stages of a config in order, each from the previous stage's "
+                    "final checkpoint, as Ray Train jobs (local Ray, or RAY_ADDRESS). Every "
+                    "run is an MLflow parent run with a nested run per stage "
+                    "(MLFLOW_TRACKING_URI, default: SQLite under ./data/mlflow).")
+    p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/demo.yaml")
+    p.add_argument("--data", required=True,
+                   help="an ingested dataset: OUT/DATASET of fcn ingest (a path or a URI)")
+    p.add_argument("--stages", default=None, help="subset of the config's stages, e.g. 16s,8s")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="Ray Train workers (default: the config's)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
+    p.add_argument("--backbone-weights", default=None,
+                   help="local torchvision vgg16 state dict (.pth) to start FCN-32s from")
+    p.add_argument("--storage", default=None,
+                   help="checkpoints: a folder or a URI every Ray node can reach, e.g. "
+                        "s3://bucket/runs (default ./data/runs)")
+    p.add_argument("--resume", default=None, metavar="RUN_ID",
+                   help="continue an interrupted pipeline run from its latest checkpoints")
+    p.add_argument("--init-checkpoint", default=None, metavar="CKPT",
+                   help="start the first stage from this checkpoint (with --stages, to run "
+                        "a later stage on its own)")
+    p.add_argument("--keep-open", action="store_true",
+                   help="leave the MLflow parent run open (a scheduler runs the next stages)")
+    add_result_arg(p)
+    add_verbose(p)
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,166 @@
+"""Bad command lines, roots, locations, configs, model URIs and servers: each gets one line
+naming the thing and the fix, exit 2; a bug gets its traceback and exit 1.
+
+Each case is a row of the README's bad-input table (``test_readme_lists_every_case`` keeps
+the two in step). Commands run in-process (``flows.cli.main``) so the table costs seconds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from pipelines.ingest import IngestConfig, ingest
+from pipelines.sources import synthetic as synth
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str  # the README row's first column
+    argv: Callable[[dict[str, Path]], list[str]]
+    message: str  # a regular expression the one stderr line must match
+    code: int = 2
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def _port() -> str:
+    from servers import free_ports
+
+    return str(free_ports(1)[0])
+
+
+CASES = [
+    Case("no command", lambda p: [], r"^$"),
+    Case("unknown command", lambda p: ["fit"], r"invalid choice: 'fit'"),
+    Case("unknown dataset name", lambda p: ["ingest", "coco", "--root", "x", "--out", "y"],
+         r"argument dataset: invalid choice: 'coco'"),
+    Case("--width 0 (describe)", lambda p: ["describe", "--width", "0"], r"must be > 0, got 0"),
+    Case("--size 10xfoo", lambda p: ["describe", "--size", "10xfoo"],
+         r"expected HxW with positive integers, got '10xfoo'"),
+    Case("--shard-rows 0", lambda p: ["ingest", "voc", "--root", "x", "--out", "y",
+                                      "--shard-rows", "0"], r"must be >= 1, got 0"),
+    Case("--workers two", lambda p: ["train", "--config", "c", "--data", "d", "--workers",
+                                     "two"], r"expected a whole number, got 'two'"),
+    Case("--scales a,b", lambda p: ["evaluate", "--model", "m", "--data", "d", "--scales",
+                                    "a,b"], r"expected comma-separated numbers"),
+    Case("--window -5", lambda p: ["evaluate", "--model", "m", "--data", "d", "--window", "-5"],
+         r"must be >= 1, got -5"),
+    Case("--cron that is not a schedule",
+         lambda p: ["deploy", "--cron", "every day", "--config", str(ROOT / "configs/demo.yaml"),
+                    "--dataset", "synthetic", "--root", str(p["tmp"] / "raw"),
+                    "--project-dir", str(p["tmp"] / "proj")],
+         r"--cron 'every day' is not a cron schedule"),
+    Case("ingest root that does not exist",
+         lambda p: ["ingest", "voc", "--root", str(p["tmp"] / "nowhere"), "--out",
+                    str(p["tmp"] / "o")], r"nowhere"),
+    Case("ingest root of another layout (SBD tree given as VOC)",
+         lambda p: ["ingest", "voc", "--root", str(p["sbd"]), "--out", str(p["tmp"] / "o")],
+         r"(?i)voc"),
+    Case("location with an unknown scheme",
+         lambda p: ["ingest", "voc", "--root", "ftp://host/voc", "--out", str(p["tmp"] / "o")],
+         r"ftp://host/voc"),
+    Case("--out that is a file",
+         lambda p: ["ingest", "voc", "--root", str(p["voc"]), "--out", str(p["file"])],
+         r"a_file"),
+    Case("--split-file that does not exist",
+         lambda p: ["ingest", "voc", "--root", str(p["voc"]), "--out", str(p["tmp"] / "o"),
+                    "--split-file", str(p["tmp"] / "missing.txt")], r"missing\.txt"),
+    Case("config file that does not exist",
+         lambda p: ["train", "--config", str(p["tmp"] / "nope.yaml"), "--data", str(p["data"])],
+         r"nope\.yaml"),
+    Case("--data that is not an ingested dataset",
+         lambda p: ["train", "--config", str(ROOT / "configs/demo.yaml"), "--data",
+                    str(p["tmp"])], r"manifest"),
+    Case("--stages naming a stage the config lacks",
+         lambda p: ["train", "--config", str(ROOT / "configs/demo.yaml"), "--data",
+                    str(p["data"]), "--stages", "4s"], r"4s"),
+    Case("evaluate on a split the dataset lacks",
+         lambda p: ["evaluate", "--model", str(p["tmp"] / "ckpt"), "--data", str(p["data"]),
+                    "--split", "nosuch"], r"split 'nosuch' is not in .* \(splits: train, val\)"),
+    Case("model checkpoint that does not exist",
+         lambda p: ["evaluate", "--model", str(p["tmp"] / "ckpt"), "--data", str(p["data"])],
+         r"ckpt"),
+    Case("model URI with a registered name that does not exist",
+         lambda p: ["evaluate", "--model", "models:/no-such-model@champion", "--data",
+                    str(p["data"])], r"no-such-model"),
+    Case("fcn models NAME that is not registered", lambda p: ["models", "no-such-model"],
+         r"no registered model named 'no-such-model'"),
+    Case("register a checkpoint that does not exist",
+         lambda p: ["register", "--checkpoint", str(p["tmp"] / "ckpt"), "--data",
+                    str(p["data"])], r"ckpt"),
+    Case("--metrics-from-run with an unknown run id",
+         lambda p: ["register", "--checkpoint", str(p["tmp"] / "ckpt"), "--data",
+                    str(p["data"]), "--metrics-from-run", "0" * 32],
+         r"--metrics-from-run 0{32}: no such MLflow run"),
+    Case("MLflow server that does not answer", lambda p: ["models"],
+         r"MLflow tracking server at MLFLOW_TRACKING_URI=http://127\.0\.0\.1:\d+ does not "
+         r"answer", env=(("MLFLOW_TRACKING_URI", "http://127.0.0.1:{port}"),)),
+    Case("fcn run on Ray Jobs with a local --root",
+         lambda p: ["run", "--config", str(ROOT / "configs/demo.yaml"), "--dataset", "voc",
+                    "--root", str(p["voc"]), "--project-dir", str(p["tmp"] / "proj")],
+         r"give --root as a URI they reach", env=(("RAY_ADDRESS", "http://127.0.0.1:{port}"),)),
+]
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    voc = synth.write_voc(tmp / "raw", n_train=2, n_val=2, size=(32, 32))
+    sbd = synth.write_sbd(tmp / "raw", n_train=2, n_val=2, size=(32, 32))
+    data = ingest(IngestConfig(dataset="voc", root=voc, out=tmp / "shards"),
+                  log=lambda m: None).dataset_dir
+    (tmp / "a_file").write_text("not a folder")
+    return {"tmp": tmp, "voc": voc, "sbd": sbd, "data": Path(data), "file": tmp / "a_file"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(case, places, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FCN_DATA_DIR", str(tmp_path / "project"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    port = _port()
+    for k, v in case.env:
+        monkeypatch.setenv(k, v.format(port=port))
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(case.argv(places))
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == case.code, err
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1] if err else ""
+    assert re.search(case.message, last), last
+    if case.id != "no command" and not last.startswith("usage:"):
+        assert last.startswith("fcn"), last
+    assert not (tmp_path / "mlflow.db").exists()  # nothing stray in the working folder
+
+
+def test_a_bug_shows_its_traceback_and_exit_1(monkeypatch, capsys, tmp_path):
+    """A ValueError from inside (a shape bug, say) is not a user's mistake."""
+    from flows.cli import nets
+
+    def broken(args):
+        raise ValueError("shapes (3, 4) and (5,) do not match")
+
+    monkeypatch.setattr(nets, "cmd_describe", broken)
+    code = main(["describe"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "shapes (3, 4)" in err
+    assert err.strip().splitlines()[-1] == (
+        "fcn describe: this is a bug in fcn, not a problem with your input: please report it "
+        "with the command line and the traceback above")
+
+
+def test_readme_lists_every_case():
+    readme = (ROOT / "README.md").read_text()
+    missing = [c.id for c in CASES if f"| {c.id} |" not in readme]
+    assert not missing, missing
