@@ -16,6 +16,8 @@ from flows.tasks import (
     evaluate_task,
     finish_run_task,
     ingest_task,
+    publish_decision,
+    publish_stages,
     register_task,
     start_run_task,
     train_stage_task,
@@ -63,6 +65,7 @@ def train_flow(config: str, data: str, fingerprint: str, storage: str | None = N
         finish_run_task(run, ok=False)
         raise
     finish_run_task(run, ok=True)
+    publish_stages(results)
     return results
 
 
@@ -101,6 +104,7 @@ def fcn_pipeline(dataset: Dataset, root: str, config: str, out: str | None = Non
     final = evals[-1]
     reg = register_task(stages[-1]["checkpoint"], shards["data"], split, final["metrics"],
                         model_name or f"fcn-{dataset}", cfg.digest(), final["mlflow_run"])
+    publish_decision(reg, final["mlflow_run"])
     summary = {"dataset": shards, "stages": stages, "evaluations": evals, "registration": reg}
     logger.info(f"registered {reg['name']} version {reg['version']}: {reg['decision']}")
     return summary

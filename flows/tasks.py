@@ -15,6 +15,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
+from flows import reports
+
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry condition: retry what can pass (a lost node, a server that did not
@@ -197,6 +199,9 @@ def evaluate_task(model: str, data: str, split: str, label: str = "model",
         logger.info(result.table())
         summary = result.summary()
     logger.info(f"MLflow evaluation run: {run_link(summary['mlflow_run'])}")
+    reports.publish(f"fcn-evaluation-{label}", reports.evaluation_markdown(
+        summary, f"FCN-{label}" if label[:-1].isdigit() else label, md_link),
+        f"{label} on {split}: mean IU {summary['metrics'].get('mean_iu', float('nan')):.4f}")
     return summary
 
 
@@ -227,6 +232,18 @@ def register_task(checkpoint: str, data: str, split: str, metrics: dict[str, flo
             "decision": reg.decision}
 
 
+def publish_decision(reg: dict[str, Any], run_id: str | None) -> None:
+    """The champion decision as a markdown artifact of the flow run."""
+    reports.publish(f"fcn-champion-{reg['name']}", reports.decision_markdown(reg, md_link, run_id),
+                    reg["decision"])
+
+
+def publish_stages(stages: list[dict[str, Any]]) -> None:
+    reports.publish("fcn-stages", reports.stages_markdown(stages, md_link),
+                    ", ".join(f"{s['stage']} mean IU {s['metrics'].get('mean_iu', 0):.4f}"
+                              for s in stages))
+
+
 def run_link(run_id: str | None) -> str:
     """A link a user can open: the MLflow UI page of a run (or the run id for SQLite)."""
     from mlflow.tracking import MlflowClient
@@ -240,3 +257,11 @@ def run_link(run_id: str | None) -> str:
         exp = MlflowClient(uri).get_run(run_id).info.experiment_id
         return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
     return f"{run_id} in {uri}"
+
+
+def md_link(run_id: str | None) -> str:
+    """``run_link`` as markdown: a link to the MLflow UI, or the run id and its store."""
+    link = run_link(run_id)
+    if link.startswith("http"):
+        return f"[{run_id}]({link})"
+    return f"`{link}`"

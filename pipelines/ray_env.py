@@ -11,6 +11,7 @@ RAY_ADDRESS forms:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -31,8 +32,81 @@ def quiet_env() -> dict[str, str]:
     clusters)."""
     # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train would route workers' print() through the
     # root logger and also tee it, printing every progress line twice.
-    return {"RAY_DATA_LOGGING_CONFIG": str(DATA_LOGGING), "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env = {"RAY_DATA_LOGGING_CONFIG": str(DATA_LOGGING), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if not verbose():
+        # Ray's internals, not the user's business: deprecation warnings Ray's own actors
+        # raise (e.g. Ray Train's DatasetManager on ExecutionOptions.exclude_resources).
+        # `-v` shows them.
+        env.update(PYTHONWARNINGS="ignore::DeprecationWarning")
+    return env
+
+
+# Worker output that is Ray's own business, dropped from the driver's console unless `-v`:
+# Ray Train's controller notes that its PreemptionWatcher actor has constructor arguments in
+# the object store (ray-project/ray#53727: harmless, printed on every stage), and the
+# PlacementGroupCleaner's monitor thread, which dies with a traceback when a second Ray runs on
+# the same machine (it looks the cluster up without an address). The full logs stay in the
+# session's log folder.
+_INTERNAL_ACTORS = ("PlacementGroupCleaner",)
+_INTERNAL_LINES = ("has constructor arguments in the object store and max_restarts",)
+
+
+def _keep(batch: dict) -> dict | None:
+    if str(batch.get("actor_name") or "").startswith(_INTERNAL_ACTORS):
+        return None
+    lines = [ln for ln in batch.get("lines", []) if not any(m in ln for m in _INTERNAL_LINES)]
+    return {**batch, "lines": lines} if lines else None
+
+
+def filter_worker_logs() -> None:
+    """Drop Ray's internal worker lines (above) from what the driver prints. Ray has no public
+    hook for this; on a Ray without this internal dispatcher it does nothing."""
+    if verbose():
+        return
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        handlers = list(dispatcher.handlers)
+    for name, handler in handlers:
+        if name != "ray_print_logs" or getattr(handler, "_fcn_filtered", False):
+            continue
+
+        def filtered(data: dict, _inner=handler) -> None:
+            kept = _keep(data)
+            if kept is not None:
+                _inner(kept)
+
+        filtered._fcn_filtered = True  # type: ignore[attr-defined]
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
+
+
+def verbose() -> bool:
+    """`fcn -v` (FCN_VERBOSE=1): show Ray's own logs too."""
+    return os.environ.get("FCN_VERBOSE", "") not in ("", "0")
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker: drop Ray Train's "Reporting training result N:
+    TrainingReport(...)" INFO line per report. Ray 2.60 logs it on a logger named by its file
+    path, which its own log-level filter (names under "ray.train") does not catch."""
+    import logging
+
+    if verbose():
+        return
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_log_level() -> str:
+    """Ray Train's own console level: its INFO lines dump every report's metrics dict."""
+    return "INFO" if verbose() else "WARNING"
 
 
 def address_kind(address: str | None) -> str:
@@ -73,6 +147,7 @@ def init_ray(num_cpus: int | None = None) -> str:
     kind = address_kind(address)
     if not ray.is_initialized():
         os.environ.update(quiet_env())
+        level = logging.INFO if verbose() else logging.WARNING  # "Started a local Ray ..."
         if kind == "client":
             raise RayUnavailable(
                 f"RAY_ADDRESS={address} is a Ray Client address, which does not run Ray Data "
@@ -89,13 +164,14 @@ def init_ray(num_cpus: int | None = None) -> str:
             # Inside a Ray job the job's runtime env already carries these (and Ray refuses
             # the same variable from both).
             in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-            ctx = ray.init(address=address, log_to_driver=True,
+            ctx = ray.init(address=address, log_to_driver=True, logging_level=level,
                            runtime_env=None if in_job else {"env_vars": quiet_env()})
         else:
-            ctx = ray.init(num_cpus=num_cpus, include_dashboard=True,
+            ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, logging_level=level,
                            dashboard_host="127.0.0.1", log_to_driver=True)
         if ctx.dashboard_url:
             _DASHBOARD["url"] = ctx.dashboard_url
+        filter_worker_logs()
     job = ray.get_runtime_context().get_job_id()
     cpus = ray.cluster_resources().get("CPU", 0)
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))

@@ -75,6 +75,17 @@ def test_pipeline_runs_through_prefect_registers_and_caches(prefect_api, tmp_pat
         assert {"train-32s", "train-16s", "train-8s", "register"} <= {
             n.rsplit("-", 1)[0] if n.startswith(("ingest", "register")) else n for n in states}
         assert all(s.is_completed() for s in states.values()), states
+        # The Prefect UI shows the results: stage table, evaluations, champion decision.
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        keys = ["fcn-stages", "fcn-evaluation-8s", "fcn-champion-fcn-flowtest"]
+        arts = {a.key: a.data for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))}
+        assert set(arts) == set(keys), sorted(arts)
+        assert all(f"| FCN-{s} | " in arts["fcn-stages"] for s in ("32s", "16s", "8s"))
+        final_iu = summary["evaluations"][-1]["metrics"]["mean_iu"]
+        assert f"| {final_iu:.4f} |" in arts["fcn-evaluation-8s"]
+        assert "version 1 took the champion alias" in arts["fcn-champion-fcn-flowtest"]
 
         # Unchanged inputs: ingest and the three stages are cache hits.
         second = fcn_pipeline(**params, evaluate_every_stage=False, return_state=True)

@@ -395,6 +395,11 @@ def _pipeline_on_the_stack(tmp_path: Path, stack: dict[str, str], client_env: di
     logs = sorted(f.name for f in (state / "ray-session" / "logs").glob("worker-*"))
     assert [n for n in logs if any(f"-{j}-" in n for j in jobs)], (jobs, logs)
     assert "Ray: a local Ray" not in out
+    # Quiet: our progress and tables, not Ray's internals (they stay in the session logs).
+    for noise in ("Reporting training result", "PreemptionWatcher", "DeprecationWarning",
+                  "Progress bars disabled", "Started a local Ray"):
+        assert noise not in out, noise
+    assert "[32s] step" in out  # the workers' own progress lines still reach the user
     # Nothing fell back to the local stores `fcn run` uses without the servers.
     assert not (work / "data" / "mlflow").exists()
     assert not (work / "data" / "prefect").exists()

@@ -39,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Our own lines name the runs; MLflow would add a "View run ..." pair per run, and its
     # INFO lines (creating the SQLite tables, ...) are its internals: -v shows them.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    if not getattr(args, "verbose", False):
+    if getattr(args, "verbose", False):
+        os.environ["FCN_VERBOSE"] = "1"  # pipelines.ray_env: Ray's own logs too
+    else:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:

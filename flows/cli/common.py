@@ -66,6 +66,8 @@ def quiet_ray_logs(verbose: bool) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     for name in ("ray", "ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Progress bars disabled ..." once per dataset when stderr is not a terminal.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def add_verbose(p: argparse.ArgumentParser) -> None:
