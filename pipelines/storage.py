@@ -218,6 +218,7 @@ def check_writable(location: str | os.PathLike[str]) -> None:
     loc = normalize(location)
     fs, path = resolve(loc)
     if isinstance(fs, pafs.LocalFileSystem):
+        _check_local_folder(Path(path), loc)
         return
     bucket = path.split("/", 1)[0]
     with _errors(loc, "write to"):
@@ -226,6 +227,18 @@ def check_writable(location: str | os.PathLike[str]) -> None:
             raise StorageError(f"cannot write to {loc}: bucket '{bucket}' does not exist "
                                "(create it first)")
         fs.get_file_info(path)  # credentials and endpoint
+
+
+def _check_local_folder(path: Path, loc: str) -> None:
+    """A local output folder: it, or its nearest existing parent, must be a writable folder."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StorageError(f"cannot write to {loc}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot write to {loc}: {probe} is not writable (permission "
+                           "denied)")
 
 
 # ------------------------------------------------------------------------ file ops
