@@ -2,28 +2,194 @@
 
 No inheritance between presets: each YAML file says everything it changes from the defaults
 below, and the resolved config is saved with every checkpoint and logged to MLflow.
+
+A config is validated as a whole when it is built (``TrainConfig(...)``, ``from_dict``,
+``load_config``, ``dataclasses.replace``): every field's type and range, then the rules
+between fields. A ``ConfigError`` names every bad field with its value on one line, e.g.
+``config tiny.yaml: stages[1].lr: must be > 0, got -0.1``. Numbers written as YAML 1.1
+reads them as strings (``weight_decay: 5e-4`` has no dot, so PyYAML returns "5e-4") are read
+as numbers; anything else where a number belongs is refused by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import math
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipelines.datasets import NAMES as DATASETS
+from pipelines.errors import UserError
+
 STAGE_VARIANTS = {"32s": "fcn32s", "16s": "fcn16s", "8s": "fcn8s", "8s-atonce": "fcn8s_atonce"}
 INPUTS = ("rgb", "hha", "rgbd", "rgb-hha")  # NYUD: colour, HHA, 4-channel, late fusion
 SCHEDULES = ("fixed", "poly")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
 OPTIMIZERS = ("sgd", "adam")
+STAGE_ORDER = ("32s", "16s", "8s")
+DEPTH_DATASETS = ("nyud",)  # the datasets whose rows carry depth and HHA images
+GEO_DATASETS = ("siftflow",)  # the datasets whose rows carry a second label (label_geo)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message names the field."""
+
+
+# --------------------------------------------------------------- one value, one rule
+
+
+class _Invalid(Exception):
+    """Why one value is refused (internal: becomes a ConfigError naming the field)."""
+
+
+# Numbers as YAML 1.1 leaves them in strings: "5e-4", "1e5", "+3", ".5" (no inf/nan words).
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _number(value: Any) -> int | float:
+    if isinstance(value, bool):  # a bool is an int to Python, never a number to a user
+        raise _Invalid("must be a number")
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        text = value.strip()
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    raise _Invalid("must be a number")
+
+
+def _real(value: Any, *, gt: float | None = None, ge: float | None = None,
+          lt: float | None = None) -> float:
+    x = float(_number(value))
+    if not math.isfinite(x):
+        raise _Invalid("must be a finite number")
+    if gt is not None and not x > gt:
+        raise _Invalid(f"must be > {gt:g}")
+    if ge is not None and not x >= ge:
+        raise _Invalid(f"must be >= {ge:g}")
+    if lt is not None and not x < lt:
+        raise _Invalid(f"must be < {lt:g}")
+    return x
+
+
+def _int(value: Any, *, ge: int, lt: int | None = None) -> int:
+    x = _number(value)
+    if isinstance(x, float):
+        if not (math.isfinite(x) and x.is_integer()):
+            raise _Invalid("must be a whole number")
+        x = int(x)
+    if x < ge:
+        raise _Invalid(f"must be >= {ge}")
+    if lt is not None and x >= lt:
+        raise _Invalid(f"must be < {lt}")
+    return x
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("must be true or false")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value not in options:
+            raise _Invalid(f"must be one of {', '.join(options)}")
+        return value
+    return check
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("must be a non-empty string")
+    return value
+
+
+def _run_name(value: Any) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise _Invalid("must be 1-64 letters, digits, '.', '_' or '-' (it names run folders "
+                       "and MLflow runs), starting with a letter or digit")
+    return value
+
+
+def _optional(rule: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else rule(value)
+
+
+def _location(value: Any) -> str:
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("must be a file path or a URI")
+    return value
+
+
+def _heads(value: Any, errors: list[str]) -> dict[str, int] | None:
+    """``heads``: None, or {name: classes} with one or two entries (label, then label_geo)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not value or len(value) > 2:
+        errors.append(f"heads: must map one or two head names to their class counts, e.g. "
+                      f"{{semantic: 33, geometric: 3}}, got {_show(value)}")
+        return None
+    n = len(errors)
+    bad = [k for k in value if not isinstance(k, str) or not k]
+    errors += [f"heads: head names must be strings, got {_show(k)}" for k in bad]
+    out = _check({k: lambda v: _int(v, ge=1) for k in value if k not in bad}, value,
+                 "heads.", errors)
+    return out if len(errors) == n else None
+
+
+def _check(rules: Mapping[str, Callable[[Any], Any]], values: Mapping[str, Any], prefix: str,
+           errors: list[str]) -> dict[str, Any]:
+    """Every value through its rule; the refused ones appended to ``errors``."""
+    out = {}
+    for key, rule in rules.items():
+        if key not in values:
+            continue
+        try:
+            out[key] = rule(values[key])
+        except _Invalid as e:
+            errors.append(f"{prefix}{key}: {e}, got {_show(values[key])}")
+    return out
+
+
+def _unknown(keys: Any, known: Any, prefix: str) -> list[str]:
+    errors = []
+    for key in sorted(set(keys) - set(known), key=str):
+        close = difflib.get_close_matches(str(key), list(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else \
+            f" (known: {', '.join(sorted(known))})"
+        errors.append(f"{prefix}unknown key {key!r}{hint}")
+    return errors
+
+
+def _raise(errors: list[str]) -> None:
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+# ---------------------------------------------------------------------- the config
+
+
+_STAGE_RULES: dict[str, Callable[[Any], Any]] = {
+    "name": _choice(tuple(STAGE_VARIANTS)),
+    "steps": lambda v: _int(v, ge=1),
+    "lr": lambda v: _real(v, gt=0),
+}
 
 
 @dataclass(frozen=True)
@@ -32,15 +198,92 @@ class StageConfig:
     steps: int  # optimizer steps (global batches) in this stage
     lr: float  # base learning rate (the reference: 1e-10, 1e-12, 1e-14 with a summed loss)
 
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+        values = _check(_STAGE_RULES, dataclasses.asdict(self), "stage.", errors)
+        _raise(errors)
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
+
     @property
     def variant(self) -> str:
         return STAGE_VARIANTS[self.name]
 
 
+def _stage(value: Any, where: str, errors: list[str]) -> StageConfig | None:
+    """One entry of ``stages`` (a StageConfig or a {name, steps, lr} mapping)."""
+    if isinstance(value, StageConfig):
+        return value
+    if not isinstance(value, Mapping):
+        errors.append(f"{where}: must be a mapping {{name, steps, lr}}, got {_show(value)}")
+        return None
+    n = len(errors)
+    errors += _unknown(value, _STAGE_RULES, f"{where}: ")
+    errors += [f"{where}.{k}: missing (each stage names name, steps and lr)"
+               for k in _STAGE_RULES if k not in value]
+    values = _check(_STAGE_RULES, value, f"{where}.", errors)
+    return StageConfig(**values) if len(errors) == n else None
+
+
+def _stages(value: Any, errors: list[str]) -> tuple[StageConfig, ...] | None:
+    if not isinstance(value, (list, tuple)):
+        errors.append(f"stages: must be a list of {{name, steps, lr}} mappings, got "
+                      f"{_show(value)}")
+        return None
+    if not value:
+        errors.append("stages: must name at least one stage, got []")
+        return None
+    stages = [_stage(s, f"stages[{i}]", errors) for i, s in enumerate(value)]
+    if any(s is None for s in stages):
+        return None
+    names = [s.name for s in stages if s is not None]
+    if "8s-atonce" in names and len(names) > 1:
+        errors.append(f"stages: 8s-atonce trains in one stage on its own, got {names}")
+    elif "8s-atonce" not in names and \
+            names != list(STAGE_ORDER[STAGE_ORDER.index(names[0]):])[:len(names)]:
+        errors.append(f"stages: must follow 32s -> 16s -> 8s (a suffix may start later), "
+                      f"got {names}")
+    return tuple(s for s in stages if s is not None)
+
+
+_RULES: dict[str, Callable[[Any], Any]] = {
+    "name": _run_name,
+    "dataset": _choice(DATASETS),
+    "train_split": _text,
+    "val_split": _text,
+    "width": lambda v: _real(v, gt=0),
+    "input": _choice(INPUTS),
+    "backbone_weights": _optional(_location),
+    "learn_upsampling": _bool,
+    "optimizer": _choice(OPTIMIZERS),
+    "batch_size": lambda v: _int(v, ge=1),
+    "momentum": lambda v: _real(v, ge=0, lt=1),
+    "weight_decay": lambda v: _real(v, ge=0),
+    "bias_lr_mult": lambda v: _real(v, ge=0),
+    "normalize_loss": _bool,
+    "schedule": _choice(SCHEDULES),
+    "poly_power": lambda v: _real(v, gt=0),
+    "mirror": _bool,
+    "pad_multiple": lambda v: _int(v, ge=1),
+    "channels_last": _bool,
+    "seed": lambda v: _int(v, ge=0, lt=2**63),
+    "workers": lambda v: _int(v, ge=1),
+    "use_gpu": _bool,
+    "cpus_per_worker": lambda v: _real(v, gt=0),
+    "placement_strategy": _choice(PLACEMENTS),
+    "checkpoint_every": lambda v: _int(v, ge=1),
+    "val_every": lambda v: _int(v, ge=0),
+    "max_failures": lambda v: _int(v, ge=-1),  # -1: Ray Train retries forever
+    "cache_dataset": _bool,
+    "threads_per_worker": lambda v: _int(v, ge=0),
+    "fail_at_step": _optional(lambda v: _int(v, ge=0)),
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     name: str = "fcn"  # run name; MLflow run names and Ray Train run folders derive from it
-    dataset: str = "voc"  # which mean / classes: voc | sbd | nyud | siftflow | synthetic
+    dataset: str = "voc"  # which mean / classes: one of pipelines.datasets.NAMES
     train_split: str = "train"
     val_split: str = "val"
     # model
@@ -55,7 +298,7 @@ class TrainConfig:
     # optimisation (reference solver)
     optimizer: str = "sgd"  # sgd (the reference) | adam (trains a random-init trunk faster)
     batch_size: int = 1  # images per worker per step
-    momentum: float = 0.99
+    momentum: float = 0.99  # [0, 1)
     weight_decay: float = 5e-4
     bias_lr_mult: float = 2.0  # biases: lr x2, no decay
     normalize_loss: bool = False  # False: summed over pixels (reference), True: mean
@@ -78,38 +321,23 @@ class TrainConfig:
     fail_at_step: int | None = None  # fault injection: one worker raises once at this step
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"{name} {why}, got {name}={getattr(self, name)!r}")
-
-        if self.width <= 0:
-            raise bad("width", "must be > 0")
-        if self.input not in INPUTS:
-            raise bad("input", f"must be one of {', '.join(INPUTS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
-        if self.placement_strategy not in PLACEMENTS:
-            raise bad("placement_strategy", f"must be one of {', '.join(PLACEMENTS)}")
-        for name in ("batch_size", "workers", "checkpoint_every", "pad_multiple"):
-            if int(getattr(self, name)) < 1:
-                raise bad(name, "must be >= 1")
-        if self.val_every < 0:
-            raise bad("val_every", "must be >= 0")
-        if self.cpus_per_worker <= 0:
-            raise bad("cpus_per_worker", "must be > 0")
-        if not self.stages:
-            raise bad("stages", "must name at least one stage")
-        names = [s.name for s in self.stages]
-        if "8s-atonce" in names and len(names) > 1:
-            raise bad("stages", "8s-atonce trains in one stage on its own")
-        order = ["32s", "16s", "8s"]
-        if "8s-atonce" not in names and names != order[order.index(names[0]):][:len(names)]:
-            raise bad("stages", "must follow 32s -> 16s -> 8s (a suffix may start later)")
-        for s in self.stages:
-            if s.steps < 1 or s.lr <= 0:
-                raise ConfigError(f"stage {s.name}: steps must be >= 1 and lr > 0, got "
-                                  f"steps={s.steps}, lr={s.lr}")
+        """Check and normalise every field (numbers in strings, ints where floats belong),
+        then the rules between fields; every problem found goes into one ConfigError."""
+        errors: list[str] = []
+        values = _check(_RULES, {f.name: getattr(self, f.name)
+                                 for f in dataclasses.fields(self)}, "", errors)
+        values["heads"] = _heads(self.heads, errors)
+        values["stages"] = _stages(self.stages, errors)
+        _raise(errors)
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
+        if self.input != "rgb" and self.dataset not in DEPTH_DATASETS:
+            errors.append(f"input: {self.input!r} needs depth/HHA images, which only "
+                          f"{', '.join(DEPTH_DATASETS)} rows have, got dataset={self.dataset!r}")
+        if self.heads and len(self.heads) > 1 and self.dataset not in GEO_DATASETS:
+            errors.append(f"heads: a second head reads label_geo, which only "
+                          f"{', '.join(GEO_DATASETS)} rows have, got dataset={self.dataset!r}")
+        _raise(errors)
 
     @property
     def in_channels(self) -> int:
@@ -133,51 +361,43 @@ class TrainConfig:
         return dataclasses.replace(self, stages=tuple(s for s in self.stages if s.name in names))
 
 
-def from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Build a TrainConfig, refusing unknown keys with their names."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown config keys: {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(known))})")
-    data = dict(data)
-    if "stages" in data:
-        stages = []
-        for s in data["stages"]:
-            if not isinstance(s, dict) or set(s) - {"name", "steps", "lr"} or "name" not in s:
-                raise ConfigError(f"each stage needs name, steps, lr; got {s!r}")
-            if s["name"] not in STAGE_VARIANTS:
-                raise ConfigError(f"stage name must be one of {', '.join(STAGE_VARIANTS)}, "
-                                  f"got {s['name']!r}")
-            stages.append(StageConfig(str(s["name"]), int(s.get("steps", 100)),
-                                      float(s.get("lr", 1e-10))))
-        data["stages"] = tuple(stages)
-    try:
-        return TrainConfig(**data)
-    except TypeError as e:
-        raise ConfigError(str(e)) from None
+def from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from a mapping (a YAML file, ``to_dict()``), refusing unknown keys
+    by name and every bad value with its field."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a config must be a mapping of config keys, got {_show(data)}")
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    _raise(_unknown(data, known, ""))
+    return TrainConfig(**data)
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
-    """Read a YAML preset; ``overrides`` (e.g. from the CLI) win over the file."""
+    """Read a YAML preset; ``overrides`` (e.g. from the CLI) win over the file. Errors start
+    with ``config <path>:``."""
     from pipelines import storage
 
     p = storage.as_location(path)
+    where = f"config {path}"
     try:
         text = storage.read_text(p)
-    except FileNotFoundError:
+    except FileNotFoundError:  # other storage errors (a folder, denied) are one line too
         raise ConfigError(f"config file not found: {p}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = getattr(e, "problem", None) or type(e).__name__
-        raise ConfigError(f"{p} is not valid YAML{where}: {what}") from None
+        raise ConfigError(f"{where}: not valid YAML{at}: {what}") from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{p} must hold a mapping of config keys")
+        raise ConfigError(f"{where}: must be a mapping of config keys (key: value lines), "
+                          f"got a {type(data).__name__}")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return from_dict(data)
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -103,8 +103,12 @@ CASES = [
     Case("MLflow server that does not answer", lambda p: ["models"],
          r"MLflow tracking server at MLFLOW_TRACKING_URI=http://127\.0\.0\.1:\d+ does not "
          r"answer", env=(("MLFLOW_TRACKING_URI", "http://127.0.0.1:{port}"),)),
-    Case("fcn run on Ray Jobs with a local --root",
+    Case("fcn run --dataset voc with a config for another dataset",
          lambda p: ["run", "--config", str(ROOT / "configs/demo.yaml"), "--dataset", "voc",
+                    "--root", str(p["voc"]), "--project-dir", str(p["tmp"] / "proj")],
+         r"config 'demo' is for dataset 'synthetic' but the run ingests 'voc'"),
+    Case("fcn run on Ray Jobs with a local --root",
+         lambda p: ["run", "--config", str(ROOT / "configs/demo.yaml"), "--dataset", "synthetic",
                     "--root", str(p["voc"]), "--project-dir", str(p["tmp"] / "proj")],
          r"give --root as a URI they reach", env=(("RAY_ADDRESS", "http://127.0.0.1:{port}"),)),
 ]

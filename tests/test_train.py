@@ -1,16 +1,13 @@
 """Staged Ray Train training on real Ray and a real MLflow SQLite store (tiny nets)."""
 
 import dataclasses
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from fcn_core.surgery import promote
-from pipelines.config import ConfigError, StageConfig, TrainConfig, from_dict, load_config
+from pipelines.config import StageConfig, TrainConfig
 from pipelines.ingest import IngestConfig, ingest
 from pipelines.shards import read_manifest
 from pipelines.sources import synthetic as synth
@@ -116,24 +113,6 @@ def test_siftflow_two_heads_and_nyud_rgbd_complete_a_few_steps(shards, tmp_path,
                                log=lambda m: None)
     model = load_model(res.checkpoint)
     assert res.steps == 3 and model.config.in_channels == 4 and "mean_iu" in res.metrics
-
-
-def test_configs_are_validated_with_clear_errors(tmp_path):
-    for preset in sorted(Path("configs").glob("*.yaml")):
-        load_config(preset)  # every shipped preset loads
-    with pytest.raises(ConfigError, match="unknown config keys: wdith"):
-        from_dict({"wdith": 1})
-    with pytest.raises(ConfigError, match="32s -> 16s -> 8s"):
-        from_dict({"stages": [{"name": "8s", "steps": 1, "lr": 1}, {"name": "32s", "steps": 1,
-                                                                     "lr": 1}]})
-    with pytest.raises(ConfigError, match="input"):
-        dataclasses.replace(TrainConfig(), input="rgbx")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("width: [")
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--config", str(bad),
-                           "--data", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "not valid YAML" in proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_resume_continues_an_interrupted_stage_from_its_checkpoint(shards, tmp_path,

@@ -67,12 +67,21 @@ def _check_cluster_locations(args: argparse.Namespace) -> None:
     check_jobs_api(address)  # a dashboard that does not answer fails now, in one line
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """A bad config, a config for another dataset or missing weights fail here, in one line,
+    before Prefect starts and the data is ingested."""
+    from pipelines import preflight
+    from pipelines.config import load_config
+
+    cfg = load_config(args.config)
+    preflight.check_dataset_name(cfg, args.dataset)
+    preflight.check_start(cfg)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     prefect_env(Path(args.project_dir))
     quiet_ray_logs(args.verbose)
-    from pipelines.config import load_config
-
-    load_config(args.config)  # a bad config fails here, in one line
+    _preflight(args)
     _check_cluster_locations(args)
     from flows.pipeline import fcn_pipeline
 
@@ -86,9 +95,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from prefect.schedules import Cron
 
     from flows.pipeline import fcn_pipeline
-    from pipelines.config import load_config
 
-    load_config(args.config)
+    _preflight(args)
     try:
         Cron(args.cron)
     except ValueError as exc:
