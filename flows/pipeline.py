@@ -22,9 +22,9 @@ from flows.tasks import (
     start_run_task,
     train_stage_task,
 )
-from pipelines.datasets import NAMES
+from pipelines.sources.datasets import NAMES
 
-Dataset = Literal[NAMES]  # type: ignore[valid-type]  # the one table: pipelines.datasets
+Dataset = Literal[NAMES]  # type: ignore[valid-type]  # the one table: pipelines.sources.datasets
 
 
 def _data_dir() -> Path:

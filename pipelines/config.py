@@ -26,8 +26,9 @@ from typing import Any
 
 import yaml
 
-from pipelines.datasets import NAMES as DATASETS
 from pipelines.errors import UserError
+from pipelines.sources.datasets import DEPTH, GEO
+from pipelines.sources.datasets import NAMES as DATASETS
 
 STAGE_VARIANTS = {"32s": "fcn32s", "16s": "fcn16s", "8s": "fcn8s", "8s-atonce": "fcn8s_atonce"}
 INPUTS = ("rgb", "hha", "rgbd", "rgb-hha")  # NYUD: colour, HHA, 4-channel, late fusion
@@ -35,8 +36,8 @@ SCHEDULES = ("fixed", "poly")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
 OPTIMIZERS = ("sgd", "adam")
 STAGE_ORDER = ("32s", "16s", "8s")
-DEPTH_DATASETS = ("nyud",)  # the datasets whose rows carry depth and HHA images
-GEO_DATASETS = ("siftflow",)  # the datasets whose rows carry a second label (label_geo)
+DEPTH_DATASETS = DEPTH  # the datasets whose rows carry depth and HHA images
+GEO_DATASETS = GEO  # the datasets whose rows carry a second label (label_geo)
 
 
 class ConfigError(UserError, ValueError):
@@ -283,7 +284,7 @@ _RULES: dict[str, Callable[[Any], Any]] = {
 @dataclass(frozen=True)
 class TrainConfig:
     name: str = "fcn"  # run name; MLflow run names and Ray Train run folders derive from it
-    dataset: str = "voc"  # which mean / classes: one of pipelines.datasets.NAMES
+    dataset: str = "voc"  # which mean / classes: one of pipelines.sources.datasets.NAMES
     train_split: str = "train"
     val_split: str = "val"
     # model

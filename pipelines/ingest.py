@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fcn_core.palettes import IGNORE_INDEX
-from pipelines import datasets, storage
+from pipelines import storage
 from pipelines.errors import UsageError
 from pipelines.shards import (
     MANIFEST,
@@ -45,7 +45,7 @@ from pipelines.shards import (
     encode_png,
     read_manifest,
 )
-from pipelines.sources import Problem, RawRecord, load_example, source
+from pipelines.sources import Problem, RawRecord, datasets, load_example, source
 from pipelines.sources import synthetic as synth
 from pipelines.storage import StoragePath
 

@@ -29,7 +29,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from pipelines.datasets import NAMES, layouts_help
+    from pipelines.sources.datasets import NAMES, layouts_help
 
     p = sub.add_parser(
         "ingest", help="read a dataset's own layout into validated Parquet shards",

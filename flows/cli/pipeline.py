@@ -170,7 +170,7 @@ def _add_project_dir(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from pipelines.datasets import NAMES
+    from pipelines.sources.datasets import NAMES
 
     def pipeline_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/demo.yaml")

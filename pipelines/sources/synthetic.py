@@ -17,7 +17,7 @@ import scipy.sparse
 from PIL import Image
 
 from fcn_core.palettes import SIFTFLOW_CLASSES, SIFTFLOW_GEO_CLASSES, voc_colormap
-from pipelines.datasets import DOWNLOADED
+from pipelines.sources.datasets import DOWNLOADED
 
 Size = tuple[int, int]  # (H, W)
 SPLITS: dict[str, tuple[str, str]] = {  # (train split, val split) as each dataset names them

@@ -15,6 +15,8 @@ class Dataset:
     name: str
     layout: str  # the on-disk layout as downloaded, for --help
     generated: bool = False  # written by pipelines.sources.synthetic, not downloaded
+    depth: bool = False  # rows carry depth and HHA images (RGB-D, HHA and late-fusion nets)
+    geo: bool = False  # rows carry a second label, label_geo (a second head)
 
 
 DATASETS: dict[str, Dataset] = {d.name: d for d in (
@@ -22,16 +24,18 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
                    "SegmentationClassAug/, ImageSets/Segmentation/*.txt"),
     Dataset("sbd", "benchmark_RELEASE/dataset: img/, cls/*.mat, train.txt, val.txt"),
     Dataset("nyud", "data/images|depth|hha/img_NNNN.png, segmentation/img_NNNN.mat, "
-                    "train|val|test.txt or splits.mat"),
+                    "train|val|test.txt or splits.mat", depth=True),
     Dataset("siftflow", "Images/, SemanticLabels/, GeoLabels/ "
                         "(spatial_envelope_256x256_static_8outdoorcategories), trainval.txt, "
-                        "test.txt"),
+                        "test.txt", geo=True),
     Dataset("synthetic", "generates a small VOC layout at --root when it is empty, then "
                          "ingests it", generated=True),
 )}
 NAMES: tuple[str, ...] = tuple(DATASETS)
 #: The layouts of real downloads (what the synthetic generator can imitate).
 DOWNLOADED: tuple[str, ...] = tuple(n for n, d in DATASETS.items() if not d.generated)
+DEPTH: tuple[str, ...] = tuple(n for n, d in DATASETS.items() if d.depth)
+GEO: tuple[str, ...] = tuple(n for n, d in DATASETS.items() if d.geo)
 
 
 def check(name: str) -> str:
