@@ -120,7 +120,7 @@ _REASON_KINDS = (
     ("escapes", "path escape"), ("duplicate", "duplicate id"), ("empty file", "empty file"),
     ("missing", "missing file"), ("truncated", "truncated image"),
     ("does not match image size", "size mismatch"), ("out of range", "label out of range"),
-    ("undecodable", "undecodable"),
+    ("undecodable", "undecodable"), ("too large", "image too large"),
 )
 
 

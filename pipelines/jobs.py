@@ -26,7 +26,8 @@ from pipelines.ray_env import RayUnavailable, address_kind, quiet_env
 Log = Callable[[str], None]
 # Settings a job needs that are not secrets (credentials stay in the cluster's environment).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL",
-                 "AWS_DEFAULT_REGION", "MLFLOW_EXPERIMENT_NAME")
+                 "AWS_DEFAULT_REGION", "MLFLOW_EXPERIMENT_NAME", "FCN_MAX_IMAGE_PIXELS",
+                 "FCN_VERBOSE")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 

@@ -1,20 +1,32 @@
 """Inference on image files and folders: class-id PNGs and colour overlays.
 
-Small inputs run in this process; large folders go through Ray Data (one model load per
-actor). Unreadable files are reported and skipped; every readable one is written.
+The model is resolved once, in this process (the driver), against the project's tracking
+URI, and refused before any work starts unless it reads RGB images. Small inputs then run in
+this process; large folders go through Ray Data, whose actors receive that resolved model
+(one copy in the object store), never a URI to resolve again.
+
+Images are read with ``pipelines.images`` (16-bit, alpha, palette, CMYK, grayscale, EXIF
+orientation, the pixel limit: its docstring says how). Each output is the size of the image
+as a viewer shows it (EXIF orientation applied). An input that cannot be used (missing,
+empty, not an image, truncated, too large, unreadable) is reported in one line naming it and
+skipped; it never stops the others. When nothing at all was written the call fails with a
+``UserError`` saying how many inputs were skipped.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fcn_core.inference import InferenceOptions
-from pipelines import storage
+from pipelines import images, storage
+from pipelines.errors import ServiceUnavailable, UsageError, UserError
 from pipelines.storage import StoragePath
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
@@ -25,6 +37,12 @@ Log = Callable[[str], None]
 class PredictResult:
     written: list[str] = field(default_factory=list)  # the class-id PNGs
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def summary(self, out: str) -> str:
+        """The closing line: what was written where, and how many inputs were skipped."""
+        return (f"wrote {len(self.written)} prediction(s) to {out} (<name>.png class ids, "
+                f"<name>_color.png overlay); skipped {len(self.skipped)}"
+                + (" (reasons above)" if self.skipped else ""))
 
 
 def collect_inputs(inputs: Sequence[str]) -> tuple[list[StoragePath], list[tuple[str, str]]]:
@@ -72,15 +90,26 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def check_rgb_model(loaded: Any, model_uri: str) -> None:
+    """``fcn predict`` reads RGB image files: a net that reads HHA, RGB-D or RGB + HHA (late
+    fusion) would be fed the wrong channels and give a silent wrong answer. Refuse it."""
+    if loaded.input != "rgb":
+        raise UsageError(
+            f"model {model_uri} reads input={loaded.input!r} (HHA, RGB-D or late fusion need "
+            "depth-derived inputs that fcn predict does not make from image files): predict "
+            "with a model trained on input: rgb, or score this one with fcn evaluate on an "
+            "ingested NYUD dataset")
+
+
 def predict_one(loaded: Any, path: str, out_dir: str, name: str, options: InferenceOptions,
-                device: Any = "cpu") -> tuple[str | None, str | None]:
-    """(written label location, None) or (None, why it was skipped)."""
+                device: Any = "cpu", max_pixels: int | None = None
+                ) -> tuple[str | None, str | None]:
+    """(written label location, None) or (None, why it was skipped: one line naming it)."""
     from fcn_core.inference import predict_labels
-    from pipelines.sources import decode_image
 
     try:
-        image = decode_image(path)
-    except ValueError as e:
+        image = images.read_rgb(path, max_pixels=max_pixels)
+    except images.ImageError as e:
         return None, str(e)
     (label,) = predict_labels(loaded.net, [image], loaded.mean_bgr, options, device)
     target = storage.join(out_dir, f"{name}.png")
@@ -91,46 +120,137 @@ def predict_one(loaded: Any, path: str, out_dir: str, name: str, options: Infere
 
 
 class _FolderPredictor:
-    """Ray Data UDF for large folders: one model load per actor."""
+    """Ray Data UDF for large folders: the driver's resolved model, one copy per actor."""
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, out_dir: str,
-                 options: dict[str, Any]):
-        from pipelines.registry import resolve_model
+    def __init__(self, model: Any, out_dir: str, options: dict[str, Any], max_pixels: int):
+        import ray
+        import torch
 
-        self.loaded = resolve_model(model_uri, tracking_uri)
+        from pipelines.evaluate import ray_cpus
+
+        torch.set_num_threads(max(1, int(ray_cpus())))
+        self.loaded = ray.get(model)  # an ObjectRef of the driver's LoadedModel
         self.out_dir = out_dir
+        self.max_pixels = max_pixels
         self.options = InferenceOptions(**{k: tuple(v) if k == "scales" else v
                                            for k, v in options.items()})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        written, reasons = [], []
+        written, reasons, fatal = [], [], []
         for path, name in zip(batch["path"], batch["name"], strict=True):
-            w, why = predict_one(self.loaded, str(path), self.out_dir, str(name), self.options)
+            w, why, stop = None, None, ""
+            try:
+                w, why = predict_one(self.loaded, str(path), self.out_dir, str(name),
+                                     self.options, max_pixels=self.max_pixels)
+            except UserError as e:  # an output that cannot be written, a store that is down
+                stop = f"{'transient:' if e.transient else 'user:'}{e}"
             written.append(w or "")
             reasons.append(why or "")
+            fatal.append(stop)
         return {"path": batch["path"], "written": np.array(written, dtype=object),
-                "reason": np.array(reasons, dtype=object)}
+                "reason": np.array(reasons, dtype=object),
+                "fatal": np.array(fatal, dtype=object)}
+
+
+@contextmanager
+def _mlflow_store(uri: str) -> Iterator[None]:
+    """MLflow (3.17) resolves a ``models:/`` URI with its process-wide tracking and registry
+    URIs, whatever ``download_artifacts`` is given (``ModelsArtifactRepository.
+    _get_model_uri_infos`` builds its own client): without this, a process that never set
+    them looks in ``./mlflow.db``, creates it, and finds no model. Both point at the project's
+    store while the model is resolved (and MLflow's download progress bar stays off unless
+    the user asked for it); all are put back afterwards."""
+    values = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
+              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR":
+                  os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _resolve(model_uri: str) -> Any:
+    """The model, resolved here on the driver, against the project's tracking URI (never
+    MLflow's default store in the current folder)."""
+    from pipelines.registry import is_mlflow_uri, resolve_model
+    from pipelines.tracking import tracking_uri
+
+    if is_mlflow_uri(model_uri):
+        uri = tracking_uri()
+        with _mlflow_store(uri):
+            loaded = resolve_model(model_uri, uri)
+    else:
+        loaded = resolve_model(model_uri)
+    check_rgb_model(loaded, model_uri)
+    return loaded
+
+
+def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], out_dir: str,
+                      options: InferenceOptions, actors: int, limit: int, log: Log,
+                      result: PredictResult) -> None:
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.evaluate import actor_cpus
+    from pipelines.ray_env import init_ray
+
+    log(init_ray())
+    model_ref = ray.put(loaded)
+    ds = ray.data.from_items([{"path": str(f), "name": n} for f, n in
+                              zip(files, names, strict=True)],
+                             override_num_blocks=max(1, len(files) // 16))
+    done = ds.map_batches(_FolderPredictor, batch_size=16, batch_format="numpy",
+                          compute=ActorPoolStrategy(size=actors),
+                          num_cpus=actor_cpus(actors),
+                          fn_constructor_kwargs={"model": model_ref, "out_dir": out_dir,
+                                                 "options": asdict(options),
+                                                 "max_pixels": limit})
+    for batch in done.iter_batches(batch_format="numpy", batch_size=None):
+        for path, written, why, stop in zip(batch["path"], batch["written"], batch["reason"],
+                                            batch["fatal"], strict=True):
+            if stop:
+                kind, _, message = str(stop).partition(":")
+                raise (ServiceUnavailable if kind == "transient" else UserError)(message)
+            if written:
+                result.written.append(str(written))
+            else:
+                result.skipped.append((str(path), str(why)))
 
 
 def predict(model_uri: str, inputs: Sequence[str], out: str, *,
             options: InferenceOptions | None = None, ray_threshold: int = 64,
-            actors: int = 2, log: Log = print) -> PredictResult:
+            actors: int = 2, max_pixels: int | None = None, log: Log = print
+            ) -> PredictResult:
     """Predict every image in ``inputs`` into ``out``: <name>.png (uint8 class ids, the
-    input's size) and <name>_color.png (overlay)."""
-    from pipelines.registry import is_mlflow_uri, resolve_model
-    from pipelines.tracking import tracking_uri
+    size of the image as shown, EXIF orientation applied) and <name>_color.png (overlay).
 
+    ``max_pixels``: the largest image accepted (``pipelines.images.pixel_limit``). Unusable
+    inputs are logged (``skipped PATH: reason``) and listed in the result; a ``UserError``
+    when there is nothing to predict or every input was skipped."""
     options = options or InferenceOptions()
+    limit = images.pixel_limit(max_pixels)
     out_dir = storage.as_location(out)
     storage.check_writable(out_dir)
-    storage.makedirs(out_dir)
+    loaded = _resolve(model_uri)  # before any Ray work, and before anything is written
     files, missing = collect_inputs(inputs)
+    if not files and not missing:
+        raise UsageError(f"no image files in {', '.join(map(str, inputs))} (looked for "
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))})")
     result = PredictResult(skipped=list(missing))
     names = _output_names(files)
+    if files:
+        storage.makedirs(out_dir)
     if len(files) < ray_threshold:
-        loaded = resolve_model(model_uri)
         for i, (f, name) in enumerate(zip(files, names, strict=True), 1):
-            written, why = predict_one(loaded, str(f), out_dir, name, options)
+            written, why = predict_one(loaded, str(f), out_dir, name, options,
+                                       max_pixels=limit)
             if written:
                 result.written.append(written)
             else:
@@ -138,31 +258,11 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
             if i % 10 == 0 or i == len(files):
                 log(f"predicted {i}/{len(files)}")
     else:
-        import ray.data
-        from ray.data import ActorPoolStrategy
-
-        from pipelines.evaluate import actor_cpus
-        from pipelines.ray_env import init_ray
-
-        log(init_ray())
-        uri = tracking_uri() if is_mlflow_uri(model_uri) else None
-        ds = ray.data.from_items([{"path": str(f), "name": n} for f, n in
-                                  zip(files, names, strict=True)],
-                                 override_num_blocks=max(1, len(files) // 16))
-        done = ds.map_batches(_FolderPredictor, batch_size=16, batch_format="numpy",
-                              compute=ActorPoolStrategy(size=actors),
-                              num_cpus=actor_cpus(actors),
-                              fn_constructor_kwargs={"model_uri": model_uri,
-                                                     "tracking_uri": uri,
-                                                     "out_dir": out_dir,
-                                                     "options": asdict(options)})
-        for batch in done.iter_batches(batch_format="numpy", batch_size=None):
-            for path, written, why in zip(batch["path"], batch["written"], batch["reason"],
-                                          strict=True):
-                if written:
-                    result.written.append(str(written))
-                else:
-                    result.skipped.append((str(path), str(why)))
+        _predict_with_ray(loaded, files, names, out_dir, options, actors, limit, log, result)
     for path, why in result.skipped:
-        log(f"skipped {path}: {why}")
+        log(f"skipped {storage.redact(path)}: {why}")
+    if not result.written:
+        n = len(result.skipped)
+        raise UserError(f"no prediction written: {'the' if n == 1 else 'all'} {n} input"
+                        f"{'' if n == 1 else 's'} skipped (reasons above)")
     return result

@@ -155,9 +155,12 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """Original image bytes -> uint8 RGB (H, W, 3) (grayscale / CMYK converted)."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
+    """Original image bytes -> uint8 RGB (H, W, 3), by the same rules ingest validated them
+    with (``pipelines.images``: 16-bit scaled, alpha composited on black; the stored pixels,
+    no EXIF rotation, since the labels were drawn on those)."""
+    from pipelines.images import decode_rgb as decode
+
+    return decode(data, "image", exif=False)
 
 
 def decode_arrays(row: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -79,8 +79,10 @@ def normalize(location: str | os.PathLike[str]) -> str:
     sch = scheme(s)
     if sch is None:
         return os.path.abspath(os.path.expanduser(s))
-    if sch == "file":
-        return os.path.abspath(s[len("file://"):] or "/")
+    if sch == "file":  # a file:// URI is percent-encoded (Path.as_uri of "été 1.png")
+        from urllib.parse import unquote
+
+        return os.path.abspath(unquote(s[len("file://"):]) or "/")
     if sch not in SCHEMES:
         raise StorageError(f"unsupported location {redact(s)}: scheme '{sch}://' is not one "
                            f"of {', '.join(x + '://' for x in SCHEMES)} or a local path")

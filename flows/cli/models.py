@@ -86,10 +86,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     quiet_ray_logs(args.verbose)
     result = predict(args.model, args.inputs, args.out, options=inference_options(args),
-                     log=say)
-    print(f"wrote {len(result.written)} prediction(s) to {args.out} (<name>.png class ids, "
-          f"<name>_color.png overlay); skipped {len(result.skipped)}")
-    return 1 if result.skipped and not result.written else 0
+                     log=say, max_pixels=args.max_pixels)
+    print(result.summary(args.out))
+    return 0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -140,13 +139,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "predict", help="segment image files or folders",
-        description="Write <name>.png (uint8 class ids, the input's size) and <name>_color.png "
-                    "(overlay) for every image; folders are searched recursively and large "
-                    "ones run through Ray Data. Unreadable inputs are reported and skipped.")
+        description="Write <name>.png (uint8 class ids, the input's size as a viewer shows it: "
+                    "EXIF orientation applied) and <name>_color.png (overlay) for every image; "
+                    "folders are searched recursively and large ones run through Ray Data. "
+                    "16-bit images are scaled to 8 bits, transparency is composited on black. "
+                    "Unreadable or oversized inputs are reported and skipped (exit 2 only when "
+                    "none could be used). Only models that read RGB images are accepted.")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files and/or folders (paths or URIs)")
     p.add_argument("--out", required=True, help="output folder (a path or a URI)")
+    p.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
+                   help="refuse images above N pixels (default: FCN_MAX_IMAGE_PIXELS or "
+                        "100,000,000)")
     add_verbose(p)
     add_inference_args(p)
     p.set_defaults(func=cmd_predict)

@@ -16,7 +16,8 @@ import scipy.io
 from PIL import Image, UnidentifiedImageError
 
 from fcn_core.palettes import IGNORE_INDEX, SIFTFLOW_GEO_CLASSES
-from pipelines import storage
+from pipelines import images, storage
+from pipelines.errors import UserError
 from pipelines.storage import StoragePath
 
 IGNORE = IGNORE_INDEX  # 255 in every decoded label
@@ -44,7 +45,7 @@ class Problem:
     reason: str
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """The root is not the expected layout; the message is one line for a CLI user."""
 
 
@@ -101,11 +102,11 @@ def _open_pil(path: str) -> Image.Image:
 
 
 def decode_image(path: str | Path) -> np.ndarray:
-    """uint8 RGB (H, W, 3). Grayscale, CMYK, palette and RGBA inputs are converted to RGB.
+    """uint8 RGB (H, W, 3) by the rules of ``pipelines.images`` (16-bit scaled, alpha on
+    black, palette, CMYK, grayscale; the pixel limit), so ingest and ``fcn predict`` accept
+    and refuse the same photos with the same reasons (an ``ImageError``, a ValueError).
     EXIF orientation is deliberately not applied: labels are aligned to the stored pixels."""
-    with _open_pil(str(path)) as im:
-        rgb = im if im.mode == "RGB" else im.convert("RGB")
-        return np.array(rgb, dtype=np.uint8)
+    return images.decode_rgb(_read_file(str(path)), storage.name(str(path)), exif=False)
 
 
 def decode_depth(path: str | Path) -> np.ndarray:
