@@ -1,15 +1,31 @@
-"""The model as registered in MLflow: uint8 RGB images in, class ids out.
+"""The model as served: uint8 RGB images in, class ids out, rebuilt from a checkpoint.
 
-Preprocessing (RGB -> BGR, mean subtraction) lives inside the module, so a user with only
-MLflow and torch gets labels from ``mlflow.pyfunc.load_model(uri).predict(images)``.
+Preprocessing (RGB -> BGR, mean subtraction) lives inside ``SegmentationModel``, so a user
+with only MLflow and torch gets labels from ``mlflow.pyfunc.load_model(uri).predict(images)``.
+
+Checkpoints are tensors plus plain metadata (str, int, float, bool, None, lists, dicts):
+``torch.load(weights_only=True)`` reads them and refuses anything else, so loading one never
+runs pickled code. The registered MLflow model ships this package as code and rebuilds the
+net from the checkpoint's ``arch`` with the functions below (pure torch, no MLflow here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 from torch import nn
+
+from fcn_core.fcn import FCN, FCNConfig, LateFusion
+from fcn_core.transforms import MEAN_BGR
+
+#: Written by this version into every checkpoint; files without it are the older layout,
+#: which has the same keys and loads the same way.
+CHECKPOINT_FORMAT = "fcn-checkpoint/2"
+KINDS = ("fcn", "late_fusion")
 
 
 class SegmentationModel(nn.Module):
@@ -32,3 +48,65 @@ class SegmentationModel(nn.Module):
         if isinstance(scores, dict):  # several heads: the first is the model's answer
             scores = next(iter(scores.values()))
         return scores.argmax(1)
+
+
+def load_checkpoint(data: bytes | BinaryIO) -> dict[str, Any]:
+    """A checkpoint's dict from its bytes, with ``weights_only=True``: tensors and plain
+    values only, so a crafted file cannot run code. ValueError when it is not one."""
+    buf = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    state = torch.load(buf, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "arch" not in state or "model" not in state:
+        raise ValueError("not an FCN checkpoint (it has no 'arch' and 'model' entries)")
+    return state
+
+
+def build_net(arch: Mapping[str, Any]) -> nn.Module:
+    """An untrained net of a checkpoint's ``arch`` ({kind, variant, heads, width,
+    in_channels}): the weights come next, from the same checkpoint."""
+    fields = dict(arch)
+    kind = fields.pop("kind", "fcn")
+    if kind not in KINDS:
+        raise ValueError(f"arch kind must be one of {KINDS}, got kind={kind!r}")
+    cfg = FCNConfig(**fields)
+    return LateFusion(FCN(cfg), FCN(cfg)) if kind == "late_fusion" else FCN(cfg)
+
+
+def net_from_checkpoint(state: Mapping[str, Any]) -> nn.Module:
+    """The net of a checkpoint dict (``load_checkpoint``), its weights loaded."""
+    net = build_net(state["arch"])
+    net.load_state_dict(state["model"])
+    return net
+
+
+def checkpoint_mean_bgr(state: Mapping[str, Any]) -> tuple[float, float, float]:
+    """The BGR mean the net was trained with: the checkpoint's own ``mean_bgr`` when it
+    records one (serving checkpoints do), else the mean of its config's dataset."""
+    if state.get("mean_bgr") is not None:
+        b, g, r = (float(v) for v in state["mean_bgr"])
+        return b, g, r
+    return MEAN_BGR[dict(state.get("config") or {}).get("dataset", "voc")]
+
+
+def checkpoint_input(state: Mapping[str, Any]) -> str:
+    """What the net reads: rgb | hha | rgbd | rgb-hha (training config's ``input``)."""
+    return str(dict(state.get("config") or {}).get("input", "rgb"))
+
+
+def serving_model(state: Mapping[str, Any]) -> SegmentationModel:
+    """The served module of a checkpoint dict: preprocessing, net, argmax of the first
+    head. ValueError for a net that does not read RGB images."""
+    return SegmentationModel(net_from_checkpoint(state).eval(), checkpoint_mean_bgr(state),
+                             checkpoint_input(state)).eval()
+
+
+@torch.no_grad()
+def predict_ids(model: SegmentationModel, images: Any) -> np.ndarray:
+    """uint8 RGB (N, H, W, 3) (an array or nested lists of 0..255) -> int64 (N, H, W)."""
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.integer) or arr.size and \
+                (arr.min() < 0 or arr.max() > 255):
+            raise ValueError(f"images must be uint8 RGB (N, H, W, 3) with values 0..255, got "
+                             f"dtype {arr.dtype}")
+        arr = arr.astype(np.uint8)
+    return model(torch.from_numpy(np.ascontiguousarray(arr))).cpu().numpy().astype(np.int64)

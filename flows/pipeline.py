@@ -103,7 +103,8 @@ def fcn_pipeline(dataset: Dataset, root: str, config: str, out: str | None = Non
                           [s["stage"] for s in to_score])
     final = evals[-1]
     reg = register_task(stages[-1]["checkpoint"], shards["data"], split, final["metrics"],
-                        model_name or f"fcn-{dataset}", cfg.digest(), final["mlflow_run"])
+                        model_name or f"fcn-{dataset}", cfg.digest(), final["mlflow_run"],
+                        stages[-1]["mlflow_run"])
     publish_decision(reg, final["mlflow_run"])
     summary = {"dataset": shards, "stages": stages, "evaluations": evals, "registration": reg}
     logger.info(f"registered {reg['name']} version {reg['version']}: {reg['decision']}")

@@ -208,17 +208,26 @@ def evaluate_task(model: str, data: str, split: str, label: str = "model",
 @task(name="register", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE,
       retry_condition_fn=retry_transient, timeout_seconds=_hours(6))
 def register_task(checkpoint: str, data: str, split: str, metrics: dict[str, float],
-                  name: str, config_digest: str, run_id: str | None) -> dict[str, Any]:
+                  name: str, config_digest: str, run_id: str | None,
+                  training_run: str | None = None) -> dict[str, Any]:
+    """Register the checkpoint (a retry reuses the version it made: registration is keyed
+    by the training run and the checkpoint's digest) with its lineage: training run,
+    evaluation run, this Prefect flow run, the dataset fingerprint."""
+    from prefect.runtime import flow_run
+
     from pipelines import storage
     from pipelines.evaluate import evaluate
     from pipelines.registry import register
     from pipelines.shards import read_manifest
 
     logger = get_run_logger()
+    flow = str(flow_run.id) if flow_run.id else None
     if _on_cluster():
         args = ["register", "--checkpoint", checkpoint, "--data", data, "--split", split,
                 "--name", name, "--config-digest", config_digest]
         args += ["--metrics-from-run", run_id] if run_id else []
+        args += ["--training-run", training_run] if training_run else []
+        args += ["--flow-run", flow] if flow else []
         return _job(args, storage.join(data, "_jobs"))
 
     def rescore(uri: str) -> float:
@@ -227,7 +236,8 @@ def register_task(checkpoint: str, data: str, split: str, metrics: dict[str, flo
 
     reg = register(checkpoint, name=name, metrics=metrics, split=split,
                    manifest=read_manifest(data).data, config_digest=config_digest,
-                   run_id=run_id, evaluate_champion=rescore, log=logger.info)
+                   run_id=run_id, evaluate_champion=rescore, log=logger.info,
+                   training_run_id=training_run, flow_run=flow)
     return {"name": reg.name, "version": reg.version, "champion": reg.champion,
             "decision": reg.decision}
 

@@ -54,14 +54,20 @@ def tracking_uri() -> str:
     if uri:
         check_server(uri)
         return uri
-    folder = data_dir() / "mlflow"
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
+    (data_dir() / "mlflow").mkdir(parents=True, exist_ok=True)
+    return _default_uri()
+
+
+def _default_uri() -> str:
+    return f"sqlite:///{data_dir() / 'mlflow' / 'mlflow.db'}"
 
 
 def _artifact_root() -> str | None:
-    """For the default SQLite store: artifacts beside it (a server chooses its own)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+    """For the default SQLite store: artifacts beside it (a server chooses its own). MLflow's
+    ``set_tracking_uri`` exports MLFLOW_TRACKING_URI, so our own default set that way is still
+    the default store (else new experiments would put artifacts in ./mlruns)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri != _default_uri():
         return None
     return (data_dir() / "mlflow" / "artifacts").as_uri()
 

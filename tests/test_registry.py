@@ -1,12 +1,15 @@
-"""Evaluation on Ray Data, MLflow registration and the champion gate, pyfunc, fcn predict."""
+"""Evaluation on Ray Data; MLflow registration: idempotent, lineage, the champion gate
+(fail closed, ties to the newer, history), pyfunc; dataset lineage; fcn predict."""
 
-import os
+import hashlib
+import http.client
+import json
 import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
+import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +21,19 @@ from PIL import Image
 from fcn_core import fcn8s
 from fcn_core.inference import InferenceOptions
 from fcn_core.metrics import ConfusionMatrix
+from pipelines.errors import ServiceUnavailable
 from pipelines.evaluate import evaluate, predict_row
 from pipelines.ingest import IngestConfig, ingest
-from pipelines.registry import register, resolve_model
+from pipelines.registry import (
+    gate_champion,
+    log_dataset_input,
+    model_history,
+    register,
+    resolve_model,
+)
 from pipelines.shards import read_manifest, read_split_table
 from pipelines.sources import synthetic as synth
-from pipelines.train import CHECKPOINT_FILE
+from pipelines.train.checkpoint import CHECKPOINT_FILE, write_checkpoint
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -36,10 +46,7 @@ def save_checkpoint(folder: Path, seed: int, dataset: str = "voc") -> Path:
     for name, m in model.named_modules():
         if name.split(".")[-1].startswith("score_"):
             torch.nn.init.normal_(m.weight, std=1.0)
-    folder.mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "arch": {"kind": "fcn", **model.config.to_dict()},
-                "step": 0, "config": {"dataset": dataset, "input": "rgb"}},
-               folder / CHECKPOINT_FILE)
+    write_checkpoint(folder / CHECKPOINT_FILE, model, config={"dataset": dataset, "input": "rgb"})
     return folder
 
 
@@ -52,8 +59,12 @@ def data(tmp_path_factory):
 
 
 def test_distributed_evaluation_equals_one_process(data, tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    from pipelines.tracking import tracking_uri
+
+    # The project's default store, artifacts beside it (not in ./mlruns).
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("FCN_DATA_DIR", str(tmp_path / "data"))
+    uri = tracking_uri()
     ckpt = save_checkpoint(tmp_path / "ckpt", seed=0)
     result = evaluate(str(ckpt), data, "val", actors=2, batch_size=2, log=lambda m: None)
     loaded = resolve_model(str(ckpt))
@@ -77,59 +88,39 @@ def test_test_time_options_keep_the_output_size(data, tmp_path):
         assert pred.shape == label.shape == (37, 45) and pred.max() < 21
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(params=["local-sqlite", "mlflow-server"])
 def tracking(request, tmp_path, monkeypatch):
-    """The default local SQLite store, or a real `mlflow server` on 127.0.0.1."""
+    """The default local SQLite store, or the session's real `mlflow server` (PostgreSQL,
+    artifacts in S3) on 127.0.0.1."""
     if request.param == "local-sqlite":
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
         monkeypatch.setenv("FCN_DATA_DIR", str(tmp_path / "data"))
-        yield None
-        return
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, "mlflow server exited"
-                assert time.monotonic() < deadline, "mlflow server did not answer in 90 s"
-                time.sleep(0.5)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        yield url
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        return None
+    server = request.getfixturevalue("mlflow_server")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.tracking_uri)
+    return server.tracking_uri
 
 
-def test_registration_aliases_champion_gate_and_pyfunc(data, tmp_path, tracking):
+def _sha256(folder: Path) -> str:
+    return hashlib.sha256((folder / CHECKPOINT_FILE).read_bytes()).hexdigest()
+
+
+def test_registration_aliases_champion_gate_history_and_pyfunc(data, tmp_path, tracking):
     import mlflow
     import mlflow.pyfunc
 
     manifest = read_manifest(data).data
-    name = "fcn-test"
-    ckpts = [save_checkpoint(tmp_path / f"c{i}", seed=i) for i in range(3)]
+    name = f"fcn-test-{uuid.uuid4().hex[:6]}"  # the server is shared by the session
+    ckpts = [save_checkpoint(tmp_path / f"c{i}", seed=i) for i in range(4)]
 
-    def reg(i: int, miu: float):
+    def reg(i: int, miu: float, **kw):
         return register(str(ckpts[i]), name=name, metrics={"mean_iu": miu, "pixel_acc": 0.5},
-                        split="val", manifest=manifest, config_digest="abc", log=lambda m: None)
+                        split="val", manifest=manifest, config_digest="abc", log=lambda m: None,
+                        **kw)
 
     first = reg(0, 0.40)
-    assert first.champion and "there was none" in first.decision
-    better = reg(1, 0.45)
+    assert first.champion and "there was none" in first.decision and not first.reused
+    better = reg(1, 0.45, training_run_id="train-run-1", flow_run="flow-run-1")
     assert better.champion and "0.4500 >= 0.4000" in better.decision
     worse = reg(2, 0.30)
     assert not worse.champion and "stays version 2" in worse.decision
@@ -141,7 +132,14 @@ def test_registration_aliases_champion_gate_and_pyfunc(data, tmp_path, tracking)
     assert {k: str(v) for k, v in aliases.items()} == {"champion": "2", "candidate": "3"}
     v2 = client.get_model_version_by_alias(name, "champion")
     assert float(v2.tags["mean_iu"]) == 0.45 and v2.tags["variant"] == "fcn8s"
+    # Lineage: training run, evaluation run, Prefect flow run, dataset, checkpoint bytes.
     assert v2.tags["dataset_fingerprint"] == manifest["source"]["fingerprint"]
+    assert v2.tags["training_run_id"] == "train-run-1"
+    assert v2.tags["evaluation_run_id"] == better.run_id == v2.run_id
+    assert v2.tags["prefect_flow_run_id"] == "flow-run-1"
+    assert v2.tags["checkpoint_sha256"] == _sha256(ckpts[1])
+    v1 = client.get_model_version(name, "1")
+    assert v1.tags["training_run_id"] == "-" and v1.tags["prefect_flow_run_id"] == "-"
     assert client.get_model_version(name, "3").tags["champion_decision"] == worse.decision
 
     # Someone with only MLflow: uint8 RGB in, class ids out, any size, preprocessing inside.
@@ -153,13 +151,247 @@ def test_registration_aliases_champion_gate_and_pyfunc(data, tmp_path, tracking)
     own = resolve_model(str(ckpts[1]))
     from fcn_core.inference import predict_labels
 
-    expected = predict_labels(own.net, list(batch), own.mean_bgr)
-    assert np.array_equal(labels, np.stack(expected).astype(np.int64))
+    expected = np.stack(predict_labels(own.net, list(batch), own.mean_bgr)).astype(np.int64)
+    assert np.array_equal(labels, expected)
     assert len(np.unique(labels)) > 1  # a real prediction, not a constant
+    # The project's own lookup reads the same weights (no model code run) by any URI.
+    for uri in (f"models:/{name}@champion", f"models:/{name}/2", f"runs:/{better.run_id}/model"):
+        loaded = resolve_model(uri)
+        assert loaded.input == "rgb" and loaded.mean_bgr == own.mean_bgr and loaded.source == uri
+        got = np.stack(predict_labels(loaded.net, list(batch), loaded.mean_bgr))
+        assert np.array_equal(got, expected), uri
 
     # "At least as good": an equal mean IU (recorded at full precision) takes the alias.
-    tie = reg(0, 0.45)
-    assert tie.champion and "0.4500 >= 0.4500" in tie.decision
+    tie = reg(3, 0.45)
+    assert tie.champion and "0.4500 >= 0.4500 of version 2" in tie.decision
+
+    # Who was champion when: 1, then 2, then 4 (3 never was).
+    history = model_history(name)
+    assert [h["version"] for h in history] == ["1", "2", "4"]
+    assert [h["replaced_version"] for h in history] == ["-", "1", "2"]
+    assert [h["replaced_by"] for h in history] == ["2", "4", None]
+    assert [h["current"] for h in history] == [False, False, True]
+    assert history[0]["until"] == history[1]["since"] and history[1]["until"] == \
+        history[2]["since"] and history[2]["until"] is None
+    assert history[0]["since"] < history[1]["since"] < history[2]["since"]
+    assert history[2]["decision"] == tie.decision and history[1]["mean_iu"] == repr(0.45)
+
+
+def test_a_retried_registration_reuses_its_version(data, tmp_path, monkeypatch):
+    """A registration that failed after its version was created (here: re-scoring the
+    champion failed) is retried: the same version, one logged model, one register run, and
+    the gate runs then; a third call changes nothing."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("FCN_DATA_DIR", str(tmp_path / "data"))
+    from pipelines.tracking import tracking_uri
+
+    manifest = read_manifest(data).data
+    name = "fcn-retry"
+    c0, c1 = save_checkpoint(tmp_path / "c0", seed=0), save_checkpoint(tmp_path / "c1", seed=1)
+    calls: list[str] = []
+
+    def crashing(uri: str) -> float:
+        calls.append(uri)
+        raise RuntimeError("the evaluation cluster went away")
+
+    def rescore(uri: str) -> float:
+        calls.append(uri)
+        return 0.45
+
+    def reg(ckpt: Path, split: str, evaluator=None):
+        return register(str(ckpt), name=name, metrics={"mean_iu": 0.5}, split=split,
+                        manifest=manifest, config_digest="abc", evaluate_champion=evaluator,
+                        log=lambda m: None)
+
+    assert reg(c0, "val").version == "1"
+    client = MlflowClient(tracking_uri())
+    # Scored on another split: the gate must re-score the champion, and that fails.
+    with pytest.raises(RuntimeError, match="went away"):
+        reg(c1, "test", crashing)
+    aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+    assert aliases == {"champion": "1", "candidate": "2"}  # the alias did not move
+    assert "champion_decision" not in client.get_model_version(name, "2").tags
+
+    again = reg(c1, "test", rescore)
+    assert (again.version, again.reused, again.champion) == ("2", True, True)
+    assert "0.5000 >= 0.4500 of version 1" in again.decision
+    assert calls == [f"models:/{name}/1"] * 2
+    third = reg(c1, "test", rescore)
+    assert (third.version, third.reused, third.decision) == ("2", True, again.decision)
+    assert len(calls) == 2  # the gate did not run again
+
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted(v.version for v in versions) == [1, 2]
+    exp = client.get_run(again.run_id).info.experiment_id
+    runs = client.search_runs([exp], f"tags.register_model = '{name}'")
+    assert len(runs) == 2  # one register run per checkpoint, found again on retries
+    logged = client.search_logged_models([exp], filter_string="tags.checkpoint_sha256 = "
+                                                              f"'{_sha256(c1)}'")
+    assert len(logged) == 1  # logged once, not once per attempt
+
+    # A lookup with no tracking URI given uses the project's store, not MLflow's default
+    # (a new mlflow.db in the current folder): what `fcn predict --model models:/...` does.
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert resolve_model(f"models:/{name}@champion").source == f"models:/{name}@champion"
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+class _Registry:
+    """An HTTP proxy in front of a real MLflow server that answers some reads with an error
+    (``fail`` maps a path prefix to (status, MLflow error code)); everything else passes."""
+
+    def __init__(self, upstream: str, fail: dict[str, tuple[int, str]]):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                for prefix, (status, code) in fail.items():
+                    if self.command == "GET" and self.path.startswith(prefix):
+                        body = json.dumps({"error_code": code,
+                                           "message": "registry unavailable"}).encode()
+                        return self._reply(status, [("Content-Type", "application/json")],
+                                           body)
+                n = int(self.headers.get("Content-Length") or 0)
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=self.rfile.read(n) if n else None,
+                             headers=headers)
+                r = conn.getresponse()
+                keep = [(k, v) for k, v in r.getheaders()
+                        if k.lower() not in ("transfer-encoding", "connection",
+                                             "content-length")]
+                self._reply(r.status, keep, r.read())
+                conn.close()
+
+            def _reply(self, status: int, headers: list, body: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "_Registry":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_gate_fails_closed_when_the_champion_cannot_be_read(data, tmp_path, monkeypatch,
+                                                                 mlflow_server):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail now, not in minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    manifest = read_manifest(data).data
+    name = f"fcn-closed-{uuid.uuid4().hex[:6]}"
+    c0, c1 = save_checkpoint(tmp_path / "c0", seed=0), save_checkpoint(tmp_path / "c1", seed=1)
+    server = MlflowClient(mlflow_server.tracking_uri)
+
+    def reg(ckpt: Path, miu: float):
+        return register(str(ckpt), name=name, metrics={"mean_iu": miu}, split="val",
+                        manifest=manifest, config_digest="abc", log=lambda m: None)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.tracking_uri)
+    assert reg(c0, 0.40).champion
+
+    def aliases() -> dict[str, str]:
+        return {k: str(v) for k, v in server.get_registered_model(name).aliases.items()}
+
+    # 1. The registry answers 503 to reads of the champion alias: a better model is
+    #    registered (candidate), but champion does not move, and the error is one line.
+    reads = {"/api/2.0/mlflow/registered-models/alias": (503, "TEMPORARILY_UNAVAILABLE")}
+    with _Registry(mlflow_server.tracking_uri, reads) as proxy:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
+        with pytest.raises(ServiceUnavailable) as err:
+            reg(c1, 0.90)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and "alias champion did not move" in message
+    assert "HTTP 503" in message and "version 2" in message and err.value.transient
+    assert aliases() == {"champion": "1", "candidate": "2"}
+
+    # 2. Permission denied on the read, or nothing listening at all: same, straight at the
+    #    gate (not transient when denied: a retry would not help).
+    denied = {"/api/2.0/mlflow/registered-models/alias": (403, "PERMISSION_DENIED")}
+    with _Registry(mlflow_server.tracking_uri, denied) as proxy:
+        with pytest.raises(ServiceUnavailable, match="PERMISSION_DENIED.*did not move") as e:
+            gate_champion(MlflowClient(proxy.url), name, "2", 0.9, "val",
+                          manifest["source"]["fingerprint"])
+        assert not e.value.transient
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening
+        with pytest.raises(ServiceUnavailable, match="did not move"):
+            gate_champion(MlflowClient(nobody), name, "2", 0.9, "val",
+                          manifest["source"]["fingerprint"])
+    assert aliases() == {"champion": "1", "candidate": "2"}
+
+    # 3. The server answers again: the retry finishes the same version.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.tracking_uri)
+    retry = reg(c1, 0.90)
+    assert (retry.version, retry.reused, retry.champion) == ("2", True, True)
+    assert aliases() == {"champion": "2", "candidate": "2"}
+    assert len(server.search_model_versions(f"name = '{name}'")) == 2
+
+
+def test_a_checkpoint_in_a_bucket_resolves_like_a_local_one(tmp_path, monkeypatch,
+                                                             s3_server):
+    from pipelines import storage
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    bucket = s3_server.create_bucket("fcn-ckpt")
+    local = save_checkpoint(tmp_path / "c", seed=5)
+    remote = f"{bucket}/runs/c"
+    storage.write_bytes(f"{remote}/{CHECKPOINT_FILE}", (local / CHECKPOINT_FILE).read_bytes())
+    x = torch.randn(1, 3, 40, 40)
+    a, b = resolve_model(remote), resolve_model(str(local))
+    assert a.source == remote and a.mean_bgr == b.mean_bgr
+    assert torch.equal(a.net(x), b.net(x))
+
+
+def test_the_dataset_is_recorded_on_a_run(data, tmp_path):
+    import mlflow
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("lineage", artifact_location=(tmp_path / "a").as_uri())
+    run = client.create_run(exp).info.run_id
+    manifest = read_manifest(data)
+    log_dataset_input(client, run, manifest.location, manifest.data)
+    (inp,) = client.get_run(run).inputs.dataset_inputs
+    ds = inp.dataset
+    assert ds.name == "voc" and ds.digest == manifest.fingerprint[:36]  # MLflow's limit
+    assert json.loads(ds.source)["uri"] == manifest.location
+    profile = json.loads(ds.profile)
+    assert profile["splits"] == {s: manifest.data["splits"][s]["rows"] for s in manifest.splits}
+    assert profile["num_rows"] == 9 and profile["version"] == manifest.data["version"]
+    assert profile["fingerprint"] == manifest.fingerprint
+    assert {c["name"] for c in json.loads(ds.schema)["mlflow_colspec"]} >= {"image", "label"}
+    assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "training")]
+    # The mlflow module works as the client too (its tracking URI).
+    mlflow.set_tracking_uri(client.tracking_uri)
+    run2 = client.create_run(exp).info.run_id
+    log_dataset_input(mlflow, run2, manifest.location, manifest.data, context="evaluation")
+    (inp2,) = client.get_run(run2).inputs.dataset_inputs
+    assert inp2.dataset.digest == ds.digest and inp2.tags[0].value == "evaluation"
 
 
 def test_fcn_predict_writes_input_sized_ids_and_skips_bad_files(tmp_path):

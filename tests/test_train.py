@@ -65,6 +65,10 @@ def test_staged_training_chains_stages_and_is_tracked(shards, tmp_path, mlflow_u
     manifest = read_manifest(shards["voc"])
     assert parent.data.tags["manifest_fingerprint"] == manifest.fingerprint
     assert parent.data.params["stages.0.lr"] == "0.01" and parent.info.status == "FINISHED"
+    # Lineage: the parent run records the dataset it read (mlflow.log_input).
+    (ds,) = [d.dataset for d in parent.inputs.dataset_inputs]
+    assert ds.digest == manifest.fingerprint[:36], (ds.digest, manifest.fingerprint)
+    assert str(shards["voc"]) in ds.source, ds.source
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {c.data.tags["stage"]: c for c in children}

@@ -55,7 +55,8 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     reg = register(args.checkpoint, name=name, metrics=metrics, split=args.split,
                    manifest=manifest.data, config_digest=args.config_digest or "-",
-                   run_id=eval_run, evaluate_champion=rescore, log=say)
+                   run_id=eval_run, evaluate_champion=rescore, log=say,
+                   training_run_id=args.training_run, flow_run=args.flow_run)
     print(f"look it up as models:/{reg.name}/{reg.version}, models:/{reg.name}@candidate"
           + (f", models:/{reg.name}@champion" if reg.champion else ""))
     write_result(args, {"name": reg.name, "version": reg.version, "champion": reg.champion,
@@ -71,8 +72,24 @@ def _table(rows: list[dict], cols: tuple[str, ...]) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from pipelines.registry import list_models
+    from pipelines.errors import UsageError
+    from pipelines.registry import list_models, model_history
 
+    if args.history:
+        if not args.name:
+            raise UsageError("--history needs a registered model NAME (fcn models NAME "
+                             "--history)")
+        history = model_history(args.name)
+        if not history:
+            print(f"{args.name} has never had a champion")
+            return 0
+        rows = [{**h, "until": h["until"] or "-", "current": "yes" if h["current"] else "",
+                 **{k: h[k] if h[k] is not None else "-" for k in
+                    ("replaced_version", "replaced_by", "mean_iu", "split")}}
+                for h in history]
+        _table(rows, ("version", "since", "until", "replaced_version", "replaced_by",
+                      "mean_iu", "split", "current", "decision"))
+        return 0
     rows = list_models(args.name)
     if not rows:
         print("no registered models" + (f" named {args.name}" if args.name else ""))
@@ -124,6 +141,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="val", help="split to score on (default val)")
     p.add_argument("--name", default=None, help="registered model name (default fcn-DATASET)")
     p.add_argument("--config-digest", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--flow-run", default=None, help=argparse.SUPPRESS)  # Prefect's, via a job
+    p.add_argument("--training-run", default=None, metavar="RUN_ID",
+                   help="the MLflow run of the stage that wrote the checkpoint (lineage; "
+                        "default: found by the checkpoint's tag)")
     p.add_argument("--metrics-from-run", default=None, metavar="RUN_ID",
                    help="take the metrics of this MLflow evaluation run (of the same "
                         "checkpoint and split) instead of evaluating again")
@@ -135,6 +156,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="List registered FCN models with their versions, aliases "
                                    "(candidate, champion), stage, mean IU and creation time.")
     p.add_argument("name", nargs="?", default=None, help="one registered model name")
+    p.add_argument("--history", action="store_true",
+                   help="who was champion when: each version's time as champion, whom it "
+                        "replaced and the gate's decision (MLflow keeps no alias history; "
+                        "the registry records one in version tags)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(

@@ -1,0 +1,243 @@
+"""The driver: one TorchTrainer per stage, 32s -> 16s -> 8s, each from the previous stage's final
+checkpoint, and the MLflow runs (a parent per pipeline run, a nested run per stage)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines import storage
+from pipelines.config import StageConfig, StageResult, TrainConfig
+from pipelines.shards import read_manifest
+from pipelines.train.checkpoint import (
+    checkpoint_file,
+)
+from pipelines.train.worker import DONE_FILE, Log, train_loop_per_worker
+
+
+class StageFailed(RuntimeError):
+    """A stage ended in failure after its retries; the message says how to resume."""
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    run_id: str  # names the Ray Train runs (resume with the same id)
+    storage: str  # location; <storage>/<run_id>/<stage>/ holds Ray Train's checkpoints
+    mlflow_parent: str | None = None
+
+
+def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRun,
+                init_checkpoint: str | None, mlflow_run_id: str | None, log: Log = print
+                ) -> StageResult:
+    """Fit one stage with a TorchTrainer; return its final checkpoint and metrics."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_env import init_ray, train_log_level
+    from pipelines.shards import open_split
+    from pipelines.tracking import tracking_uri
+
+    log(init_ray())
+    manifest = read_manifest(data)
+    t0 = time.perf_counter()
+    stage_dir = storage.join(run.storage, run.run_id, stage.name)
+    done = storage.join(stage_dir, DONE_FILE)
+    if storage.is_file(done):  # finished in an earlier attempt of this run (--resume)
+        info = storage.read_json(done)
+        log(f"stage {stage.name}: already finished in run {run.run_id}, reusing its checkpoint")
+        return StageResult(stage.name, info["checkpoint"], info["steps"], info["metrics"],
+                           mlflow_run_id, 0.0)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines
+    train_ds, val_ds = open_split(data, cfg.train_split), open_split(data, cfg.val_split)
+    if cfg.cache_dataset:  # read + decode the Parquet once, not once per epoch
+        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    datasets = {"train": train_ds.randomize_block_order(), "val": val_ds}
+    run_fs, run_fs_path = storage.resolve(storage.join(run.storage, run.run_id))
+    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg, "stage": stage.name, "init_checkpoint": init_checkpoint,
+            "num_classes": manifest.num_classes, "run_dir": str(stage_dir),
+            "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri(),
+            "threads_per_worker": cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=per_worker,
+                                               placement_strategy=cfg.placement_strategy),
+        run_config=ray.train.RunConfig(
+            # pipelines.storage's filesystem: the same settings (endpoint, region, timeouts,
+            # no implicit buckets) as every other access. Credentials: each node's env.
+            name=f"{run.run_id}-{stage.name}", storage_path=run_fs_path,
+            storage_filesystem=run_fs if storage.is_remote(run.storage) else None,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level=train_log_level())),
+        datasets=datasets,
+    )
+    log(f"stage {stage.name}: {stage.steps} steps on {cfg.workers} worker(s) "
+        f"({'GPU, nccl' if cfg.use_gpu else 'CPU, gloo'}), from "
+        f"{init_checkpoint or (cfg.backbone_weights or 'random init')}")
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray raises its own error types for failed worker groups
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StageFailed(f"stage {stage.name} failed ({first}); continue it with "
+                          f"`fcn train --resume {run.run_id}`") from e
+    if result.error is not None:
+        raise StageFailed(f"stage {stage.name} failed: {result.error}; continue it with "
+                          f"`fcn train --resume {run.run_id}`") from result.error
+    assert result.checkpoint is not None, "a finished stage always reports a checkpoint"
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    checkpoint = storage.location(result.checkpoint.filesystem, result.checkpoint.path,
+                                  like=run.storage)
+    info = {"checkpoint": checkpoint, "steps": int(metrics.get("step", 0)),
+            "metrics": metrics}
+    storage.write_json(done, info)
+    return StageResult(stage.name, checkpoint, info["steps"], metrics,
+                       mlflow_run_id, time.perf_counter() - t0)
+
+
+def new_run_id(cfg: TrainConfig) -> str:
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def start_pipeline_run(cfg: TrainConfig, data: str | Path, where: str | Path | None = None,
+                       resume: str | None = None, experiment: str | None = None,
+                       log: Log = print, run_id: str | None = None) -> PipelineRun:
+    """The MLflow parent run (created, or found again when resuming) and the run folder.
+
+    ``run_id`` names a new run (a scheduler's retry passes the same id, so a retried start
+    finds the parent run it created instead of making another)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import preflight
+    from pipelines.tracking import data_dir, experiment_id, flatten, tracking_uri
+
+    manifest = preflight.check_data(cfg, data)  # its dataset and splits, in one line
+    where = storage.as_location(where or data_dir() / "runs")
+    storage.check_writable(where)
+    run_id = resume or run_id or new_run_id(cfg)
+    client = MlflowClient(tracking_uri())
+    experiment = experiment or f"fcn-{manifest.data['dataset']}"
+    exp = experiment_id(client, experiment)
+    if resume:  # an unknown id is an error, not a new run (check_resume vets its characters)
+        preflight.check_resume(resume, where, lambda: bool(client.search_runs(
+            [exp], f"tags.pipeline_run = '{resume}' and tags.stage = 'pipeline'",
+            max_results=1)), f"MLflow experiment {experiment!r}")
+    parent = _find_or_create_run(client, exp, run_id, None, "pipeline", cfg.name)
+    if not resume:
+        for k, v in flatten(cfg.to_dict()).items():
+            client.log_param(parent, k, v[:6000])
+        from pipelines.registry import log_dataset_input
+
+        log_dataset_input(client, parent, manifest.location, manifest.data)
+        for k, v in (("manifest_fingerprint", manifest.fingerprint),
+                     ("dataset", manifest.data["dataset"]),
+                     ("dataset_version", manifest.data["version"]),
+                     ("config_digest", cfg.digest())):
+            client.set_tag(parent, k, v)
+    log(f"pipeline run {run_id}: MLflow {tracking_uri()} experiment {exp} run {parent}")
+    return PipelineRun(run_id, where, parent)
+
+
+def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: PipelineRun,
+              init_checkpoint: str | None, log: Log = print) -> StageResult:
+    """One stage as a nested MLflow run of the pipeline run: train, then log its final
+    metrics, checkpoint and config."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import preflight
+    from pipelines.tracking import tracking_uri
+
+    manifest = preflight.check_training(cfg, data, init_checkpoint)  # before MLflow and Ray
+    client = MlflowClient(tracking_uri())
+    exp = client.get_run(run.mlflow_parent).info.experiment_id
+    child = _find_or_create_run(client, exp, run.run_id, run.mlflow_parent, stage.name,
+                                f"{cfg.name}-{stage.name}")
+    client.set_tag(child, "manifest_fingerprint", manifest.fingerprint)
+    try:
+        res = train_stage(cfg, stage, storage.as_location(data), run, init_checkpoint, child,
+                          log)
+    except BaseException:
+        client.set_terminated(child, "FAILED")
+        raise
+    _log_stage_artifacts(client, child, res, cfg)
+    client.set_terminated(child, "FINISHED")
+    return res
+
+
+def finish_pipeline_run(run: PipelineRun, ok: bool) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+
+    MlflowClient(tracking_uri()).set_terminated(run.mlflow_parent, "FINISHED" if ok
+                                                else "FAILED")
+
+
+def train_pipeline(cfg: TrainConfig, data: str | Path, storage: str | Path | None = None,
+                   resume: str | None = None, log: Log = print,
+                   experiment: str | None = None, init_checkpoint: str | None = None,
+                   finish: bool = True) -> tuple[PipelineRun, list[StageResult]]:
+    """Every stage of ``cfg`` in order, each from the previous one's final checkpoint, all
+    under one MLflow parent run with a nested run per stage. ``init_checkpoint`` starts the
+    first stage from a checkpoint (a later stage run on its own); ``finish=False`` leaves
+    the parent run open for the stages a scheduler runs next. A user's mistake (wrong
+    dataset, a split too small for the workers, missing weights, an unknown resume id) is a
+    ``preflight.PreflightError`` raised before any MLflow run or Ray work starts;
+    ``StageFailed`` is only for a stage that started and failed."""
+    from pipelines import preflight
+
+    preflight.check_training(cfg, data, init_checkpoint)
+    run = start_pipeline_run(cfg, data, storage, resume, experiment, log)
+    results: list[StageResult] = []
+    init = init_checkpoint
+    try:
+        for stage in cfg.stages:
+            results.append(run_stage(cfg, stage, data, run, init, log))
+            init = results[-1].checkpoint
+    except BaseException:
+        finish_pipeline_run(run, ok=False)
+        raise
+    if finish:
+        finish_pipeline_run(run, ok=True)
+    return run, results
+
+
+def _find_or_create_run(client: Any, exp: str, run_id: str, parent: str | None, stage: str,
+                        name: str) -> str:
+    """The MLflow run of this pipeline run's ``stage`` ("pipeline" for the parent), reused
+    when the pipeline run is resumed."""
+    query = f"tags.pipeline_run = '{run_id}' and tags.stage = '{stage}'"
+    found = client.search_runs([exp], filter_string=query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {"pipeline_run": run_id, "stage": stage}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return client.create_run(exp, tags=tags, run_name=name).info.run_id
+
+
+def _log_stage_artifacts(client: Any, run_id: str, res: StageResult, cfg: TrainConfig) -> None:
+    for k, v in res.metrics.items():
+        if k not in ("step", "resumed_from") and np.isfinite(v):
+            client.log_metric(run_id, f"final_{k}", v, step=res.steps)
+    with tempfile.TemporaryDirectory() as d:
+        import yaml
+
+        ckpt = checkpoint_file(res.checkpoint)
+        if storage.is_file(ckpt):
+            client.log_artifact(run_id, storage.local_copy(ckpt, d), artifact_path="checkpoint")
+
+        p = Path(d) / "config.yaml"
+        p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        client.log_artifact(run_id, str(p))
+    client.set_tag(run_id, "checkpoint", res.checkpoint)

@@ -1,0 +1,147 @@
+"""Plain torch: build a stage's net, one optimisation step, validation, replica checks.
+
+Nothing here knows about Ray, MLflow or storage layouts (the worker and the driver do)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from fcn_core.fcn import BUILDERS, FCN, LateFusion
+from fcn_core.losses import multi_head_loss
+from fcn_core.metrics import ConfusionMatrix
+from fcn_core.optim import param_groups
+from fcn_core.surgery import promote, transplant_vgg16
+from fcn_core.transforms import MEAN_BGR
+from pipelines.config import StageConfig, TrainConfig
+from pipelines.train.checkpoint import load_model
+
+Log = Callable[[str], None]
+
+
+def _label_keys(heads: list[str]) -> dict[str, str]:
+    """Score head -> label column: the first head reads ``label``, a second ``label_geo``."""
+    return dict(zip(heads, ("label", "label_geo"), strict=False))
+
+
+def build_stage_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
+                      init_checkpoint: str | None, log: Log = print) -> nn.Module:
+    """The net a stage starts from: 32s (or at-once 8s) from VGG16 weights, otherwise the
+    previous stage's final checkpoint promoted (the new skip starts at zero)."""
+    heads = cfg.heads or None
+    if init_checkpoint:
+        prev = load_model(init_checkpoint)
+        if stage.variant == "fcn8s_atonce" or prev.config.variant == stage.variant:
+            return prev
+        return promote(prev)
+
+    def one() -> FCN:
+        return BUILDERS[stage.variant](num_classes=num_classes, width=cfg.width,
+                                       in_channels=cfg.in_channels, heads=heads)
+
+    model: nn.Module = LateFusion(one(), one()) if cfg.input == "rgb-hha" else one()
+    if cfg.backbone_weights:
+        state = torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True)
+        nets = [model.color, model.hha] if isinstance(model, LateFusion) else [model]
+        for net, mean in zip(nets, (MEAN_BGR[cfg.dataset], None), strict=False):
+            report = transplant_vgg16(net, state, mean_bgr=mean if cfg.input != "hha" else None)
+            log(f"backbone {cfg.backbone_weights}: {str(report).splitlines()[0]}")
+    else:
+        log("warning: no backbone_weights given: the VGG16 trunk starts from random weights")
+    if not cfg.learn_upsampling:
+        for name, p in model.named_parameters():
+            if "upscore" in name:
+                p.requires_grad_(False)
+    return model
+
+
+def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, stage: StageConfig,
+           step: int) -> float:
+    lr = stage.lr
+    if cfg.schedule == "poly":
+        lr = stage.lr * (1 - step / stage.steps) ** cfg.poly_power
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    return lr
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, stage: StageConfig
+                   ) -> torch.optim.Optimizer:
+    """The reference solver's groups (biases: lr x bias_lr_mult, no decay) for SGD or Adam."""
+    groups = param_groups(model, lr=stage.lr, weight_decay=cfg.weight_decay,
+                          bias_lr_mult=cfg.bias_lr_mult)
+    groups[0]["lr_mult"], groups[1]["lr_mult"] = 1.0, cfg.bias_lr_mult
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=stage.lr)
+    return torch.optim.SGD(groups, lr=stage.lr, momentum=cfg.momentum)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               labels: dict[str, torch.Tensor], heads: list[str], normalize: bool) -> float:
+    model.train()
+    scores = model(x)
+    if isinstance(scores, dict):
+        keys = _label_keys(heads)
+        loss = multi_head_loss(scores, {h: labels[keys[h]] for h in scores}, normalize=normalize)
+    else:
+        loss = multi_head_loss(scores, labels["label"], normalize=normalize)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def validate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+             num_classes: dict[str, int], heads: list[str]) -> dict[str, ConfusionMatrix]:
+    """One ConfusionMatrix per head over all batches (padding is 255: never counted)."""
+    model.eval()
+    keys = _label_keys(heads)
+    cms = {h: ConfusionMatrix(num_classes[h]) for h in heads}
+    for x, labels in batches:
+        scores = model(x)
+        scores = scores if isinstance(scores, dict) else {heads[0]: scores}
+        for h, s in scores.items():
+            cms[h].update(labels[keys[h]], s.argmax(1))
+    return cms
+
+
+
+def _all_reduce_hist(cms: dict[str, ConfusionMatrix]) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for cm in cms.values():
+        t = torch.from_numpy(cm.hist.astype(np.float64))  # gloo: float64 sums are exact here
+        dist.all_reduce(t)
+        cm.hist = t.round().to(torch.int64).numpy()
+
+
+def replicas_in_sync(model: nn.Module) -> bool:
+    """True when every worker holds bit-identical parameters (what DDP promises); a cheap
+    end-of-stage guard against silent desynchronisation."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    digests: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, h.hexdigest())
+    return len(set(digests)) == 1
+
+
+def _scores(cms: dict[str, ConfusionMatrix], heads: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for h in heads:
+        s = cms[h].scores()
+        prefix = "" if h == heads[0] else f"{h}_"
+        out.update({f"{prefix}{k}": v for k, v in s.items() if k != "per_class_iu"})
+    return out

@@ -1,0 +1,183 @@
+"""Every Ray Train call of a stage: the loop each worker runs (data shard, DDP, reports,
+checkpoints to the run's storage, failure injection for tests)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fcn_core.transforms import MEAN_BGR
+from pipelines import storage
+from pipelines.config import TrainConfig
+from pipelines.shards import model_input, training_batch
+from pipelines.train.checkpoint import (
+    CHECKPOINT_FILE,
+    read_checkpoint,
+    write_checkpoint,
+)
+from pipelines.train.step import (
+    _all_reduce_hist,
+    _scores,
+    build_stage_model,
+    make_optimizer,
+    replicas_in_sync,
+    set_lr,
+    train_step,
+    validate,
+)
+
+DONE_FILE = "stage_done.json"
+Log = Callable[[str], None]
+
+
+def _batches(shard: Any, cfg: TrainConfig, device: Any, train: bool, seed: int
+             ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Decode + pad in Ray Data's prefetch thread (collate_fn), float conversion on device."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    mean = MEAN_BGR[cfg.dataset]
+
+    class Collate(NumpyBatchCollateFn):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            self.calls += 1
+            b = training_batch(batch, mirror=train and cfg.mirror, seed=seed + self.calls,
+                               multiple=cfg.pad_multiple)
+            return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
+
+    it = shard.iter_torch_batches(
+        batch_size=cfg.batch_size, collate_fn=Collate(), prefetch_batches=2,
+        local_shuffle_buffer_size=4 * cfg.batch_size if train else None,
+        local_shuffle_seed=seed if train else None)
+    for batch in it:
+        x, labels = model_input(batch, mean, device, cfg.input)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, labels
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker; all Ray Train calls of a stage are here."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.ray_env import quiet_train_worker
+
+    quiet_train_worker()
+    cfg: TrainConfig = loop["config"]  # the typed config itself crosses the Ray boundary
+    stage = next(s for s in cfg.stages if s.name == loop["stage"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(loop.get("threads_per_worker", 1))))
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(f"[{stage.name}] {msg}", flush=True)
+
+    model = build_stage_model(cfg, stage, loop["num_classes"], loop["init_checkpoint"], log)
+    heads = list((cfg.heads or {"out": loop["num_classes"]}).keys())
+    classes = cfg.heads or {"out": loop["num_classes"]}
+    optimizer = make_optimizer(model, cfg, stage)
+    step, resumed_from = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = read_checkpoint(d)  # weights_only: no pickle
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = resumed_from = int(state["step"])
+        log(f"resumed from the checkpoint at step {step}")
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    tracker = None
+    if rank == 0 and loop.get("mlflow_run_id"):
+        from pipelines.tracking import MetricLogger
+
+        tracker = MetricLogger(loop["tracking_uri"], loop["mlflow_run_id"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    last_val: dict[str, float] = {}
+    window_t, window_imgs = time.perf_counter(), 0
+    epoch = 0
+
+    def report(metrics: dict[str, float], save: bool) -> None:
+        if save:
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    write_checkpoint(Path(d) / CHECKPOINT_FILE, model, optimizer=optimizer,
+                                     step=step, stage=stage.name, config=cfg.to_dict())
+                ckpt = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+                ray.train.report(metrics, checkpoint=ckpt)
+        else:
+            ray.train.report(metrics)
+
+    def run_validation() -> dict[str, float]:
+        cms = validate(model, _batches(val_shard, cfg, device, False, cfg.seed), classes, heads)
+        _all_reduce_hist(cms)
+        return _scores(cms, heads)
+
+    if step == 0 and cfg.val_every:  # where the stage starts: the previous stage's predictions
+        init_val = run_validation()
+        log("initial " + ", ".join(f"{k} {v:.3f}" for k, v in init_val.items()))
+        if tracker is not None:
+            tracker.log({f"init_{k}": v for k, v in init_val.items()}, 0)
+    while step < stage.steps:
+        for x, labels in _batches(train_shard, cfg, device, True, cfg.seed + 7919 * epoch):
+            if cfg.fail_at_step is not None and step == cfg.fail_at_step and \
+                    rank == world - 1 and _first_injection(loop["run_dir"]):
+                raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+            lr = set_lr(optimizer, cfg, stage, step)
+            loss = train_step(model, optimizer, x, labels, heads, cfg.normalize_loss)
+            step += 1
+            window_imgs += x.shape[0] * world
+            metrics = {"loss": loss, "lr": lr, "step": step, "resumed_from": resumed_from}
+            val_due = cfg.val_every and step % cfg.val_every == 0 and step < stage.steps
+            if val_due:
+                last_val = run_validation()
+                metrics.update(last_val)
+            dt = time.perf_counter() - window_t
+            if tracker is not None:
+                tracker.log({"loss": loss, "lr": lr, "img_per_s": window_imgs / max(dt, 1e-9),
+                             **(last_val if val_due else {})}, step)
+            if step % max(1, min(cfg.checkpoint_every, 10)) == 0 or step == 1:
+                miou = f"  mean IU {last_val['mean_iu']:.3f}" if "mean_iu" in last_val else ""
+                log(f"step {step}/{stage.steps}  loss {loss:.4g}  lr {lr:.3g}  "
+                    f"{window_imgs / dt:.1f} img/s{miou}")
+                window_t, window_imgs = time.perf_counter(), 0
+            if step % cfg.checkpoint_every == 0 or step == stage.steps:
+                if step == stage.steps:
+                    last_val = run_validation()
+                    metrics.update(last_val)
+                    metrics["replicas_in_sync"] = float(replicas_in_sync(model))
+                    metrics["world_size"] = world
+                report(metrics, save=True)
+            if step >= stage.steps:
+                break
+        epoch += 1
+    if step == resumed_from:  # resumed at the very end: nothing left but the final report
+        last_val = run_validation()
+        report({"loss": float("nan"), "step": step, "resumed_from": resumed_from,
+                "replicas_in_sync": float(replicas_in_sync(model)), "world_size": world,
+                **last_val}, save=True)
+    if tracker is not None:
+        tracker.log({f"final_{k}": v for k, v in last_val.items()}, step)
+        tracker.flush()
+    log(f"done: {step} steps" + (f", mean IU {last_val['mean_iu']:.3f}"
+                                  if "mean_iu" in last_val else ""))
+
+
+def _first_injection(run_dir: str) -> bool:
+    """True once per stage run: a marker on shared storage survives the worker restart."""
+    return storage.create_exclusive(storage.join(run_dir, ".failure_injected"))
