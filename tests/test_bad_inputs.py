@@ -13,12 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prefect.logging.configuration import ensure_logging_setup
 
 from flows.cli import main
 from pipelines.ingest import IngestConfig, ingest
 from pipelines.sources import synthetic as synth
 
 ROOT = Path(__file__).resolve().parents[1]
+# Prefect binds its console log handler to the sys.stderr of the moment it configures logging.
+# Do that now, at collection, not inside a case's capsys capture: a later test's Prefect logs
+# would go to that capture's stream after it is closed ("I/O operation on closed file").
+ensure_logging_setup()
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 

@@ -29,9 +29,10 @@ BIN = Path(sys.executable).parent
 BUCKET = "fcn-cluster"
 
 
-def _config(tmp: Path, steps: tuple[int, ...] = (4, 2, 2), **extra: object) -> Path:
+def _config(tmp: Path, steps: tuple[int, ...] = (4, 2, 2), dataset: str = "synthetic",
+            **extra: object) -> Path:
     lrs = {"32s": 0.001, "16s": 0.0005, "8s": 0.0002}
-    lines = ["name: cluster", "dataset: synthetic", "width: 0.0625", "optimizer: adam",
+    lines = ["name: cluster", f"dataset: {dataset}", "width: 0.0625", "optimizer: adam",
              "stages:"] + [f"  - {{name: {name}, steps: {n}, lr: {lrs[name]}}}"
                            for name, n in zip(lrs, steps, strict=False)] + [
              "batch_size: 2", "normalize_loss: true", "workers: 2", "cpus_per_worker: 1.5",
@@ -227,8 +228,8 @@ def test_a_failing_ray_job_fails_the_flow_with_its_own_line_and_no_retry(
     head, _ = cluster
     env = _client_env(tmp_path, s3_server, mlflow_server, RAY_ADDRESS=head.dashboard_url)
     base = f"s3://{BUCKET}/failing"
-    proc = _fcn(["run", "--config", str(_config(tmp_path)), "--dataset", "voc", "--root",
-                 f"{base}/not-a-dataset", "--out", f"{base}/shards", "--storage",
+    proc = _fcn(["run", "--config", str(_config(tmp_path, dataset="voc")), "--dataset", "voc",
+                 "--root", f"{base}/not-a-dataset", "--out", f"{base}/shards", "--storage",
                  f"{base}/runs", "--project-dir", str(tmp_path / "data")], env, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-4000:]
