@@ -255,6 +255,17 @@ def test_gcs_driver_trains_on_two_nodes_in_s3_and_survives_losing_one(
     base = f"s3://{BUCKET}/failover"
     every, steps = 10, 40
     config = _config(tmp_path, steps=(steps,), checkpoint_every=every, max_failures=3)
+    # SPREAD is best effort: wait until earlier tests' jobs and actors have let go of the
+    # cluster's CPUs, so the two workers land on the two nodes.
+    idle = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import time, ray
+        ray.init(log_to_driver=False)
+        for _ in range(120):
+            if ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"]:
+                break
+            time.sleep(1)
+    """)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert idle.returncode == 0, idle.stderr[-3000:]
     train = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "train", "--config", str(config), "--data",
          shards, "--storage", f"{base}/runs", "--stages", "32s",
