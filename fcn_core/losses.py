@@ -16,8 +16,10 @@ def segmentation_loss(
 ) -> torch.Tensor:
     """Cross-entropy of scores (N, C, H, W) against target (N, H, W).
 
-    ``normalize=False`` sums over pixels (the reference recipe, which is why its learning
-    rates are 1e-10); ``True`` averages over the non-ignored pixels (the paper's text recipe).
+    ``normalize=False`` sums over pixels and divides by the batch size N, as Caffe's
+    SoftmaxWithLoss does with ``normalize: false`` (the reference recipe, which is why its
+    learning rates are 1e-10); ``True`` averages over the non-ignored pixels of the batch
+    (the paper's text recipe).
     A batch with no valid pixel gives a zero loss that still has a graph, not NaN.
     """
     if scores.dim() != 4 or target.dim() != 3 or scores.shape[0] != target.shape[0] \
@@ -26,7 +28,7 @@ def segmentation_loss(
                          f"{tuple(scores.shape)} and target {tuple(target.shape)}")
     total = F.cross_entropy(scores, target.long(), ignore_index=ignore_index, reduction="sum")
     if not normalize:
-        return total
+        return total / scores.shape[0]
     valid = (target != ignore_index).sum().clamp_min(1)
     return total / valid
 

@@ -35,6 +35,7 @@ INPUTS = ("rgb", "hha", "rgbd", "rgb-hha")  # NYUD: colour, HHA, 4-channel, late
 SCHEDULES = ("fixed", "poly")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
 OPTIMIZERS = ("sgd", "adam")
+SAMPLING = ("random", "shuffle", "stream")  # pipelines.train.sampling
 STAGE_ORDER = ("32s", "16s", "8s")
 DEPTH_DATASETS = DEPTH  # the datasets whose rows carry depth and HHA images
 GEO_DATASETS = GEO  # the datasets whose rows carry a second label (label_geo)
@@ -265,6 +266,7 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "schedule": _choice(SCHEDULES),
     "poly_power": lambda v: _real(v, gt=0),
     "mirror": _bool,
+    "sampling": _choice(SAMPLING),
     "pad_multiple": lambda v: _int(v, ge=1),
     "channels_last": _bool,
     "seed": lambda v: _int(v, ge=0, lt=2**63),
@@ -306,6 +308,9 @@ class TrainConfig:
     schedule: str = "fixed"  # fixed | poly (lr * (1 - step/steps) ** poly_power)
     poly_power: float = 0.9
     mirror: bool = True  # random left-right flips
+    # random: a uniformly random row every step, with replacement (the reference layers);
+    # shuffle: a new permutation every epoch; stream: Ray Data's order (splits too big for RAM)
+    sampling: str = "shuffle"
     pad_multiple: int = 1  # pad batches up to a multiple of this (32 helps cuDNN/oneDNN)
     channels_last: bool = True  # NHWC convolutions: ~20% faster on CPU (bench_model.py)
     seed: int = 1337

@@ -58,6 +58,7 @@ BAD = [
     ("schedule", "step", "must be one of fixed, poly"),
     ("poly_power", 0, "must be > 0"),
     ("mirror", 0, "must be true or false"),
+    ("sampling", "epoch", "must be one of random, shuffle, stream"),
     ("pad_multiple", 0, "must be >= 1"),
     ("channels_last", None, "must be true or false"),
     ("seed", -1, "must be >= 0"),

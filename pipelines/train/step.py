@@ -31,6 +31,23 @@ def build_stage_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
                       init_checkpoint: str | None, log: Log = print) -> nn.Module:
     """The net a stage starts from: 32s (or at-once 8s) from VGG16 weights, otherwise the
     previous stage's final checkpoint promoted (the new skip starts at zero)."""
+    model = _initial_model(cfg, stage, num_classes, init_checkpoint, log)
+    if not cfg.learn_upsampling:  # the reference fixes every deconvolution (lr_mult: 0),
+        freeze_upsampling(model)  # in every stage: a promoted net must not unfreeze them
+    return model
+
+
+def freeze_upsampling(model: nn.Module) -> list[str]:
+    """Fix every deconvolution (upscore*, upscore_pool*) at its current weights; the names."""
+    frozen = [n for n, p in model.named_parameters() if "upscore" in n]
+    for name, p in model.named_parameters():
+        if "upscore" in name:
+            p.requires_grad_(False)
+    return frozen
+
+
+def _initial_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
+                   init_checkpoint: str | None, log: Log) -> nn.Module:
     heads = cfg.heads or None
     if init_checkpoint:
         prev = load_model(init_checkpoint)
@@ -51,10 +68,6 @@ def build_stage_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
             log(f"backbone {cfg.backbone_weights}: {str(report).splitlines()[0]}")
     else:
         log("warning: no backbone_weights given: the VGG16 trunk starts from random weights")
-    if not cfg.learn_upsampling:
-        for name, p in model.named_parameters():
-            if "upscore" in name:
-                p.requires_grad_(False)
     return model
 
 

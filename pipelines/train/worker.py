@@ -21,6 +21,7 @@ from pipelines.train.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from pipelines.train.sampling import IN_MEMORY, RowSampler, collect_rows
 from pipelines.train.step import (
     _all_reduce_hist,
     _scores,
@@ -33,6 +34,8 @@ from pipelines.train.step import (
 )
 
 DONE_FILE = "stage_done.json"
+# What the in-memory samplers keep of each training row (the encoded bytes, as stored).
+TRAIN_COLUMNS = ["id", "image", "label", "label_geo", "depth", "hha"]
 Log = Callable[[str], None]
 
 
@@ -62,6 +65,31 @@ def _batches(shard: Any, cfg: TrainConfig, device: Any, train: bool, seed: int
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, labels
+
+
+def _sampled_batches(rows: RowSampler, cfg: TrainConfig, device: Any, start: int
+                     ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The ``random`` / ``shuffle`` orders: rows picked by step number, decoded and padded
+    one step ahead in a thread (as Ray Data's prefetch does for the stream)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mean = MEAN_BGR[cfg.dataset]
+
+    def prepare(step: int) -> dict[str, np.ndarray]:
+        return training_batch(rows.batch(step), mirror=cfg.mirror, seed=cfg.seed + step,
+                              multiple=cfg.pad_multiple)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = [pool.submit(prepare, start), pool.submit(prepare, start + 1)]
+        step = start
+        while True:
+            batch = ahead.pop(0).result()
+            step += 1
+            ahead.append(pool.submit(prepare, step + 1))
+            x, labels = model_input(batch, mean, device, cfg.input)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, labels
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -133,8 +161,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         log("initial " + ", ".join(f"{k} {v:.3f}" for k, v in init_val.items()))
         if tracker is not None:
             tracker.log({f"init_{k}": v for k, v in init_val.items()}, 0)
+    if cfg.sampling in IN_MEMORY:
+        rows = RowSampler(collect_rows(train_shard, TRAIN_COLUMNS), cfg.sampling, cfg.seed,
+                          cfg.batch_size, rank)
+        log(f"sampling {cfg.sampling}: {rows.n} rows per worker held in memory")
     while step < stage.steps:
-        for x, labels in _batches(train_shard, cfg, device, True, cfg.seed + 7919 * epoch):
+        if cfg.sampling in IN_MEMORY:
+            batches = _sampled_batches(rows, cfg, device, step)
+        else:
+            batches = _batches(train_shard, cfg, device, True, cfg.seed + 7919 * epoch)
+        for x, labels in batches:
             if cfg.fail_at_step is not None and step == cfg.fail_at_step and \
                     rank == world - 1 and _first_injection(loop["run_dir"]):
                 raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
