@@ -33,11 +33,21 @@ class InferenceOptions:
             raise ValueError(f"scales must be positive, got scales={self.scales}")
 
 
-def _first(scores: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-    return next(iter(scores.values())) if isinstance(scores, dict) else scores
+def _pick(scores: torch.Tensor | dict[str, torch.Tensor], head: str | None) -> torch.Tensor:
+    """One head's scores: ``head`` by name, or the first head (None)."""
+    if not isinstance(scores, dict):
+        if head is not None:
+            raise ValueError(f"head={head!r} asked of a single-head net")
+        return scores
+    if head is None:
+        return next(iter(scores.values()))
+    if head not in scores:
+        raise ValueError(f"head must be one of {', '.join(scores)}, got head={head!r}")
+    return scores[head]
 
 
-def _windowed(model: nn.Module, x: torch.Tensor, window: int, overlap: float) -> torch.Tensor:
+def _windowed(model: nn.Module, x: torch.Tensor, window: int, overlap: float,
+              head: str | None = None) -> torch.Tensor:
     """Average of the scores of overlapping windows covering x (N, C, H, W)."""
     n, _, h, w = x.shape
     stride = max(1, int(window * (1 - overlap)))
@@ -52,7 +62,7 @@ def _windowed(model: nn.Module, x: torch.Tensor, window: int, overlap: float) ->
     for y0 in starts(h):
         for x0 in starts(w):
             crop = x[:, :, y0 : y0 + window, x0 : x0 + window]
-            s = _first(model(crop))  # (N, K, h', w')
+            s = _pick(model(crop), head)  # (N, K, h', w')
             if total is None:
                 total = s.new_zeros((n, s.shape[1], h, w))
                 count = s.new_zeros((1, 1, h, w))
@@ -64,9 +74,11 @@ def _windowed(model: nn.Module, x: torch.Tensor, window: int, overlap: float) ->
 
 @torch.no_grad()
 def predict_scores(model: nn.Module, x: torch.Tensor,
-                   options: InferenceOptions = InferenceOptions()) -> torch.Tensor:
+                   options: InferenceOptions = InferenceOptions(),
+                   head: str | None = None) -> torch.Tensor:
     """Class scores (N, K, H, W) for a preprocessed batch x (N, C, H, W); with several scales
-    or flips the softmax probabilities are averaged. The first head of a multi-head net."""
+    or flips the softmax probabilities are averaged. A multi-head net's ``head`` (by name;
+    None = the first)."""
     model.eval()
     h, w = x.shape[-2:]
     plain = options.scales == (1.0,) and not options.flip
@@ -76,8 +88,8 @@ def predict_scores(model: nn.Module, x: torch.Tensor,
                                               align_corners=False)
         for flip in (False, True) if options.flip else (False,):
             xi = xs.flip(-1) if flip else xs
-            out = _windowed(model, xi, options.window, options.overlap) if options.window \
-                else _first(model(xi))
+            out = _windowed(model, xi, options.window, options.overlap, head) \
+                if options.window else _pick(model(xi), head)
             out = out.flip(-1) if flip else out
             if out.shape[-2:] != (h, w):
                 out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)

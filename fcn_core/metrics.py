@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -59,9 +61,11 @@ class ConfusionMatrix:
         self.hist += other.hist
         return self
 
-    def scores(self) -> dict[str, float | list[float]]:
+    def scores(self, exclude: Sequence[int] = ()) -> dict[str, float | list[float]]:
         """pixel_acc, mean_acc, mean_iu, fw_iu and per_class_iu (NaN for a class that is
-        neither in the ground truth nor predicted)."""
+        neither in the ground truth nor predicted). Classes in ``exclude`` (e.g. SIFT Flow's
+        cow, desert and moon, absent from its test set) leave the class means and f.w. IU;
+        a pixel predicted as one of them still counts as an error."""
         hist = self.hist.astype(np.float64)
         diag, gt, pr, total = np.diag(hist), hist.sum(1), hist.sum(0), hist.sum()
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -69,11 +73,14 @@ class ConfusionMatrix:
             acc = diag / gt
             iu = diag / (gt + pr - diag)
             freq = gt / total
-        fw_iu = (freq[freq > 0] * iu[freq > 0]).sum() if total else float("nan")
+        keep = np.ones(self.num_classes, bool)
+        keep[list(exclude)] = False
+        fw = keep & (freq > 0)
+        fw_iu = (freq[fw] * iu[fw]).sum() if total else float("nan")
         return {
             "pixel_acc": float(pixel_acc),
-            "mean_acc": _nanmean(acc),
-            "mean_iu": _nanmean(iu),
+            "mean_acc": _nanmean(acc[keep]),
+            "mean_iu": _nanmean(iu[keep]),
             "fw_iu": float(fw_iu),
             "per_class_iu": [float(v) for v in iu],
         }

@@ -2,6 +2,10 @@
 loads the model once), one ConfusionMatrix per batch, merged into one in the driver.
 
 Every image is scored whole and alone (no padding), exactly as the reference score.py does.
+A net with two heads (SIFT Flow: semantic and geometric) is scored on both, each against its
+own label column. Each dataset's reference protocol applies (``datasets.Dataset``): SIFT Flow
+leaves cow, desert and moon (absent from its test set) out of the class means and skips the
+two unannotated images.
 """
 
 from __future__ import annotations
@@ -21,32 +25,112 @@ from pipelines.errors import UsageError
 
 Log = Callable[[str], None]
 ROW_COLUMNS = ("image", "label", "label_geo", "depth", "hha")
+LABEL_COLUMNS = ("label", "label_geo")  # a net's first head reads label, a second label_geo
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One score head to evaluate: the net's head, its label column and its classes."""
+
+    head: str | None  # the net's head name (None: a single-head net)
+    column: str  # label | label_geo
+    classes: tuple[str, ...]
+    exclude: tuple[int, ...] = ()  # classes left out of the class means (the protocol's)
+
+
+@dataclass
+class HeadResult:
+    metrics: dict[str, float]  # pixel_acc, mean_acc, mean_iu, fw_iu
+    per_class: list[tuple[str, float]]  # (class name, IU or NaN)
+    hist: np.ndarray
+    excluded: tuple[str, ...] = ()  # class names left out of the means
 
 
 @dataclass
 class EvalResult:
     model: str
     split: str
-    metrics: dict[str, float]  # pixel_acc, mean_acc, mean_iu, fw_iu
+    metrics: dict[str, float]  # the first head's pixel_acc, mean_acc, mean_iu, fw_iu
     per_class: list[tuple[str, float]]  # (class name, IU or NaN)
     hist: np.ndarray
     images: int
     run_id: str | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
+    heads: dict[str, HeadResult] = field(default_factory=dict)  # every head, by name
+    skipped: tuple[str, ...] = ()  # ids the protocol does not score (unannotated)
 
     def summary(self) -> dict[str, Any]:
         """What a caller (a Prefect task, a Ray job's --result-json) needs: JSON-ready."""
-        return {"model": self.model, "split": self.split, "metrics": self.metrics,
-                "per_class_iu": {n: (None if np.isnan(v) else float(v))
-                                 for n, v in self.per_class},
-                "images": self.images, "mlflow_run": self.run_id}
+        def iu(per_class: list[tuple[str, float]]) -> dict[str, float | None]:
+            return {n: (None if np.isnan(v) else float(v)) for n, v in per_class}
+
+        out = {"model": self.model, "split": self.split, "metrics": self.metrics,
+               "per_class_iu": iu(self.per_class), "images": self.images,
+               "mlflow_run": self.run_id}
+        if len(self.heads) > 1 or any(h.excluded for h in self.heads.values()):
+            out["heads"] = {n: {"metrics": h.metrics, "per_class_iu": iu(h.per_class),
+                                "excluded_classes": list(h.excluded)}
+                            for n, h in self.heads.items()}
+        if self.skipped:
+            out["skipped_ids"] = list(self.skipped)
+        return out
+
+    def flat_metrics(self) -> dict[str, float]:
+        """The first head's metrics as they are, a second head's prefixed with its name."""
+        out = dict(self.metrics)
+        for i, (name, h) in enumerate(self.heads.items()):
+            if i:
+                out.update({f"{name}_{k}": v for k, v in h.metrics.items()})
+        return out
 
     def table(self) -> str:
-        lines = [f"{self.model} on {self.split} ({self.images} images)",
-                 "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()), "",
-                 f"{'class':<20}{'IU':>8}"]
-        lines += [f"{n:<20}{'-' if np.isnan(v) else f'{v:.4f}':>8}" for n, v in self.per_class]
+        lines = [f"{self.model} on {self.split} ({self.images} images"
+                 + (f"; not scored, as the reference: {', '.join(self.skipped)}"
+                    if self.skipped else "") + ")"]
+        heads = self.heads or {"": HeadResult(self.metrics, self.per_class, self.hist)}
+        for name, h in heads.items():
+            if len(heads) > 1:
+                lines += ["", f"[{name}]"]
+            lines += ["  ".join(f"{k} {v:.4f}" for k, v in h.metrics.items())]
+            if h.excluded:
+                lines += [f"(class means leave out {', '.join(h.excluded)}: absent from the "
+                          "test set, as the reference)"]
+            lines += ["", f"{'class':<20}{'IU':>8}"]
+            lines += [f"{n:<20}"
+                      f"{'excluded' if n in h.excluded else '-' if np.isnan(v) else f'{v:.4f}':>8}"
+                      for n, v in h.per_class]
         return "\n".join(lines)
+
+
+def eval_heads(net: Any, manifest: Any) -> list[HeadSpec]:
+    """The heads to score and their protocol: the first head against ``label`` with the
+    manifest's classes, a second (SIFT Flow geometric) against ``label_geo``."""
+    from fcn_core.palettes import CLASSES
+    from pipelines.sources.datasets import DATASETS
+
+    dataset = manifest.data["dataset"]
+    proto = DATASETS.get(dataset)
+    classes = tuple(manifest.data["classes"])
+    exclude = tuple(classes.index(c) for c in (proto.eval_exclude_classes if proto else ())
+                    if c in classes)
+    heads = dict(getattr(getattr(net, "config", None), "heads", {}) or {})
+    if len(heads) <= 1:
+        return [HeadSpec(None, "label", classes, exclude)]
+    if "label_geo" not in manifest.data["columns"]:
+        raise UsageError(f"the model has heads {', '.join(heads)}, but {dataset} rows have "
+                         "no second label (label_geo)")
+    names = list(heads)
+    geo = tuple(CLASSES.get(f"{dataset}_geo", ())) or tuple(
+        f"class_{i}" for i in range(heads[names[1]]))
+    return [HeadSpec(names[0], "label", classes, exclude),
+            HeadSpec(names[1], "label_geo", geo)][: len(LABEL_COLUMNS)]
+
+
+def skipped_ids(manifest: Any) -> tuple[str, ...]:
+    from pipelines.sources.datasets import DATASETS
+
+    proto = DATASETS.get(manifest.data["dataset"])
+    return proto.eval_exclude_ids if proto else ()
 
 
 def ray_cpus() -> float:
@@ -62,8 +146,8 @@ def ray_cpus() -> float:
 class Scorer:
     """Ray Data UDF (a callable class: one model load per actor)."""
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, num_classes: int,
-                 options: dict[str, Any], use_gpu: bool = False):
+    def __init__(self, model_uri: str, tracking_uri: str | None, heads: list[dict[str, Any]],
+                 options: dict[str, Any], skip: tuple[str, ...] = (), use_gpu: bool = False):
         import torch
 
         from pipelines.registry import resolve_model
@@ -73,17 +157,26 @@ class Scorer:
             torch.set_num_threads(max(1, int(ray_cpus())))
         self.loaded = resolve_model(model_uri, tracking_uri)
         self.loaded.net.to(self.device)
-        self.num_classes = num_classes
+        self.heads = [HeadSpec(h["head"], h["column"], tuple(h["classes"]),
+                               tuple(h["exclude"])) for h in heads]
+        self.skip = set(skip)
         self.options = InferenceOptions(**{k: tuple(v) if k == "scales" else v
                                            for k, v in options.items()})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cm = ConfusionMatrix(self.num_classes)
+        cms = [ConfusionMatrix(len(h.classes)) for h in self.heads]
+        images = 0
         for i in range(len(batch["image"])):
+            if str(batch["id"][i]) in self.skip:
+                continue
             row = {k: batch[k][i] for k in ROW_COLUMNS if k in batch}
-            label, pred = predict_row(self.loaded, row, self.options, self.device)
-            cm.update(label, pred)
-        return {"hist": cm.hist.reshape(1, -1), "images": np.array([len(batch["image"])])}
+            for cm, (label, pred) in zip(cms, predict_heads(self.loaded, row, self.options,
+                                                            self.device, self.heads),
+                                         strict=True):
+                cm.update(label, pred)
+            images += 1
+        out = {f"hist_{k}": cm.hist.reshape(1, -1) for k, cm in enumerate(cms)}
+        return {**out, "images": np.array([images])}
 
 
 def actor_cpus(actors: int) -> float:
@@ -97,14 +190,23 @@ def actor_cpus(actors: int) -> float:
 
 def predict_row(loaded: Any, row: dict[str, Any], options: InferenceOptions, device: Any
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """One shard row -> (label (H, W), predicted class ids (H, W))."""
+    """One shard row -> (label (H, W), predicted class ids (H, W)) of the first head."""
+    return predict_heads(loaded, row, options, device, [HeadSpec(None, "label", ())])[0]
+
+
+def predict_heads(loaded: Any, row: dict[str, Any], options: InferenceOptions, device: Any,
+                  heads: list[HeadSpec]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One shard row -> (label, predicted class ids), both (H, W), per head."""
     from fcn_core.inference import predict_scores
     from pipelines.shards import model_input, training_batch
 
     b = training_batch({k: [v] for k, v in row.items() if v is not None})
     x, labels = model_input(b, loaded.mean_bgr, device, loaded.input)
-    pred = predict_scores(loaded.net, x, options).argmax(1)
-    return labels["label"][0].cpu().numpy(), pred[0].cpu().numpy()
+    out = []
+    for h in heads:
+        pred = predict_scores(loaded.net, x, options, h.head).argmax(1)
+        out.append((labels[h.column][0].cpu().numpy(), pred[0].cpu().numpy()))
+    return out
 
 
 def evaluate(model_uri: str, data: str | Path, split: str = "val", *,
@@ -118,45 +220,52 @@ def evaluate(model_uri: str, data: str | Path, split: str = "val", *,
 
     from pipelines.ray_env import init_ray
     from pipelines.registry import is_mlflow_uri, resolve_model
-    from pipelines.shards import open_split, read_manifest
+    from pipelines.shards import open_split, read_manifest, read_split_table
     from pipelines.tracking import tracking_uri
 
     options = options or InferenceOptions()
     manifest = read_manifest(data)
     manifest.shard_paths(split)  # an unknown split fails now, before the model loads
-    n = manifest.num_classes
     uri = tracking_uri() if is_mlflow_uri(model_uri) else None
     loaded = resolve_model(model_uri, uri)  # fail here, in one line, not in every actor
+    heads = eval_heads(loaded.net, manifest)
+    skip = skipped_ids(manifest)
     log(f"evaluating {loaded.source} on {data} [{split}] with {actors} Ray actor(s)")
     log(init_ray())
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = open_split(data, split).select_columns(
-        [c for c in ROW_COLUMNS if c in manifest.data["columns"]])
+        ["id", *(c for c in ROW_COLUMNS if c in manifest.data["columns"])])
     # An actor takes whole blocks and Ray Data reads small Parquet files as one block:
     # give every actor several.
     if len(manifest.shard_paths(split)) < 4 * actors:
         ds = ds.repartition(4 * actors)
     scored = ds.map_batches(
         Scorer, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": uri,
-                                       "num_classes": n, "options": asdict(options),
-                                       "use_gpu": use_gpu},
+                                       "heads": [asdict(h) for h in heads], "skip": skip,
+                                       "options": asdict(options), "use_gpu": use_gpu},
         batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
         # Fractional CPUs: actors holding every CPU would starve the Parquet reads (a hang
         # on small machines); torch threads are set to match in the actor.
         num_cpus=actor_cpus(actors) if not use_gpu else 0, num_gpus=1 if use_gpu else 0)
-    cm, images = ConfusionMatrix(n), 0
+    cms, images = [ConfusionMatrix(len(h.classes)) for h in heads], 0
     for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
-        for h, k in zip(batch["hist"], batch["images"], strict=True):
-            cm.hist += np.asarray(h, np.int64).reshape(n, n)
-            images += int(k)
-    scores = cm.scores()
-    classes = manifest.data["classes"]
-    result = EvalResult(model_uri, split, {k: float(v) for k, v in scores.items()
-                                           if k != "per_class_iu"},
-                        list(zip(classes, scores["per_class_iu"], strict=True)), cm.hist,
-                        images)
+        for k, cm in enumerate(cms):
+            n = cm.num_classes
+            cm.hist += np.asarray(batch[f"hist_{k}"], np.int64).reshape(-1, n, n).sum(0)
+        images += int(np.sum(batch["images"]))
+    results = {}
+    for h, cm in zip(heads, cms, strict=True):
+        scores = cm.scores(h.exclude)
+        results[h.head or "out"] = HeadResult(
+            {k: float(v) for k, v in scores.items() if k != "per_class_iu"},
+            list(zip(h.classes, scores["per_class_iu"], strict=True)), cm.hist,
+            tuple(h.classes[i] for i in h.exclude))
+    first = next(iter(results.values()))
+    seen = set(read_split_table(data, split, ["id"])["id"].to_pylist()) if skip else set()
+    result = EvalResult(model_uri, split, first.metrics, first.per_class, first.hist, images,
+                        heads=results, skipped=tuple(i for i in skip if i in seen))
     if log_to_mlflow:
         _log_result(result, manifest, data, split, options, run_name, samples, loaded)
     return result
@@ -176,13 +285,15 @@ def _log_result(result: EvalResult, manifest: Any, data: Any, split: str,
                                      "manifest_fingerprint": manifest.fingerprint}).info.run_id
     for k, v in asdict(options).items():
         client.log_param(run_id, f"inference.{k}", str(v))
-    for k, v in result.metrics.items():
+    for k, v in result.flat_metrics().items():
         client.log_metric(run_id, k, v)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         (d / "metrics.json").write_text(json.dumps(
             {**result.metrics, "per_class_iu": dict(result.per_class), "images": result.images,
-             "split": split, "model": result.model}, indent=2, default=float))
+             "split": split, "model": result.model, **{k: v for k, v in result.summary().items()
+                                                       if k in ("heads", "skipped_ids")}},
+            indent=2, default=float))
         (d / "per_class_iu.md").write_text(result.table() + "\n")
         np.savetxt(d / "confusion_matrix.csv", result.hist, fmt="%d", delimiter=",")
         confusion_image(result.hist).save(d / "confusion_matrix.png")

@@ -74,20 +74,30 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class IngestConfig:
-    dataset: str  # voc | sbd | nyud | siftflow | synthetic (a generated VOC layout)
-    root: str  # the dataset as downloaded: a local path or a URI (for synthetic: where to
-    #            generate it)
-    out: str  # shards go to <out>/<dataset>/: a local path or a URI
+    dataset: str  # one of pipelines.sources.datasets.NAMES (synthetic: a generated VOC layout)
+    root: str  # the dataset as downloaded: a local path or a URI (pascal / context: the VOC
+    #            devkit; synthetic: where to generate it)
+    out: str  # shards go to <out>/<dataset>/ (<out>/<dataset>-<protocol>/ for a protocol
+    #           other than the default): a local path or a URI
     splits: tuple[str, ...] | None = None  # None: every split the layout defines
     split_file: str | None = None  # a user-named split / list file (e.g. seg11valid.txt)
     shard_rows: int = 500  # rows per Parquet shard at most
     batch_size: int = 16  # records per decode task batch
     synthetic_size: tuple[int, int] = (64, 64)  # synthetic only: image H, W
     synthetic_counts: tuple[int, int] = (96, 32)  # synthetic only: train, val images
+    sbd_root: str | None = None  # pascal: SBD's benchmark_RELEASE/dataset
+    context_root: str | None = None  # context: the PASCAL-Context annotations
+    protocol: str | None = None  # pascal: seg11valid (default) | trainaug
+    allow_missing: bool = False  # pascal: go on when validation ids are missing / leak
 
     def __post_init__(self) -> None:  # Paths and URIs alike become location strings
-        object.__setattr__(self, "root", storage.as_location(self.root))
-        object.__setattr__(self, "out", storage.as_location(self.out))
+        for key in ("root", "out", "sbd_root", "context_root"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, storage.as_location(getattr(self, key)))
+
+    @property
+    def dataset_dir(self) -> str:
+        return storage.join(self.out, datasets.dir_name(self.dataset, self.protocol))
 
 
 @dataclass
@@ -100,12 +110,18 @@ class IngestResult:
     bytes_written: int = 0
     seconds: float = 0.0
 
+    composite: tuple[str, ...] = ()  # splits made of others (their rows are counted there)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(n for s, n in self.rows.items() if s not in self.composite)
+
     def summary(self) -> str:
         if self.skipped:
             return (f"{self.dataset_dir}: sources unchanged, current version {self.version} "
                     "kept (nothing written)")
         rows = ", ".join(f"{s} {n}" for s, n in self.rows.items()) or "none"
-        total = sum(self.rows.values())
+        total = self.total_rows
         rej = ", ".join(f"{k} {n}" for k, n in sorted(self.rejected.items())) or "none"
         rate = total / self.seconds if self.seconds else 0.0
         return (f"{self.dataset_dir} version {self.version}\n"
@@ -205,6 +221,7 @@ class Listing:
     records: list[RawRecord]
     problems: list[Problem]
     root: StoragePath  # holds the folder listings the reader made (stats come from them)
+    notes: dict[str, Any] = field(default_factory=dict)  # protocol facts for the manifest
 
 
 def _generate_synthetic(cfg: IngestConfig, log: Log) -> None:
@@ -222,22 +239,73 @@ def _generate_synthetic(cfg: IngestConfig, log: Log) -> None:
 def list_sources(cfg: IngestConfig, log: Log = print) -> Listing:
     """The records of the dataset at ``cfg.root``; generates the synthetic layout if asked."""
     layout = cfg.dataset
+    if cfg.dataset == "pascal":
+        return _list_pascal(cfg)
     if cfg.dataset == "synthetic":
         layout = "voc"
         if not storage.listdir(cfg.root):
             _generate_synthetic(cfg, log)
     reader = source(layout)
     root = storage.path(cfg.root)
-    records, problems = reader.list_records(root, cfg.splits, cfg.split_file)
+    records, problems = reader.list_records(root, _read_splits(cfg), cfg.split_file)
     return Listing(layout, reader.NUM_CLASSES, records, problems, root)
+
+
+def _read_splits(cfg: IngestConfig) -> tuple[str, ...] | None:
+    """The splits to read: a composite split asked for by name (nyud trainval) is read as
+    its parts, unless the layout has a list of its own (splits.mat's trainval)."""
+    if cfg.splits is None or cfg.split_file is not None:
+        return cfg.splits
+    parts = dict(datasets.DATASETS[cfg.dataset].composite)
+    out: list[str] = []
+    for s in cfg.splits:
+        out += parts[s] if s in parts and not _has_list(cfg, s) else (s,)
+    return tuple(dict.fromkeys(out))
+
+
+def _has_list(cfg: IngestConfig, split: str) -> bool:
+    root = storage.path(cfg.root)
+    try:
+        base = source(cfg.dataset).find_root(root)
+    except Exception:  # the reader reports a bad layout itself, in its own words
+        return True
+    return (base / f"{split}.txt").is_file() or (base / "splits.mat").is_file()
+
+
+def _check_roots(cfg: IngestConfig) -> None:
+    """The --*-root options a dataset needs, and --protocol, as one-line usage errors."""
+    d = datasets.DATASETS[cfg.dataset]
+    for name in d.roots[1:]:
+        if getattr(cfg, f"{name}_root") is None:
+            raise UsageError(f"{cfg.dataset} needs --{name}-root as well as --{d.roots[0]}-root")
+    for name in ("sbd", "context"):
+        if getattr(cfg, f"{name}_root") is not None and name not in d.roots:
+            raise UsageError(f"--{name}-root is not used by {cfg.dataset}")
+    if d.protocols and cfg.splits:
+        raise UsageError(f"{cfg.dataset} makes its splits from --protocol "
+                         f"({', '.join(d.protocols)}), not --splits")
+    if cfg.protocol is not None and cfg.protocol not in d.protocols:
+        have = f"one of {', '.join(d.protocols)}" if d.protocols else "not used"
+        raise UsageError(f"--protocol for {cfg.dataset} is {have}, got {cfg.protocol!r}")
+
+
+def _list_pascal(cfg: IngestConfig) -> Listing:
+    from pipelines.sources import pascal
+
+    assert cfg.sbd_root is not None
+    root = storage.path(cfg.root)
+    got = pascal.list_records(root, root.view(cfg.sbd_root), cfg.protocol or
+                              pascal.DEFAULT_PROTOCOL, allow_missing=cfg.allow_missing,
+                              split_file=cfg.split_file)
+    return Listing("pascal", pascal.NUM_CLASSES, got.records, got.problems, root, got.notes)
 
 
 def source_fingerprint(cfg: IngestConfig, listing: Listing) -> str:
     """Changes when any listed file's size or mtime, the listing, or the settings change.
     Sizes and mtimes come from the folder listings the reader already made."""
     h = hashlib.sha256()
-    h.update(f"schema={SCHEMA_VERSION} dataset={cfg.dataset} shard_rows={cfg.shard_rows}\n"
-             .encode())
+    h.update(f"schema={SCHEMA_VERSION} dataset={cfg.dataset} shard_rows={cfg.shard_rows} "
+             f"protocol={cfg.protocol} allow_missing={cfg.allow_missing}\n".encode())
     for r in sorted(listing.records, key=lambda r: (r.split, r.id)):
         for p in (r.image, r.label, *(p for _, p in r.extras)):
             st = listing.root.view(p).stat()
@@ -260,17 +328,19 @@ def ingest(cfg: IngestConfig, log: Log = print) -> IngestResult:
     datasets.check(cfg.dataset)
     if cfg.shard_rows < 1:
         raise UsageError(f"shard_rows must be >= 1, got shard_rows={cfg.shard_rows}")
+    _check_roots(cfg)
     storage.check_writable(cfg.out)  # a missing bucket fails now, not after the decoding
     listing = list_sources(cfg, log)
-    dataset_dir = storage.join(cfg.out, cfg.dataset)
+    dataset_dir = cfg.dataset_dir
     fingerprint = source_fingerprint(cfg, listing)
     current = _current(dataset_dir)
     if current and current["source"]["fingerprint"] == fingerprint:
         return IngestResult(dataset_dir, current["version"], skipped=True,
                             rows={s: v["rows"] for s, v in current["splits"].items()},
-                            seconds=time.perf_counter() - t0)
+                            seconds=time.perf_counter() - t0,
+                            composite=_composite_names(current))
     # Splits asked for by name are kept even when empty, so a user sees "train: 0 rows".
-    split_names = list(dict.fromkeys([*(cfg.splits or ()),
+    split_names = list(dict.fromkeys([*(_read_splits(cfg) or ()),
                                       *(r.split for r in listing.records),
                                       *(p.split for p in listing.problems)]))
     log(f"ingest {cfg.dataset}: {len(listing.records)} examples listed in splits "
@@ -290,11 +360,32 @@ def ingest(cfg: IngestConfig, log: Log = print) -> IngestResult:
             log(f"could not remove the unfinished version {version_dir}: {e}")
         raise
     storage.write_json(storage.join(dataset_dir, MANIFEST), manifest)  # the switch
-    written = sum(s["bytes"] for v in manifest["splits"].values() for s in v["shards"])
+    composite = _composite_names(manifest)
+    written = sum(s["bytes"] for n, v in manifest["splits"].items() for s in v["shards"]
+                  if n not in composite)
     return IngestResult(dataset_dir, version, skipped=False,
                         rows={s: v["rows"] for s, v in manifest["splits"].items()},
                         rejected=dict(Counter(reason_kind(q["reason"]) for q in quarantine)),
-                        bytes_written=written, seconds=time.perf_counter() - t0)
+                        bytes_written=written, seconds=time.perf_counter() - t0,
+                        composite=composite)
+
+
+def _composite_names(manifest: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(n for n, v in manifest["splits"].items() if "parts" in v)
+
+
+def _add_composites(dataset: str, splits: dict[str, dict[str, Any]]) -> None:
+    """Add the dataset's composite splits (trainval = train + val) whose parts all exist, as
+    lists of the parts' shards: the same files, not a second copy."""
+    for name, parts in datasets.DATASETS[dataset].composite:
+        if name in splits or not all(splits.get(p, {}).get("rows") for p in parts):
+            continue
+        ps = [splits[p] for p in parts]
+        splits[name] = {
+            "rows": sum(p["rows"] for p in ps), "rejected": sum(p["rejected"] for p in ps),
+            "shards": [sh for p in ps for sh in p["shards"]],
+            "class_pixels": np.sum([p["class_pixels"] for p in ps], axis=0).tolist(),
+            "ignore_pixels": sum(p["ignore_pixels"] for p in ps), "parts": list(parts)}
 
 
 def _publish(version_dir: str, manifest: dict[str, Any]) -> None:
@@ -380,7 +471,7 @@ def _run(cfg: IngestConfig, listing: Listing, split_names: list[str], fingerprin
         "ignore_index": IGNORE_INDEX,
         "columns": SHARD_SCHEMA.names,
         "source": {"root": cfg.root, "fingerprint": fingerprint,
-                   "split_file": cfg.split_file},
+                   "split_file": cfg.split_file, **listing.notes},
         "splits": {s: {"rows": sum(sh["rows"] for sh in splits[s]),
                        "rejected": sum(1 for q in quarantine if q["split"] == s),
                        "shards": [{k: sh[k] for k in ("path", "rows", "bytes", "sha256")}
@@ -390,4 +481,5 @@ def _run(cfg: IngestConfig, listing: Listing, split_names: list[str], fingerprin
         "rejected": len(quarantine),
         "quarantine": f"versions/{version}/{QUARANTINE}",
     }
+    _add_composites(listing.layout, manifest["splits"])
     return manifest, quarantine

@@ -22,6 +22,7 @@ from pipelines.sources import (
     decode_label,
     load_example,
     nyud,
+    reference,
     sbd,
     siftflow,
     source,
@@ -237,20 +238,29 @@ def test_real_nyud_frame(real: Path, tmp_path: Path) -> None:
 def test_real_nyud_splits_mat(real: Path, tmp_path: Path) -> None:
     mat = real / "nyud" / "nyuv2-python-toolkit_meta" / "splits.mat"
     ids = nyud.read_splits_mat(mat)
-    assert (len(ids["train"]), len(ids["test"])) == (795, 654)
+    assert (len(ids["trainval"]), len(ids["test"])) == (795, 654)
     first = int(scipy.io.loadmat(mat)["trainNdxs"][0, 0])
-    assert ids["train"][0] == f"{5000 + first}" == "5003"
-    assert "5001" in ids["test"] and "5001" not in ids["train"]
-    # No txt split files: splits.mat at the root gives "train" and "test".
+    assert ids["trainval"][0] == f"{5000 + first}" == "5003"
+    assert "5001" in ids["test"] and "5001" not in ids["trainval"]
+    # ... and they are the shipped reference lists: trainval = train + val
+    assert set(ids["trainval"]) == set(reference.ids("nyud", "train")) | \
+        set(reference.ids("nyud", "val"))
+    assert sorted(ids["test"]) == sorted(reference.ids("nyud", "test"))
+    # No txt split files: splits.mat at the root gives "trainval" and "test".
     _real_nyud_layout(real, tmp_path, with_txt=False)
     shutil.copy(mat, tmp_path / "splits.mat")
     records, problems = nyud.list_records(tmp_path)
     assert [(r.split, r.id) for r in records] == [("test", "5001")]
-    assert Counter(p.split for p in problems) == {"train": 795, "test": 653}
+    assert Counter(p.split for p in problems) == {"trainval": 795, "test": 653}
     assert problems[0].reason.startswith("missing image file data/images/img_")
     # Named explicitly as split_file, with a filter on splits.
     records, problems = nyud.list_records(tmp_path, splits=["test"], split_file=str(mat))
     assert len(records) == 1 and len(problems) == 653
+    # Neither txt lists nor splits.mat: the shipped reference lists (train, val, test).
+    (tmp_path / "splits.mat").unlink()
+    records, problems = nyud.list_records(tmp_path)
+    assert [(r.split, r.id) for r in records] == [("test", "5001")]
+    assert Counter(p.split for p in problems) == {"train": 381, "val": 414, "test": 653}
 
 
 # ---------------------------------------------------------------------- quarantine rows

@@ -16,12 +16,20 @@ from flows.cli.common import (
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from pipelines.errors import UsageError
     from pipelines.ingest import IngestConfig, ingest
+    from pipelines.sources.datasets import DATASETS
 
     quiet_ray_logs(args.verbose)
+    first = DATASETS[args.dataset].roots[0]
+    if args.root is None:
+        flag = "--root" if first == "root" else f"--{first}-root"
+        raise UsageError(f"{args.dataset} needs {flag} (the dataset folder as downloaded)")
     splits = tuple(s for s in args.splits.split(",") if s) if args.splits else None
     cfg = IngestConfig(dataset=args.dataset, root=args.root, out=args.out,
-                       splits=splits, split_file=args.split_file, shard_rows=args.shard_rows)
+                       splits=splits, split_file=args.split_file, shard_rows=args.shard_rows,
+                       sbd_root=args.sbd_root, context_root=args.context_root,
+                       protocol=args.protocol, allow_missing=args.allow_missing)
     result = ingest(cfg, log=say)
     print(result.summary())
     write_result(args, dataclasses.asdict(result))
@@ -42,8 +50,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "RAY_ADDRESS when set, else a local Ray.",
         epilog=layouts_help())
     p.add_argument("dataset", choices=NAMES)
-    p.add_argument("--root", required=True,
-                   help="the dataset folder as downloaded: a path or a URI (s3://bucket/voc)")
+    p.add_argument("--root", "--voc-root", dest="root", default=None,
+                   help="the dataset folder as downloaded: a path or a URI (s3://bucket/voc); "
+                        "for pascal and context, the VOC devkit (--voc-root)")
+    p.add_argument("--sbd-root", default=None,
+                   help="pascal: SBD's benchmark_RELEASE/dataset (img/, cls/, train.txt)")
+    p.add_argument("--context-root", default=None,
+                   help="context: the PASCAL-Context annotations (trainval/*.mat, labels.txt, "
+                        "59_labels.txt)")
+    p.add_argument("--protocol", default=None,
+                   help="pascal: seg11valid (default; SBD train -> seg11valid, the FCN "
+                        "paper's) or trainaug (train_aug 10,582 -> VOC2012 val 1,449); "
+                        "a non-default protocol goes to OUT/DATASET-PROTOCOL/")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="pascal: go on when validation ids are missing from the VOC tree or "
+                        "also in SBD train (refused by default; the counts go into the "
+                        "manifest)")
     p.add_argument("--out", required=True,
                    help="output folder or URI; shards go to OUT/DATASET/")
     p.add_argument("--splits", default=None,

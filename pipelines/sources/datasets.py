@@ -17,6 +17,15 @@ class Dataset:
     generated: bool = False  # written by pipelines.sources.synthetic, not downloaded
     depth: bool = False  # rows carry depth and HHA images (RGB-D, HHA and late-fusion nets)
     geo: bool = False  # rows carry a second label, label_geo (a second head)
+    roots: tuple[str, ...] = ("root",)  # the --*-root options ingest needs
+    protocols: tuple[str, ...] = ()  # --protocol choices, the default first
+    # The reference evaluation leaves these out: classes absent from the test set (they leave
+    # the class means) and images without annotation (they are not scored).
+    eval_exclude_classes: tuple[str, ...] = ()
+    eval_exclude_ids: tuple[str, ...] = ()
+    # Splits made of others, listed in the manifest over the same shards (no second copy):
+    # NYUD's trainval = train + val, what the reference trains on.
+    composite: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 DATASETS: dict[str, Dataset] = {d.name: d for d in (
@@ -24,10 +33,18 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
                    "SegmentationClassAug/, ImageSets/Segmentation/*.txt"),
     Dataset("sbd", "benchmark_RELEASE/dataset: img/, cls/*.mat, train.txt, val.txt"),
     Dataset("nyud", "data/images|depth|hha/img_NNNN.png, segmentation/img_NNNN.mat, "
-                    "train|val|test.txt or splits.mat", depth=True),
+                    "train|val|test.txt or splits.mat (else the shipped reference lists); "
+                    "trainval = train + val", depth=True,
+            composite=(("trainval", ("train", "val")),)),
     Dataset("siftflow", "Images/, SemanticLabels/, GeoLabels/ "
                         "(spatial_envelope_256x256_static_8outdoorcategories), trainval.txt, "
-                        "test.txt", geo=True),
+                        "test.txt", geo=True,
+            eval_exclude_classes=("cow", "desert", "moon"),
+            eval_exclude_ids=("highway_bost181", "street_urb506")),
+    Dataset("pascal", "--voc-root VOCdevkit/VOC2011 (VOC2012 for --protocol trainaug) and "
+                      "--sbd-root benchmark_RELEASE/dataset: protocol seg11valid = SBD train "
+                      "-> seg11valid (FCN's), trainaug = train_aug -> VOC2012 val",
+            roots=("voc", "sbd"), protocols=("seg11valid", "trainaug")),
     Dataset("synthetic", "generates a small VOC layout at --root when it is empty, then "
                          "ingests it", generated=True),
 )}
@@ -43,6 +60,14 @@ def check(name: str) -> str:
     if name not in DATASETS:
         raise UsageError(f"dataset must be one of {', '.join(NAMES)}, got {name!r}")
     return name
+
+
+def dir_name(name: str, protocol: str | None) -> str:
+    """The folder under --out a dataset goes to: its name, plus the protocol unless default."""
+    d = DATASETS[name]
+    if not protocol or not d.protocols or protocol == d.protocols[0]:
+        return name
+    return f"{name}-{protocol}"
 
 
 def layouts_help() -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import scipy.io
 
 from fcn_core.palettes import NYUD_CLASSES
+from pipelines.sources import reference
 from pipelines.sources.common import (
     Entry,
     LayoutError,
@@ -31,7 +32,9 @@ NAME = "nyud"
 CLASSES: tuple[str, ...] = NYUD_CLASSES
 NUM_CLASSES = len(CLASSES)
 FRAME_OFFSET = 5000  # splits.mat index k (1-based) is frame img_{5000 + k}
-SPLITS_MAT_KEYS = {"train": "trainNdxs", "test": "testNdxs"}
+# splits.mat's trainNdxs are the 795 frames the reference trains on (train + val): trainval.
+SPLITS_MAT_KEYS = {"trainval": "trainNdxs", "test": "testNdxs"}
+REFERENCE_SPLITS = ("train", "val", "test")  # shipped lists, for a copy that has none
 OPTIONAL_DIRS = {"depth": "data/depth", "hha": "data/hha"}
 EXPECTED = (
     "data/images/ and segmentation/ (FCN's nyud folder) with train.txt/val.txt/test.txt "
@@ -48,7 +51,8 @@ def find_root(root: str | Path | StoragePath) -> StoragePath:
 
 
 def read_splits_mat(path: str | Path | StoragePath) -> dict[str, list[str]]:
-    """{"train": [...], "test": [...]} frame ids from splits.mat (trainNdxs 795, testNdxs 654)."""
+    """{"trainval": [...], "test": [...]} frame ids from splits.mat (trainNdxs 795, testNdxs
+    654)."""
     p = storage_path(path)
     try:
         mat = scipy.io.loadmat(io.BytesIO(p.read_bytes()))
@@ -71,13 +75,22 @@ def _frame(line: str) -> str:
 def _split_ids(
     base: StoragePath, splits: Sequence[str] | None, split_file: str | Path | None
 ) -> list[tuple[str, StoragePath, list[str]]]:
-    """(split, source file, frame ids): txt split files win; splits.mat is the fallback."""
+    """(split, source file, frame ids): txt split files win; splits.mat is the fallback, and
+    the shipped reference lists (Gupta et al.'s train / val / test) the last resort."""
     if split_file is not None and Path(split_file).suffix.lower() == ".mat":
         mat_path: StoragePath | None = resolve_split_file(split_file, base)
     elif split_file is None and not any(base.glob("*.txt")) and (base / "splits.mat").is_file():
         mat_path = base / "splits.mat"
     else:
         mat_path = None
+    if mat_path is None and split_file is None and not any(base.glob("*.txt")):
+        wanted = list(REFERENCE_SPLITS) if splits is None else list(splits)
+        unknown = [s for s in wanted if s not in REFERENCE_SPLITS]
+        if unknown:
+            raise LayoutError(f"no split {unknown[0]} in the shipped NYUD lists (available: "
+                              f"{', '.join(REFERENCE_SPLITS)})")
+        return [(s, storage_path(reference.path("nyud", s)), list(reference.ids("nyud", s)))
+                for s in wanted]
     if mat_path is None:
         chosen = choose_splits(base, base, splits, split_file)
         return [(s, p, [_frame(x) for x in read_lines(p)]) for s, p in chosen]
@@ -85,7 +98,8 @@ def _split_ids(
     wanted = list(by_split) if splits is None else list(splits)
     unknown = [s for s in wanted if s not in by_split]
     if unknown:
-        raise LayoutError(f"no split {unknown[0]} in {mat_path} (available: train, test)")
+        raise LayoutError(f"no split {unknown[0]} in {mat_path} (available: "
+                          f"{', '.join(SPLITS_MAT_KEYS)})")
     return [(s, mat_path, by_split[s]) for s in wanted]
 
 

@@ -228,12 +228,16 @@ def write_sbd(
 
 
 def write_nyud(
-    root: str | Path, n_train: int = 16, n_val: int = 8, size: Size = (64, 64), seed: int = 0
+    root: str | Path, n_train: int = 16, n_val: int = 8, size: Size = (64, 64), seed: int = 0,
+    n_test: int = 0,
 ) -> Path:
-    """root in FCN's nyud layout: data/{images,depth,hha}/img_N.png, segmentation/img_N.mat."""
+    """root in FCN's nyud layout: data/{images,depth,hha}/img_N.png, segmentation/img_N.mat,
+    train.txt / val.txt (and test.txt with ``n_test`` more frames)."""
     base = Path(root)
     _mkdirs(base, "data/images", "data/depth", "data/hha", "segmentation")
     rows = plan("nyud", n_train, n_val)
+    rows += [("test", example_id("nyud", i), i) for i in range(n_train + n_val,
+                                                              n_train + n_val + n_test)]
     for _, id_, i in rows:
         ex = example("nyud", i, size, seed)
         Image.fromarray(ex["image"]).save(base / "data" / "images" / f"img_{id_}.png")
@@ -241,6 +245,8 @@ def write_nyud(
         Image.fromarray(ex["hha"]).save(base / "data" / "hha" / f"img_{id_}.png")
         scipy.io.savemat(base / "segmentation" / f"img_{id_}.mat", {"segmentation": ex["label"]})
     _write_splits(base, rows, "nyud")
+    if n_test:
+        (base / "test.txt").write_text("".join(f"{i}\n" for s, i, _ in rows if s == "test"))
     return base
 
 
@@ -274,3 +280,56 @@ def write_all(
     r = Path(root)
     writers = {"voc": write_voc, "sbd": write_sbd, "nyud": write_nyud, "siftflow": write_siftflow}
     return {name: fn(r / name, n_train, n_val, size, seed) for name, fn in writers.items()}
+
+
+@dataclass(frozen=True)
+class PascalTrees:
+    """What ``write_pascal`` wrote, and the protocol facts a test checks against."""
+
+    voc: Path  # VOCdevkit/VOC<year>
+    sbd: Path  # benchmark_RELEASE/dataset
+    seg11valid: tuple[str, ...]  # ids of the shipped seg11valid list present in the VOC tree
+    leak: str  # a VOC val id that is also in SBD train (not in seg11valid)
+    voc_train: tuple[str, ...]
+    voc_val: tuple[str, ...]
+    sbd_train: tuple[str, ...]
+    sbd_val: tuple[str, ...]
+
+
+def write_pascal(root: str | Path, n_train: int = 8, n_val: int = 4, size: Size = (64, 64),
+                 seed: int = 0, year: str = "2011") -> PascalTrees:
+    """A VOC devkit and an SBD release whose ids overlap as the real ones do: VOC val holds
+    the first ``n_val`` ids of the shipped seg11valid list plus one id that SBD train also
+    lists (``leak``); VOC train shares ids with SBD train and SBD val; SBD val shares one id
+    with VOC val. VOC labels carry 255 borders, SBD labels none."""
+    from pipelines.sources import reference
+
+    seg11 = tuple(reference.ids("pascal", "seg11valid")[:n_val])
+    ids = [f"2099_{i:06d}" for i in range(2 * n_train + 4)]  # years no real id uses
+    leak = ids[0]
+    sbd_train = tuple(ids[: n_train])
+    sbd_val = (*ids[n_train : n_train + 2], seg11[0])
+    voc_train = (ids[1], ids[2], *ids[n_train + 2 : n_train + 4])
+    voc_val = (*seg11, leak)
+    voc = Path(root) / "VOCdevkit" / f"VOC{year}"
+    sbd = Path(root) / "benchmark_RELEASE" / "dataset"
+    _mkdirs(voc, "JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
+    _mkdirs(sbd, "img", "cls")
+    palette = voc_colormap().ravel().tolist()
+    index = {id_: i for i, id_ in enumerate(dict.fromkeys([*voc_train, *voc_val, *sbd_train,
+                                                           *sbd_val]))}
+    for id_ in dict.fromkeys([*voc_train, *voc_val]):
+        ex = example("voc", index[id_], size, seed)
+        _save_jpeg(voc / "JPEGImages" / f"{id_}.jpg", ex["image"])
+        im = Image.fromarray(ex["label"])
+        im.putpalette(palette)
+        im.save(voc / "SegmentationClass" / f"{id_}.png")
+    for id_ in dict.fromkeys([*sbd_train, *sbd_val]):
+        ex = example("sbd", index[id_], size, seed)
+        _save_jpeg(sbd / "img" / f"{id_}.jpg", ex["image"])
+        scipy.io.savemat(sbd / "cls" / f"{id_}.mat", {"GTcls": _sbd_struct(ex["label"])})
+    for folder, name, split in ((voc / "ImageSets/Segmentation", "train", voc_train),
+                                (voc / "ImageSets/Segmentation", "val", voc_val),
+                                (sbd, "train", sbd_train), (sbd, "val", sbd_val)):
+        (folder / f"{name}.txt").write_text("".join(f"{i}\n" for i in split))
+    return PascalTrees(voc, sbd, seg11, leak, voc_train, voc_val, sbd_train, sbd_val)
