@@ -95,6 +95,10 @@ def ingest_task(cfg: dict[str, Any]) -> dict[str, Any]:
                 "--shard-rows", str(c.shard_rows)]
         args += ["--splits", ",".join(c.splits)] if c.splits else []
         args += ["--split-file", c.split_file] if c.split_file else []
+        for flag, value in (("--sbd-root", c.sbd_root), ("--context-root", c.context_root),
+                            ("--protocol", c.protocol)):
+            args += [flag, value] if value else []
+        args += ["--allow-missing"] if c.allow_missing else []
         dataset_dir = _job(args, storage.join(c.out, "_jobs"))["dataset_dir"]
     else:
         result = ingest(c, log=logger.info)

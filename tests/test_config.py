@@ -15,7 +15,7 @@ from pipelines.config import ConfigError, StageConfig, TrainConfig, from_dict, l
 from pipelines.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+PRESETS = sorted((ROOT / "configs").rglob("*.yaml"))
 S32 = {"name": "32s", "steps": 2, "lr": 0.1}
 S16 = {"name": "16s", "steps": 2, "lr": 0.1}
 
@@ -25,7 +25,7 @@ BAD = [
     ("name", "my run", "must be 1-64 letters"),
     ("name", "it's", "must be 1-64 letters"),
     ("name", 5, "must be 1-64 letters"),
-    ("dataset", "coco", "must be one of voc, sbd, nyud, siftflow, synthetic"),
+    ("dataset", "coco", "must be one of voc, sbd, nyud, siftflow, pascal, context, synthetic"),
     ("dataset", 3, "must be one of"),
     ("train_split", "", "must be a non-empty string"),
     ("train_split", 1, "must be a non-empty string"),
@@ -218,7 +218,7 @@ def test_building_or_replacing_in_code_is_validated_too():
     assert TrainConfig(stages=[S32]).stages == (StageConfig("32s", 2, 0.1),)
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
+@pytest.mark.parametrize("preset", PRESETS, ids=[str(p.relative_to(ROOT)) for p in PRESETS])
 def test_every_preset_loads_pickles_and_round_trips(preset):
     cfg = load_config(preset)
     again = pickle.loads(pickle.dumps(cfg))  # what crosses the Ray boundary

@@ -37,6 +37,13 @@ def _pipeline_params(args: argparse.Namespace) -> dict[str, Any]:
     params: dict[str, Any] = {"dataset": args.dataset, "root": as_location(args.root),
                               "config": str(Path(args.config).resolve()),
                               "split": args.split, "force": args.force}
+    for key in ("sbd_root", "context_root"):
+        if getattr(args, key):
+            params[key] = as_location(getattr(args, key))
+    if args.protocol:
+        params["protocol"] = args.protocol
+    if args.allow_missing:
+        params["allow_missing"] = True
     if args.out:
         params["out"] = as_location(args.out)
     if args.storage:
@@ -57,8 +64,10 @@ def _check_cluster_locations(args: argparse.Namespace) -> None:
     address = jobs_address()
     if not address:
         return
+    extra = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in ("sbd_root", "context_root")
+             if getattr(args, k)]
     for flag, value in (("--root", args.root), ("--out", args.out),
-                        ("--storage", args.storage)):
+                        ("--storage", args.storage), *extra):
         if value is None or not is_remote(value):
             raise UsageError(f"RAY_ADDRESS={address} runs each step as a Ray job on the "
                              f"cluster, whose nodes cannot read this machine's disk: give "
@@ -175,15 +184,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     def pipeline_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/demo.yaml")
         p.add_argument("--dataset", required=True, choices=NAMES)
-        p.add_argument("--root", required=True,
-                       help="the dataset folder as downloaded: a path or a URI")
+        p.add_argument("--root", "--voc-root", dest="root", required=True,
+                       help="the dataset folder as downloaded: a path or a URI (pascal, "
+                            "context: the VOC devkit)")
+        p.add_argument("--sbd-root", default=None, help="pascal: SBD's benchmark_RELEASE/dataset")
+        p.add_argument("--context-root", default=None,
+                       help="context: the PASCAL-Context annotations")
+        p.add_argument("--protocol", default=None,
+                       help="pascal: seg11valid (default) or trainaug (see fcn ingest --help)")
+        p.add_argument("--allow-missing", action="store_true",
+                       help="pascal: go on when validation ids are missing or leak")
         p.add_argument("--out", default=None,
                        help="shards folder or URI (default PROJECT_DIR/shards)")
         p.add_argument("--storage", default=None,
                        help="checkpoints folder or URI (default PROJECT_DIR/runs)")
         p.add_argument("--evaluate", choices=["every", "final"], default="every",
                        help="score every stage's checkpoint (default) or only the final one")
-        p.add_argument("--split", default="val", help="split to evaluate on (default val)")
+        p.add_argument("--split", default=None,
+                       help="split to evaluate on (default: the config's val_split)")
         p.add_argument("--name", default=None, help="registered model (default fcn-DATASET)")
         _add_project_dir(p)
         p.add_argument("--force", action="store_true", help="ignore cached ingest and stages")

@@ -45,6 +45,10 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
                       "--sbd-root benchmark_RELEASE/dataset: protocol seg11valid = SBD train "
                       "-> seg11valid (FCN's), trainaug = train_aug -> VOC2012 val",
             roots=("voc", "sbd"), protocols=("seg11valid", "trainaug")),
+    Dataset("context", "--voc-root VOCdevkit/VOC2010 (JPEGImages/, ImageSets/Main/train|val.txt) "
+                       "and --context-root (trainval/<id>.mat, labels.txt, 59_labels.txt): "
+                       "PASCAL-Context, 59 classes + background",
+            roots=("voc", "context")),
     Dataset("synthetic", "generates a small VOC layout at --root when it is empty, then "
                          "ingests it", generated=True),
 )}
