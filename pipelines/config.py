@@ -155,6 +155,23 @@ def _heads(value: Any, errors: list[str]) -> dict[str, int] | None:
     return out if len(errors) == n else None
 
 
+FUSION_STREAMS = ("color", "hha")
+
+
+def _fusion_init(value: Any, errors: list[str]) -> dict[str, str] | None:
+    """``fusion_init``: None, or {color: CKPT, hha: CKPT}, the trained single-stream FCN-32s
+    nets a late-fusion net starts from (the reference nyud-fcn32s-color-hha)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or sorted(value) != sorted(FUSION_STREAMS):
+        errors.append(f"fusion_init: must map color and hha to checkpoints, e.g. {{color: "
+                      f"runs/rgb/32s, hha: runs/hha/32s}}, got {_show(value)}")
+        return None
+    n = len(errors)
+    out = _check({k: _location for k in FUSION_STREAMS}, value, "fusion_init.", errors)
+    return {k: out[k] for k in FUSION_STREAMS} if len(errors) == n else None
+
+
 def _check(rules: Mapping[str, Callable[[Any], Any]], values: Mapping[str, Any], prefix: str,
            errors: list[str]) -> dict[str, Any]:
     """Every value through its rule; the refused ones appended to ``errors``."""
@@ -294,6 +311,8 @@ class TrainConfig:
     input: str = "rgb"  # rgb | hha | rgbd (4-channel conv1_1) | rgb-hha (late fusion)
     heads: dict[str, int] | None = None  # several score heads, e.g. {semantic: 33, geometric: 3}
     backbone_weights: str | None = None  # local torchvision vgg16 state dict; None = random
+    # rgb-hha: start the first stage from a trained colour and a trained HHA FCN-32s
+    fusion_init: dict[str, str] | None = None  # {color: CKPT, hha: CKPT}
     learn_upsampling: bool = True  # paper: intermediate deconvs learn; reference code: fixed
     stages: tuple[StageConfig, ...] = (
         StageConfig("32s", 100, 1e-10), StageConfig("16s", 100, 1e-12),
@@ -333,6 +352,7 @@ class TrainConfig:
         values = _check(_RULES, {f.name: getattr(self, f.name)
                                  for f in dataclasses.fields(self)}, "", errors)
         values["heads"] = _heads(self.heads, errors)
+        values["fusion_init"] = _fusion_init(self.fusion_init, errors)
         values["stages"] = _stages(self.stages, errors)
         _raise(errors)
         for k, v in values.items():
@@ -340,6 +360,9 @@ class TrainConfig:
         if self.input != "rgb" and self.dataset not in DEPTH_DATASETS:
             errors.append(f"input: {self.input!r} needs depth/HHA images, which only "
                           f"{', '.join(DEPTH_DATASETS)} rows have, got dataset={self.dataset!r}")
+        if self.fusion_init and self.input != "rgb-hha":
+            errors.append(f"fusion_init: starts a late-fusion net (input: rgb-hha), got "
+                          f"input={self.input!r}")
         if self.heads and len(self.heads) > 1 and self.dataset not in GEO_DATASETS:
             errors.append(f"heads: a second head reads label_geo, which only "
                           f"{', '.join(GEO_DATASETS)} rows have, got dataset={self.dataset!r}")

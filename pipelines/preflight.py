@@ -121,16 +121,18 @@ def check_backbone_weights(cfg: TrainConfig) -> None:
         raise MissingInput(f"backbone weights {path}: the file is empty: {fix}")
 
 
-def check_init_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
+def check_init_checkpoint(checkpoint: str | os.PathLike[str],
+                          what: str = "--init-checkpoint") -> None:
     """``--init-checkpoint``: a stage's checkpoint folder (with checkpoint.pt) or the file."""
     loc = storage.as_location(checkpoint)
-    fix = f"give --init-checkpoint a stage's checkpoint folder or its {CHECKPOINT_FILE}"
+    fix = f"give {what} a stage's checkpoint folder or its {CHECKPOINT_FILE}"
+    name = "init checkpoint" if what == "--init-checkpoint" else what
     if storage.is_dir(loc):
         if not storage.is_file(storage.join(loc, CHECKPOINT_FILE)):
-            raise MissingInput(f"init checkpoint {storage.redact(loc)}: a folder without "
+            raise MissingInput(f"{name} {storage.redact(loc)}: a folder without "
                                f"{CHECKPOINT_FILE}: {fix}")
     elif not storage.is_file(loc):
-        raise MissingInput(f"init checkpoint {storage.redact(loc)}: no such file or folder: "
+        raise MissingInput(f"{name} {storage.redact(loc)}: no such file or folder: "
                            f"{fix}")
 
 
@@ -148,6 +150,9 @@ def check_start(cfg: TrainConfig, init_checkpoint: str | None = None) -> None:
     (when the config names them)."""
     if init_checkpoint:
         check_init_checkpoint(init_checkpoint)
+    elif cfg.fusion_init:
+        for stream, loc in cfg.fusion_init.items():
+            check_init_checkpoint(loc, f"fusion_init.{stream}")
     else:
         check_backbone_weights(cfg)
 

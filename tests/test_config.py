@@ -40,6 +40,8 @@ BAD = [
     ("heads", 5, "must map one or two head names"),
     ("heads", {}, "must map one or two head names"),
     ("heads", {"a": 1, "b": 2, "c": 3}, "must map one or two head names"),
+    ("fusion_init", {"color": "a"}, "must map color and hha to checkpoints"),
+    ("fusion_init", "a,b", "must map color and hha to checkpoints"),
     ("backbone_weights", 5, "must be a file path or a URI"),
     ("backbone_weights", "", "must be a file path or a URI"),
     ("learn_upsampling", "yes", "must be true or false"),

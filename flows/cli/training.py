@@ -33,6 +33,18 @@ def stage_table(results: list[Any]) -> str:
     return "\n".join(rows)
 
 
+def fusion_pair(value: str | None) -> dict[str, str] | None:
+    """``color=CKPT,hha=CKPT`` -> {"color": CKPT, "hha": CKPT} (checked by the config)."""
+    if value is None:
+        return None
+    from pipelines.errors import UsageError
+
+    pairs = [p.split("=", 1) for p in value.split(",") if p]
+    if any(len(p) != 2 for p in pairs):
+        raise UsageError(f"--fusion-init must be color=CKPT,hha=CKPT, got {value!r}")
+    return dict(pairs)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.train import train_pipeline
@@ -40,7 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     quiet_ray_logs(args.verbose)
     cfg = load_config(args.config, workers=args.workers,
                       backbone_weights=args.backbone_weights,
-                      use_gpu=True if args.gpu else None)
+                      use_gpu=True if args.gpu else None,
+                      fusion_init=fusion_pair(args.fusion_init))
     if args.stages:
         cfg = cfg.only_stages([s for s in args.stages.split(",") if s])
     run, results = train_pipeline(cfg, args.data, storage=args.storage, resume=args.resume,
@@ -76,6 +89,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "s3://bucket/runs (default ./data/runs)")
     p.add_argument("--resume", default=None, metavar="RUN_ID",
                    help="continue an interrupted pipeline run from its latest checkpoints")
+    p.add_argument("--fusion-init", default=None, metavar="color=CKPT,hha=CKPT",
+                   help="input rgb-hha: start from a trained colour FCN-32s and a trained HHA "
+                        "FCN-32s (their score_fr averaged, as the reference late fusion)")
     p.add_argument("--init-checkpoint", default=None, metavar="CKPT",
                    help="start the first stage from this checkpoint (with --stages, to run "
                         "a later stage on its own)")
