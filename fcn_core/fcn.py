@@ -222,13 +222,21 @@ class FCN(nn.Module):
 
 
 class LateFusion(nn.Module):
-    """NYUD RGB-HHA late fusion (PAMI FCN): one FCN on colour, one on HHA, scores summed.
+    """NYUD RGB-HHA late fusion (reference nyud-fcn32s-color-hha): one FCN on colour, one on
+    HHA, their scores averaged (Eltwise SUM, coeff 0.5 / 0.5) and upsampled.
+
+    The reference averages the two ``score_fr`` and upsamples once; the upsampling and the crop
+    are linear and (``learn_upsampling: false``) the same fixed bilinear kernel in both
+    streams, so averaging the two streams' outputs is the same function:
+    upscore(0.5 a + 0.5 b) = 0.5 upscore(a) + 0.5 upscore(b). Promoted to 16s / 8s, each
+    stream gains its own skips and the average stays at the output.
     Input (N, 6, H, W): BGR minus mean, then HHA minus mean."""
 
     def __init__(self, color: FCN, hha: FCN):
         super().__init__()
         if color.config != hha.config:
-            raise ValueError("the two streams of a late-fusion net must have the same config")
+            raise ValueError(f"the two streams of a late-fusion net must have the same config, "
+                             f"got color={color.config} and hha={hha.config}")
         self.color, self.hha = color, hha
         self.config, self.stride, self.offsets = color.config, color.stride, color.offsets
 
@@ -238,8 +246,8 @@ class LateFusion(nn.Module):
             raise ValueError(f"x must be (N, 6, H, W) (BGR then HHA), got x of shape {shape}")
         a, b = self.color(x[:, :3]), self.hha(x[:, 3:])
         if isinstance(a, dict):
-            return {k: a[k] + b[k] for k in a}
-        return a + b
+            return {k: 0.5 * a[k] + 0.5 * b[k] for k in a}
+        return 0.5 * a + 0.5 * b
 
 
 def _build(

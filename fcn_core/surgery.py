@@ -130,8 +130,10 @@ def transplant_vgg16(
     ``features.*`` are copied; classifier.0 -> fc6 (4096x512x7x7) and classifier.3 -> fc7
     (4096x4096x1x1) are reshaped; classifier.6 (the 1000 ImageNet classes) is skipped, as the
     FCN replaces it with score_fr. With ``mean_bgr`` set, conv1_1 is re-expressed for BGR
-    inputs in [0, 255] minus that mean (the reference input convention). A 4-channel conv1_1
-    (RGB-D) takes the 3 colour channels; the depth channel keeps its initialisation.
+    inputs in [0, 255] minus that mean (the reference input convention); any input whose
+    channels sit in the BGR slots (NYUD HHA, with its own mean) is re-expressed the same way.
+    A 4-channel conv1_1 (RGB-D) takes the 3 colour channels, and its depth filter starts as
+    their mean (the reference nyud-fcn32s-color-d surgery).
     Shapes that do not fit raise SurgeryError naming the tensor and both shapes.
     """
     report = SurgeryReport()
@@ -160,8 +162,8 @@ def transplant_vgg16(
             extra = target.shape[1] - 3
             merged = target.clone()
             merged[:, :3] = value
-            report.adapted.append(f"{key}: 3 colour channels copied, {extra} extra input "
-                                  "channel(s) keep their initialisation")
+            report.adapted.append(f"{key}: 3 colour channels copied into a "
+                                  f"{target.shape[1]}-channel conv1_1")
             value = merged
         elif value.shape != target.shape:
             raise SurgeryError(
@@ -183,6 +185,15 @@ def transplant_vgg16(
         updates["features.0.weight"], updates["features.0.bias"] = w, b
         report.adapted.append("features.0: RGB/[0,1]/ImageNet-std input -> BGR/[0,255] minus "
                               f"mean {tuple(round(m, 3) for m in mean_bgr)}")
+    extra = own["features.0.weight"].shape[1] - 3
+    if extra > 0:
+        # Reference nyud-fcn32s-color-d surgery: the depth filter of conv1_bgrd starts as the
+        # mean of the three colour filters (as they see the input: after the re-expression).
+        w = updates["features.0.weight"].clone()
+        w[:, 3:] = w[:, :3].mean(dim=1, keepdim=True)
+        updates["features.0.weight"] = w
+        report.adapted.append(f"features.0: {extra} extra input channel(s) start as the mean "
+                              "of the three colour filters")
     report.initialised += [k for k in own if k not in updates and not k.startswith("scale_")]
     with torch.no_grad():
         for k, v in updates.items():

@@ -68,13 +68,39 @@ def test_transplant_refuses_mismatched_shapes_with_a_clear_error(vgg):
         transplant_vgg16(fcn32s(), {"features.0.weight": vgg.state_dict()["features.0.weight"]})
 
 
-def test_transplant_into_rgbd_keeps_depth_channel_init(vgg):
+def test_transplant_into_rgbd_starts_depth_as_the_mean_colour_filter(vgg):
+    """Reference nyud-fcn32s-color-d: conv1_1_bgrd[:, 3] = mean of the colour filters."""
     model = fcn32s(num_classes=40, in_channels=4)
-    depth_init = model.features[0].weight[:, 3].clone()
     report = transplant_vgg16(model, vgg.state_dict())
-    assert torch.equal(model.features[0].weight[:, :3], vgg.state_dict()["features.0.weight"])
-    assert torch.equal(model.features[0].weight[:, 3], depth_init)
-    assert any("extra input" in a for a in report.adapted)
+    w = model.features[0].weight
+    assert torch.equal(w[:, :3], vgg.state_dict()["features.0.weight"])
+    torch.testing.assert_close(w[:, 3], vgg.state_dict()["features.0.weight"].mean(1))
+    assert any("mean of the three colour filters" in a for a in report.adapted)
+    # with the BGR re-expression, the mean is of the re-expressed filters
+    model = fcn32s(num_classes=40, in_channels=4)
+    transplant_vgg16(model, vgg.state_dict(), mean_bgr=MEAN_BGR["nyud"])
+    w = model.features[0].weight
+    torch.testing.assert_close(w[:, 3], w[:, :3].mean(1))
+
+
+def test_hha_in_the_bgr_slots_is_re_expressed_like_colour(vgg):
+    """HHA (file order, minus the HHA mean) in the slots where Caffe's VGG saw B, G, R: conv1_1
+    sees what torchvision's saw for the picture whose B, G, R are the HHA channels. Without
+    the re-expression its input would be ~57x too large (255 x ImageNet std)."""
+    from fcn_core.transforms import MEAN_HHA
+
+    model = fcn32s(num_classes=40)
+    transplant_vgg16(model, vgg.state_dict(), mean_bgr=MEAN_HHA)
+    hha = torch.rand(1, 3, 20, 20) * 255  # channels in file order
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x_tv = (hha.flip(1) / 255 - mean) / std  # the RGB picture whose B, G, R are HHA 0, 1, 2
+    x_ours = hha - torch.tensor(MEAN_HHA).view(1, 3, 1, 1)
+    ours = torch.nn.functional.conv2d(x_ours, model.features[0].weight, model.features[0].bias)
+    theirs = torch.nn.functional.conv2d(x_tv, vgg.features[0].weight, vgg.features[0].bias)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    raw = torch.nn.functional.conv2d(x_ours, vgg.features[0].weight, vgg.features[0].bias)
+    assert raw.abs().mean() > 20 * theirs.abs().mean()  # what the un-adapted net was fed
 
 
 def test_bgr_adaptation_makes_conv1_1_see_what_torchvision_saw(vgg):

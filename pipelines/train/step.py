@@ -15,7 +15,7 @@ from fcn_core.losses import multi_head_loss
 from fcn_core.metrics import ConfusionMatrix
 from fcn_core.optim import param_groups
 from fcn_core.surgery import promote, transplant_vgg16
-from fcn_core.transforms import MEAN_BGR
+from fcn_core.transforms import MEAN_BGR, MEAN_HHA
 from pipelines.config import StageConfig, TrainConfig
 from pipelines.train.checkpoint import load_model
 
@@ -59,16 +59,42 @@ def _initial_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
         return BUILDERS[stage.variant](num_classes=num_classes, width=cfg.width,
                                        in_channels=cfg.in_channels, heads=heads)
 
+    if cfg.input == "rgb-hha" and cfg.fusion_init:
+        return fusion_from(cfg.fusion_init, stage, log)
     model: nn.Module = LateFusion(one(), one()) if cfg.input == "rgb-hha" else one()
     if cfg.backbone_weights:
         state = torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True)
         nets = [model.color, model.hha] if isinstance(model, LateFusion) else [model]
-        for net, mean in zip(nets, (MEAN_BGR[cfg.dataset], None), strict=False):
-            report = transplant_vgg16(net, state, mean_bgr=mean if cfg.input != "hha" else None)
+        # What sits in the BGR slots of each net: colour (minus the dataset's mean) or HHA
+        # (minus the HHA mean, in file order, as the reference feeds it).
+        means = [MEAN_HHA] if cfg.input == "hha" else [MEAN_BGR[cfg.dataset], MEAN_HHA]
+        for net, mean in zip(nets, means, strict=False):
+            report = transplant_vgg16(net, state, mean_bgr=mean)
             log(f"backbone {cfg.backbone_weights}: {str(report).splitlines()[0]}")
     else:
         log("warning: no backbone_weights given: the VGG16 trunk starts from random weights")
     return model
+
+
+def fusion_from(fusion_init: dict[str, str], stage: StageConfig, log: Log = print) -> LateFusion:
+    """A late-fusion net from a trained colour FCN-32s and a trained HHA FCN-32s
+    (reference nyud-fcn32s-color-hha: surgery.transplant of both, suffixes color / hha)."""
+    from pipelines.train.checkpoint import CheckpointError
+
+    nets = {k: load_model(v) for k, v in fusion_init.items()}
+    for k, net in nets.items():
+        if not isinstance(net, FCN) or net.config.in_channels != 3:
+            raise CheckpointError(f"fusion_init.{k} {fusion_init[k]}: not a single-stream "
+                                  "3-channel FCN")
+    color, hha = nets["color"], nets["hha"]
+    if color.config != hha.config:
+        raise CheckpointError(f"fusion_init: the colour and HHA nets differ ({color.config} "
+                              f"vs {hha.config}); both must be the same FCN")
+    if color.config.variant != stage.variant:
+        raise CheckpointError(f"fusion_init: stage {stage.name} needs {stage.variant} nets, "
+                              f"got {color.config.variant}")
+    log(f"late fusion from {fusion_init['color']} (colour) and {fusion_init['hha']} (HHA)")
+    return LateFusion(color, hha)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, stage: StageConfig,
