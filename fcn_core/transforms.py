@@ -14,7 +14,7 @@ MEAN_BGR: dict[str, tuple[float, float, float]] = {
     "voc": (104.00699, 116.66877, 122.67891),
     "sbd": (104.00699, 116.66877, 122.67891),
     "pascal": (104.00699, 116.66877, 122.67891),  # VOC + SBD (the reference protocols)
-    "context": (104.00699, 116.66877, 122.67891),  # VOC2010 images (pascalcontext_layers)
+    "context": (104.007, 116.669, 122.679),  # VOC2010 images (pascalcontext_layers' mean)
     "nyud": (116.190, 97.203, 92.318),
     "siftflow": (114.578, 115.294, 108.353),
     "synthetic": (104.00699, 116.66877, 122.67891),

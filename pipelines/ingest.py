@@ -241,6 +241,8 @@ def list_sources(cfg: IngestConfig, log: Log = print) -> Listing:
     layout = cfg.dataset
     if cfg.dataset == "pascal":
         return _list_pascal(cfg)
+    if cfg.dataset == "context":
+        return _list_context(cfg)
     if cfg.dataset == "synthetic":
         layout = "voc"
         if not storage.listdir(cfg.root):
@@ -298,6 +300,17 @@ def _list_pascal(cfg: IngestConfig) -> Listing:
                               pascal.DEFAULT_PROTOCOL, allow_missing=cfg.allow_missing,
                               split_file=cfg.split_file)
     return Listing("pascal", pascal.NUM_CLASSES, got.records, got.problems, root, got.notes)
+
+
+def _list_context(cfg: IngestConfig) -> Listing:
+    from pipelines.sources import context
+
+    assert cfg.context_root is not None
+    root = storage.path(cfg.root)
+    records, problems = context.list_records(root, root.view(cfg.context_root), cfg.splits,
+                                             cfg.split_file)
+    return Listing("context", context.NUM_CLASSES, records, problems, root,
+                   {"context_root": cfg.context_root})
 
 
 def source_fingerprint(cfg: IngestConfig, listing: Listing) -> str:

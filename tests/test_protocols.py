@@ -237,3 +237,55 @@ def test_a_single_head_net_is_scored_on_the_semantic_labels(tmp_path):
                    **QUIET)
     assert list(res.heads) == ["out"] and res.heads["out"].excluded == ("cow", "desert",
                                                                        "moon")
+
+
+# ------------------------------------------------------------------- PASCAL-Context 59
+
+def test_context_labels_follow_the_reference_mapping(tmp_path):
+    from pipelines.sources import context
+    from pipelines.sources.common import load_example
+
+    voc, ctx = synth.write_context(tmp_path, n_train=3, n_val=2, size=(32, 32))
+    records, problems = context.list_records(voc, ctx)
+    assert problems == [] and [(r.split, r.id) for r in records][:1] == [("train",
+                                                                         "2010_000000")]
+    assert {r.split for r in records} == {"train", "val"}  # not the per-class lists
+    for i, rec in enumerate(records):
+        arrays, why = load_example(rec, context.NUM_CLASSES)
+        s = synth.scene(0, i, (32, 32))
+        want = synth.CONTEXT_IDS[s.cls]
+        want[s.ring] = 0  # a class outside the 59 is background, not void
+        assert why is None and np.array_equal(arrays["label"], want)
+    assert context.CLASSES[11] == "diningtable" and context.CLASSES[52] == "bedcloth"
+    # a bad LabelMap is one quarantine reason; a missing annotation one problem row
+    import scipy.io
+    scipy.io.savemat(ctx / "trainval" / "2010_000000.mat",
+                     {"LabelMap": np.full((32, 32), 9999, np.uint16)})
+    _, why = load_example(records[0], context.NUM_CLASSES)
+    assert "LabelMap values outside" in why
+    (ctx / "trainval" / "2010_000001.mat").unlink()
+    _, problems = context.list_records(voc, ctx)
+    assert [(p.id, p.reason) for p in problems] == [
+        ("2010_000001", "missing label file trainval/2010_000001.mat")]
+    # a 59-class list that is not the task's is refused in one line
+    (ctx / "59_labels.txt").write_text("1: cat\n2: dog\n")
+    context.lookup.cache_clear()
+    with pytest.raises(UserError, match="does not list the 59 classes"):
+        context.list_records(voc, ctx)
+    context.lookup.cache_clear()
+
+
+def test_context_protocol(tmp_path):
+    voc, ctx = synth.write_context(tmp_path / "raw", n_train=6, n_val=3, size=(32, 32))
+    with pytest.raises(UserError, match="context needs --context-root as well as --voc-root"):
+        ingest(IngestConfig(dataset="context", root=voc, out=tmp_path), **QUIET)
+    r = ingest(IngestConfig(dataset="context", root=voc, context_root=ctx, out=tmp_path),
+               **QUIET)
+    assert r.rows == {"train": 6, "val": 3}
+    data = tmp_path / "context"
+    m = read_manifest(data).data
+    assert m["num_classes"] == 60 and m["classes"][0] == "background"
+    assert m["splits"]["train"]["ignore_pixels"] == 0  # no void in PASCAL-Context
+    ckpt = tiny_fit(data, _cfg("ctx", "context", "train", "val"))
+    res = evaluate(ckpt, data, "val", actors=1, log_to_mlflow=False, **QUIET)
+    assert res.images == 3 and len(res.per_class) == 60

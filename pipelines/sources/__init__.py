@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipelines.sources import nyud, pascal, sbd, siftflow, voc
+from pipelines.sources import context, nyud, pascal, sbd, siftflow, voc
 from pipelines.sources.common import (
     IGNORE,
     LayoutError,
@@ -20,7 +20,7 @@ from pipelines.sources.common import (
     load_example,
 )
 
-SOURCES: dict[str, ModuleType] = {m.NAME: m for m in (voc, sbd, nyud, siftflow, pascal)}
+SOURCES: dict[str, ModuleType] = {m.NAME: m for m in (voc, sbd, nyud, siftflow, pascal, context)}
 
 
 def source(name: str) -> ModuleType:
@@ -33,5 +33,5 @@ def source(name: str) -> ModuleType:
 __all__ = [
     "IGNORE", "LayoutError", "Problem", "RawRecord", "SOURCES", "source",
     "decode_depth", "decode_image", "decode_label", "load_example",
-    "nyud", "pascal", "sbd", "siftflow", "voc",
+    "context", "nyud", "pascal", "sbd", "siftflow", "voc",
 ]

@@ -30,7 +30,7 @@ class RawRecord:
     id: str  # e.g. "2008_000051", "5001" (nyud), "coast_arnat59" (siftflow)
     image: str  # location of the image file (absolute local path or URI)
     label: str  # location of the label file (png or mat)
-    label_format: str  # "png" | "sbd-mat" | "nyud-mat" | "siftflow-mat"
+    label_format: str  # "png" | "sbd-mat" | "nyud-mat" | "siftflow-mat" | "context-mat"
     extras: tuple[tuple[str, str], ...] = ()  # ("depth", path), ("hha", path), ("label_geo", path)
 
 
@@ -207,6 +207,11 @@ def decode_label(record: RawRecord, kind: str = "label") -> np.ndarray:
         # Reference siftflow_layers: geo -1 is set to 0, then every map is shifted by -1 in
         # uint8, so 0 (and geo -1) become 255.
         return _shift_void(a, (0, -1) if kind == "label_geo" else (0,), path)
+    if fmt == "context-mat":
+        from pipelines.sources import context
+
+        a = _integer_map(_mat_array(_load_mat(path), "LabelMap", path), path)
+        return context.decode(a, str(path))
     raise ValueError(f"unknown label_format {fmt!r}")
 
 

@@ -273,6 +273,51 @@ def write_siftflow(
     return base
 
 
+# PASCAL-Context: the labels.txt names each internal class is stored as, and the class id
+# (0..59) the reader must give back. Background is a class outside the 59 (-> 0), and two of
+# the three names the reference renames are here.
+CONTEXT_FULL_NAMES = ("air conditioner", "aeroplane", "table", "bedclothes", "sky")
+CONTEXT_IDS = np.array([0, 1, 11, 52, 50], np.uint8)  # background, aeroplane, diningtable,
+#                                                        bedcloth, sky in the 59-class task
+CONTEXT_RING_NAME = "accordion"  # object borders: another class outside the 59 -> 0
+
+
+def write_context(
+    root: str | Path, n_train: int = 16, n_val: int = 8, size: Size = (64, 64), seed: int = 0
+) -> tuple[Path, Path]:
+    """root/VOCdevkit/VOC2010 (JPEGImages, ImageSets/Main/train|val.txt) and
+    root/pascal-context (trainval/<id>.mat with LabelMap, labels.txt with more than the 59
+    names, 59_labels.txt); returns (VOC2010 folder, Context folder)."""
+    from pipelines.sources import reference
+
+    voc = Path(root) / "VOCdevkit" / "VOC2010"
+    ctx = Path(root) / "pascal-context"
+    _mkdirs(voc, "JPEGImages", "ImageSets/Main")
+    _mkdirs(ctx, "trainval")
+    task = reference.numbered_classes("pascal-context", "classes-59")[1:]
+    renamed = {"diningtable": "table", "bedcloth": "bedclothes", "clothes": "cloth"}
+    full = sorted({*(renamed.get(n, n) for n in task), *CONTEXT_FULL_NAMES, CONTEXT_RING_NAME,
+                   "clothes tree", "pool table", "tableware"}, key=lambda n: n[::-1])
+    (ctx / "labels.txt").write_text("".join(f"{i}: {n}\n" for i, n in enumerate(full, 1)))
+    (ctx / "59_labels.txt").write_text("".join(f"{i}: {n}\n" for i, n in enumerate(task, 1)))
+    index = {n.replace(" ", ""): i for i, n in enumerate(full, 1)}
+    stored = np.array([index[n.replace(" ", "")] for n in CONTEXT_FULL_NAMES], np.uint16)
+    rows = [("train" if i < n_train else "val", f"2010_{i:06d}", i)
+            for i in range(n_train + n_val)]
+    for _, id_, i in rows:
+        s = scene(seed, i, size)
+        _save_jpeg(voc / "JPEGImages" / f"{id_}.jpg", s.image)
+        label_map = stored[s.cls]
+        label_map[s.ring] = index[CONTEXT_RING_NAME]
+        scipy.io.savemat(ctx / "trainval" / f"{id_}.mat", {"LabelMap": label_map})
+    for split in ("train", "val"):
+        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text(
+            "".join(f"{i}\n" for s, i, _ in rows if s == split))
+    # ImageSets/Main also holds per-class lists, which are not splits of the task
+    (voc / "ImageSets" / "Main" / "aeroplane_train.txt").write_text(f"{rows[0][1]}  1\n")
+    return voc, ctx
+
+
 def write_all(
     root: str | Path, n_train: int = 16, n_val: int = 8, size: Size = (64, 64), seed: int = 0
 ) -> dict[str, Path]:
