@@ -30,6 +30,12 @@ from pipelines.errors import ServiceUnavailable, UsageError, UserError
 from pipelines.storage import StoragePath
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
+FORMATS = ("default", "voc")
+# What the PASCAL VOC evaluation server takes: results/VOC2012/Segmentation/comp6_test_cls/
+# <id>.png ('P' mode, the VOC colour map, pixel = class 0..20), as one tarball of results/.
+VOC_RESULTS = "results/VOC2012/Segmentation/comp6_test_cls"
+VOC_TARBALL = "results.tgz"
+VOC_NUM_CLASSES = 21
 Log = Callable[[str], None]
 
 
@@ -37,12 +43,18 @@ Log = Callable[[str], None]
 class PredictResult:
     written: list[str] = field(default_factory=list)  # the class-id PNGs
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    format: str = "default"
+    tarball: str | None = None  # --format voc: OUT/results.tgz
 
     def summary(self, out: str) -> str:
         """The closing line: what was written where, and how many inputs were skipped."""
+        skipped = f"skipped {len(self.skipped)}" + (" (reasons above)" if self.skipped else "")
+        if self.format == "voc":
+            return (f"wrote {len(self.written)} VOC result(s) to "
+                    f"{storage.join(out, VOC_RESULTS)} ('P' PNGs, VOC colour map) and "
+                    f"{self.tarball} for the evaluation server; {skipped}")
         return (f"wrote {len(self.written)} prediction(s) to {out} (<name>.png class ids, "
-                f"<name>_color.png overlay); skipped {len(self.skipped)}"
-                + (" (reasons above)" if self.skipped else ""))
+                f"<name>_color.png overlay); {skipped}")
 
 
 def collect_inputs(inputs: Sequence[str]) -> tuple[list[StoragePath], list[tuple[str, str]]]:
@@ -90,6 +102,56 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def voc_png(label: np.ndarray) -> bytes:
+    """A 'P'-mode PNG of class ids 0..20 with the VOC colour map (what the server reads)."""
+    from PIL import Image
+
+    from fcn_core.palettes import voc_colormap
+
+    im = Image.fromarray(label.astype(np.uint8), mode="L")
+    im.putpalette(voc_colormap(256).astype(np.uint8).ravel().tolist())  # 'L' -> 'P'
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def check_voc_model(loaded: Any, model_uri: str) -> None:
+    """--format voc: a single-head net over the 21 VOC classes."""
+    heads = dict(getattr(loaded.net.config, "heads", {}) or {})
+    if len(heads) != 1 or next(iter(heads.values())) != VOC_NUM_CLASSES:
+        raise UsageError(f"--format voc needs a model over the {VOC_NUM_CLASSES} PASCAL VOC "
+                         f"classes, got {model_uri} with heads {heads}")
+
+
+def check_unique_ids(files: list[StoragePath]) -> None:
+    """--format voc names each result by its image id (the stem): two inputs with one id
+    would overwrite each other."""
+    seen: dict[str, StoragePath] = {}
+    for f in files:
+        if f.stem in seen:
+            raise UsageError(f"--format voc names results by image id, and {seen[f.stem]} and "
+                             f"{f} share the id {f.stem!r}: give each image once")
+        seen[f.stem] = f
+
+
+def write_voc_tarball(out_dir: str, written: list[str]) -> str:
+    """OUT/results.tgz of the written results, members under results/VOC2012/..., sorted,
+    with fixed metadata (the same predictions give the same bytes)."""
+    import gzip
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for loc in sorted(written, key=storage.name):
+            data = storage.read_bytes(loc)
+            info = tarfile.TarInfo(f"{VOC_RESULTS}/{storage.name(loc)}")
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+    target = storage.join(out_dir, VOC_TARBALL)
+    storage.write_bytes(target, gzip.compress(raw.getvalue(), mtime=0))
+    return target
+
+
 def check_rgb_model(loaded: Any, model_uri: str) -> None:
     """``fcn predict`` reads RGB image files: a net that reads HHA, RGB-D or RGB + HHA (late
     fusion) would be fed the wrong channels and give a silent wrong answer. Refuse it."""
@@ -102,7 +164,7 @@ def check_rgb_model(loaded: Any, model_uri: str) -> None:
 
 
 def predict_one(loaded: Any, path: str, out_dir: str, name: str, options: InferenceOptions,
-                device: Any = "cpu", max_pixels: int | None = None
+                device: Any = "cpu", max_pixels: int | None = None, fmt: str = "default"
                 ) -> tuple[str | None, str | None]:
     """(written label location, None) or (None, why it was skipped: one line naming it)."""
     from fcn_core.inference import predict_labels
@@ -112,6 +174,10 @@ def predict_one(loaded: Any, path: str, out_dir: str, name: str, options: Infere
     except images.ImageError as e:
         return None, str(e)
     (label,) = predict_labels(loaded.net, [image], loaded.mean_bgr, options, device)
+    if fmt == "voc":
+        target = storage.join(out_dir, VOC_RESULTS, f"{name}.png")
+        storage.write_bytes(target, voc_png(label))
+        return target, None
     target = storage.join(out_dir, f"{name}.png")
     storage.write_bytes(target, _png(label))
     storage.write_bytes(storage.join(out_dir, f"{name}_color.png"),
@@ -122,7 +188,8 @@ def predict_one(loaded: Any, path: str, out_dir: str, name: str, options: Infere
 class _FolderPredictor:
     """Ray Data UDF for large folders: the driver's resolved model, one copy per actor."""
 
-    def __init__(self, model: Any, out_dir: str, options: dict[str, Any], max_pixels: int):
+    def __init__(self, model: Any, out_dir: str, options: dict[str, Any], max_pixels: int,
+                 fmt: str = "default"):
         import ray
         import torch
 
@@ -132,6 +199,7 @@ class _FolderPredictor:
         self.loaded = ray.get(model)  # an ObjectRef of the driver's LoadedModel
         self.out_dir = out_dir
         self.max_pixels = max_pixels
+        self.fmt = fmt
         self.options = InferenceOptions(**{k: tuple(v) if k == "scales" else v
                                            for k, v in options.items()})
 
@@ -141,7 +209,7 @@ class _FolderPredictor:
             w, why, stop = None, None, ""
             try:
                 w, why = predict_one(self.loaded, str(path), self.out_dir, str(name),
-                                     self.options, max_pixels=self.max_pixels)
+                                     self.options, max_pixels=self.max_pixels, fmt=self.fmt)
             except UserError as e:  # an output that cannot be written, a store that is down
                 stop = f"{'transient:' if e.transient else 'user:'}{e}"
             written.append(w or "")
@@ -193,7 +261,7 @@ def _resolve(model_uri: str) -> Any:
 
 def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], out_dir: str,
                       options: InferenceOptions, actors: int, limit: int, log: Log,
-                      result: PredictResult) -> None:
+                      result: PredictResult, fmt: str = "default") -> None:
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -211,7 +279,7 @@ def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], o
                           num_cpus=actor_cpus(actors),
                           fn_constructor_kwargs={"model": model_ref, "out_dir": out_dir,
                                                  "options": asdict(options),
-                                                 "max_pixels": limit})
+                                                 "max_pixels": limit, "fmt": fmt})
     for batch in done.iter_batches(batch_format="numpy", batch_size=None):
         for path, written, why, stop in zip(batch["path"], batch["written"], batch["reason"],
                                             batch["fatal"], strict=True):
@@ -226,31 +294,39 @@ def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], o
 
 def predict(model_uri: str, inputs: Sequence[str], out: str, *,
             options: InferenceOptions | None = None, ray_threshold: int = 64,
-            actors: int = 2, max_pixels: int | None = None, log: Log = print
-            ) -> PredictResult:
+            actors: int = 2, max_pixels: int | None = None, log: Log = print,
+            fmt: str = "default") -> PredictResult:
     """Predict every image in ``inputs`` into ``out``: <name>.png (uint8 class ids, the
     size of the image as shown, EXIF orientation applied) and <name>_color.png (overlay).
+    ``fmt="voc"``: the PASCAL VOC server's layout instead (``VOC_RESULTS``/<id>.png, 'P' mode
+    with the VOC colour map) and ``OUT/results.tgz`` of it.
 
     ``max_pixels``: the largest image accepted (``pipelines.images.pixel_limit``). Unusable
     inputs are logged (``skipped PATH: reason``) and listed in the result; a ``UserError``
     when there is nothing to predict or every input was skipped."""
     options = options or InferenceOptions()
+    if fmt not in FORMATS:
+        raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     limit = images.pixel_limit(max_pixels)
     out_dir = storage.as_location(out)
     storage.check_writable(out_dir)
     loaded = _resolve(model_uri)  # before any Ray work, and before anything is written
+    if fmt == "voc":
+        check_voc_model(loaded, model_uri)
     files, missing = collect_inputs(inputs)
+    if fmt == "voc":
+        check_unique_ids(files)
     if not files and not missing:
         raise UsageError(f"no image files in {', '.join(map(str, inputs))} (looked for "
                          f"{', '.join(sorted(IMAGE_SUFFIXES))})")
-    result = PredictResult(skipped=list(missing))
+    result = PredictResult(skipped=list(missing), format=fmt)
     names = _output_names(files)
     if files:
         storage.makedirs(out_dir)
     if len(files) < ray_threshold:
         for i, (f, name) in enumerate(zip(files, names, strict=True), 1):
             written, why = predict_one(loaded, str(f), out_dir, name, options,
-                                       max_pixels=limit)
+                                       max_pixels=limit, fmt=fmt)
             if written:
                 result.written.append(written)
             else:
@@ -258,11 +334,14 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
             if i % 10 == 0 or i == len(files):
                 log(f"predicted {i}/{len(files)}")
     else:
-        _predict_with_ray(loaded, files, names, out_dir, options, actors, limit, log, result)
+        _predict_with_ray(loaded, files, names, out_dir, options, actors, limit, log, result,
+                          fmt)
     for path, why in result.skipped:
         log(f"skipped {storage.redact(path)}: {why}")
     if not result.written:
         n = len(result.skipped)
         raise UserError(f"no prediction written: {'the' if n == 1 else 'all'} {n} input"
                         f"{'' if n == 1 else 's'} skipped (reasons above)")
+    if fmt == "voc":
+        result.tarball = write_voc_tarball(out_dir, result.written)
     return result

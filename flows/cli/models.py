@@ -103,7 +103,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     quiet_ray_logs(args.verbose)
     result = predict(args.model, args.inputs, args.out, options=inference_options(args),
-                     log=say, max_pixels=args.max_pixels)
+                     log=say, max_pixels=args.max_pixels, fmt=args.format)
     print(result.summary(args.out))
     return 0
 
@@ -177,6 +177,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
                    help="refuse images above N pixels (default: FCN_MAX_IMAGE_PIXELS or "
                         "100,000,000)")
+    p.add_argument("--format", choices=["default", "voc"], default="default",
+                   help="default: <name>.png class ids + <name>_color.png overlay; voc: the "
+                        "PASCAL VOC evaluation server's layout, OUT/results/VOC2012/"
+                        "Segmentation/comp6_test_cls/<id>.png ('P' mode, VOC colour map) and "
+                        "OUT/results.tgz to upload (a 21-class VOC model; ids must be unique)")
     add_verbose(p)
     add_inference_args(p)
     p.set_defaults(func=cmd_predict)
