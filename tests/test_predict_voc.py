@@ -47,7 +47,7 @@ def test_voc_format_writes_the_server_layout_and_tarball(tmp_path, images, ray_t
     if ray_threshold < len(IDS):
         request.getfixturevalue("ray_local")
     model = _model(tmp_path)
-    plain = predict(model, [str(images)], str(tmp_path / "plain"), log=lambda m: None)
+    predict(model, [str(images)], str(tmp_path / "plain"), log=lambda m: None)
     res = predict(model, [str(images)], str(tmp_path / "out"), fmt="voc",
                   ray_threshold=ray_threshold, log=lambda m: None)
     folder = tmp_path / "out" / VOC_RESULTS
