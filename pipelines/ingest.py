@@ -45,7 +45,14 @@ from pipelines.shards import (
     encode_png,
     read_manifest,
 )
-from pipelines.sources import Problem, RawRecord, datasets, load_example, source
+from pipelines.sources import (
+    LayoutError,
+    Problem,
+    RawRecord,
+    datasets,
+    load_example,
+    source,
+)
 from pipelines.sources import synthetic as synth
 from pipelines.storage import StoragePath
 
@@ -89,6 +96,7 @@ class IngestConfig:
     context_root: str | None = None  # context: the PASCAL-Context annotations
     protocol: str | None = None  # pascal: seg11valid (default) | trainaug
     allow_missing: bool = False  # pascal: go on when validation ids are missing / leak
+    compute_hha: bool = False  # nyud: HHA computed from depth in the decode step
 
     def __post_init__(self) -> None:  # Paths and URIs alike become location strings
         for key in ("root", "out", "sbd_root", "context_root"):
@@ -150,7 +158,8 @@ def reason_kind(reason: str) -> str:
 
 # ------------------------------------------------------------------- decode (Ray tasks)
 
-def _example_row(rec: RawRecord, dataset: str, num_classes: int) -> dict[str, Any]:
+def _example_row(rec: RawRecord, dataset: str, num_classes: int, compute_hha: bool = False
+                 ) -> dict[str, Any]:
     """One record -> one staging row: the encoded example, or its rejection reason."""
     row: dict[str, Any] = {k: None for k in STAGING_SCHEMA.names}
     row.update(id=rec.id, dataset=dataset, split=rec.split, source_path=rec.image)
@@ -169,20 +178,31 @@ def _example_row(rec: RawRecord, dataset: str, num_classes: int) -> dict[str, An
         row["label_geo"] = encode_png(arrays["label_geo"])
     if "depth" in arrays:
         row["depth"] = storage.read_bytes(extras["depth"])  # validated 16-bit PNG, as is
-    if "hha" in arrays:
+    if compute_hha:
+        from pipelines.sources.hha import depth_to_hha
+
+        try:
+            hha = depth_to_hha(arrays["depth"], raw_mm=arrays.get("rawdepth"))
+        except ValueError as e:
+            return {**{k: None for k in STAGING_SCHEMA.names}, "id": rec.id,
+                    "dataset": dataset, "split": rec.split, "source_path": extras["depth"],
+                    "reason": f"no HHA from depth {storage.name(extras['depth'])}: {e}"}
+        row["hha"] = encode_png(hha)
+    elif "hha" in arrays:
         row["hha"] = storage.read_bytes(extras["hha"])
     hist = np.bincount(arrays["label"].ravel(), minlength=256)
     row["label_hist"] = hist[:num_classes].tolist() + [int(hist[IGNORE_INDEX])]
     return row
 
 
-def decode_batch(batch: pa.Table, dataset: str, num_classes: int) -> pa.Table:
+def decode_batch(batch: pa.Table, dataset: str, num_classes: int, compute_hha: bool = False
+                 ) -> pa.Table:
     """Ray Data UDF: records -> staging rows (good rows, and rejected ones with a reason)."""
     rows = []
     for r in batch.to_pylist():
         rec = RawRecord(r["dataset"], r["split"], r["id"], r["image"], r["label"],
                         r["label_format"], tuple(tuple(e) for e in r["extras"]))
-        rows.append(_example_row(rec, dataset, num_classes))
+        rows.append(_example_row(rec, dataset, num_classes, compute_hha))
     return pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
 
 
@@ -283,6 +303,8 @@ def _check_roots(cfg: IngestConfig) -> None:
     for name in ("sbd", "context"):
         if getattr(cfg, f"{name}_root") is not None and name not in d.roots:
             raise UsageError(f"--{name}-root is not used by {cfg.dataset}")
+    if cfg.compute_hha and not d.depth:
+        raise UsageError(f"--compute-hha makes HHA from depth, which {cfg.dataset} has not")
     if d.protocols and cfg.splits:
         raise UsageError(f"{cfg.dataset} makes its splits from --protocol "
                          f"({', '.join(d.protocols)}), not --splits")
@@ -318,7 +340,8 @@ def source_fingerprint(cfg: IngestConfig, listing: Listing) -> str:
     Sizes and mtimes come from the folder listings the reader already made."""
     h = hashlib.sha256()
     h.update(f"schema={SCHEMA_VERSION} dataset={cfg.dataset} shard_rows={cfg.shard_rows} "
-             f"protocol={cfg.protocol} allow_missing={cfg.allow_missing}\n".encode())
+             f"protocol={cfg.protocol} allow_missing={cfg.allow_missing} "
+             f"compute_hha={cfg.compute_hha}\n".encode())
     for r in sorted(listing.records, key=lambda r: (r.split, r.id)):
         for p in (r.image, r.label, *(p for _, p in r.extras)):
             st = listing.root.view(p).stat()
@@ -344,6 +367,9 @@ def ingest(cfg: IngestConfig, log: Log = print) -> IngestResult:
     _check_roots(cfg)
     storage.check_writable(cfg.out)  # a missing bucket fails now, not after the decoding
     listing = list_sources(cfg, log)
+    if cfg.compute_hha and any("depth" not in dict(r.extras) for r in listing.records):
+        raise LayoutError(f"--compute-hha needs the depth maps (data/depth/img_N.png, 16-bit "
+                          f"millimetres) under {cfg.root}")
     dataset_dir = cfg.dataset_dir
     fingerprint = source_fingerprint(cfg, listing)
     current = _current(dataset_dir)
@@ -448,6 +474,7 @@ def _run(cfg: IngestConfig, listing: Listing, split_names: list[str], fingerprin
             ray.data.from_items(items, override_num_blocks=blocks)
             .map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="pyarrow",
                          num_cpus=1, fn_kwargs={"dataset": cfg.dataset,
+                                                "compute_hha": cfg.compute_hha,
                                                 "num_classes": num_classes})
             .map_batches(write_shard, batch_size=cfg.shard_rows, batch_format="pyarrow",
                          num_cpus=0.5,

@@ -29,7 +29,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     cfg = IngestConfig(dataset=args.dataset, root=args.root, out=args.out,
                        splits=splits, split_file=args.split_file, shard_rows=args.shard_rows,
                        sbd_root=args.sbd_root, context_root=args.context_root,
-                       protocol=args.protocol, allow_missing=args.allow_missing)
+                       protocol=args.protocol, allow_missing=args.allow_missing,
+                       compute_hha=args.compute_hha)
     result = ingest(cfg, log=say)
     print(result.summary())
     write_result(args, dataclasses.asdict(result))
@@ -66,6 +67,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="pascal: go on when validation ids are missing from the VOC tree or "
                         "also in SBD train (refused by default; the counts go into the "
                         "manifest)")
+    p.add_argument("--compute-hha", action="store_true",
+                   help="nyud: compute HHA (Gupta et al. 2014) from data/depth in the decode "
+                        "step, with data/rawdepth's zeros as missing pixels when present, "
+                        "instead of reading data/hha")
     p.add_argument("--out", required=True,
                    help="output folder or URI; shards go to OUT/DATASET/")
     p.add_argument("--splits", default=None,

@@ -241,7 +241,7 @@ def load_example(
         for kind, path in record.extras:
             if kind == "label_geo":
                 arrays[kind] = decode_label(record, kind)
-            elif kind == "depth":
+            elif kind in ("depth", "rawdepth"):
                 arrays[kind] = decode_depth(path)
             elif kind == "hha":
                 arrays[kind] = decode_image(path)

@@ -35,7 +35,8 @@ FRAME_OFFSET = 5000  # splits.mat index k (1-based) is frame img_{5000 + k}
 # splits.mat's trainNdxs are the 795 frames the reference trains on (train + val): trainval.
 SPLITS_MAT_KEYS = {"trainval": "trainNdxs", "test": "testNdxs"}
 REFERENCE_SPLITS = ("train", "val", "test")  # shipped lists, for a copy that has none
-OPTIONAL_DIRS = {"depth": "data/depth", "hha": "data/hha"}
+# rawdepth (the sensor's depth, 0 = no reading) only marks missing pixels for --compute-hha.
+OPTIONAL_DIRS = {"depth": "data/depth", "hha": "data/hha", "rawdepth": "data/rawdepth"}
 EXPECTED = (
     "data/images/ and segmentation/ (FCN's nyud folder) with train.txt/val.txt/test.txt "
     "or splits.mat"
