@@ -143,6 +143,8 @@ def _load_mat(path: StoragePath) -> dict:
         raise ValueError(f"label {path.name}: MATLAB v7.3 (HDF5) .mat is not supported") from e
     except (scipy.io.matlab.MatReadError, ValueError, OSError, TypeError) as e:
         raise ValueError(f"undecodable label {path.name}: {e}") from e
+    except IndexError as e:  # scipy's answer to a file shorter than the 128-byte header
+        raise ValueError(f"undecodable label {path.name}: truncated .mat header") from e
 
 
 def _mat_array(mat: dict, key: str, path: StoragePath) -> np.ndarray:

@@ -6,11 +6,17 @@ indices into ``labels.txt``; ``59_labels.txt``, the task's classes). As the refe
 ``pascalcontext_layers.py`` does: names lose their spaces, the 59 list's ``diningtable``,
 ``bedcloth`` and ``clothes`` are read as labels.txt's ``table``, ``bedclothes`` and ``cloth``,
 the k-th of the 59 becomes class k (1..59) and every other pixel 0 (background), not 255:
-PASCAL-Context has no void.
+PASCAL-Context has no void. Like the reference, a name's place in its file is its index (the
+``idx:`` numbers are not read) and the first of repeated names wins; unlike it, a LabelMap value
+beyond labels.txt (or below 0) is refused, a quarantine reason, instead of silently becoming 0.
+The output order is our shipped ``classes-59.txt`` (FCN's), which must equal 59_labels.txt.
+At decode time the tables are found from the label itself: ``<root>/trainval/<id>.mat`` ->
+``<root>/labels.txt`` and ``<root>/59_labels.txt``, read once per process and root.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -39,12 +45,15 @@ LABEL_FORMAT = "context-mat"
 SPLIT_DIR = "ImageSets/Main"
 # The 59 list's names -> the names labels.txt uses for them (reference pascalcontext_layers).
 RENAMED = {"diningtable": "table", "bedcloth": "bedclothes", "clothes": "cloth"}
-VOC_EXPECTED = "JPEGImages/ and ImageSets/Main/ (VOCdevkit/VOC2010 or its parent)"
+VOC_EXPECTED = ("JPEGImages/ and ImageSets/Main/ of VOC2010 (VOCdevkit/VOC2010 or a folder up to "
+                "two levels above it; PASCAL-Context labels VOC2010 only)")
 CONTEXT_EXPECTED = "trainval/ (<id>.mat with LabelMap), labels.txt and 59_labels.txt"
 
 
 def is_voc_layout(p: StoragePath) -> bool:
-    return (p / "JPEGImages").is_dir() and (p / SPLIT_DIR).is_dir()
+    """A VOC tree, but not another year's (a VOCdevkit often holds VOC2010 and VOC2012)."""
+    other_year = re.fullmatch(r"VOC\d{4}", p.name) is not None and p.name != "VOC2010"
+    return not other_year and (p / "JPEGImages").is_dir() and (p / SPLIT_DIR).is_dir()
 
 
 def is_context_layout(p: StoragePath) -> bool:
@@ -88,6 +97,7 @@ def lookup(context_root: str) -> np.ndarray:
             raise LayoutError(f"labels.txt at {root} has no class {full!r} (59-class task "
                               f"name {name!r})")
         table[labels.index(full) + 1] = k
+    table.flags.writeable = False  # shared by every caller in the process
     return table
 
 
