@@ -38,12 +38,13 @@ def ingest_flow(dataset: Dataset, root: str, out: str | None = None,
                 splits: list[str] | None = None, split_file: str | None = None,
                 synthetic_size: int = 128, force: bool = False, sbd_root: str | None = None,
                 context_root: str | None = None, protocol: str | None = None,
-                allow_missing: bool = False) -> dict[str, Any]:
+                allow_missing: bool = False, compute_hha: bool = False) -> dict[str, Any]:
     """A dataset as downloaded -> validated Parquet shards (skipped when unchanged)."""
     cfg = {"dataset": dataset, "root": root, "out": out or str(_data_dir() / "shards"),
            "splits": tuple(splits) if splits else None, "split_file": split_file,
            "synthetic_size": (synthetic_size, synthetic_size), "sbd_root": sbd_root,
-           "context_root": context_root, "protocol": protocol, "allow_missing": allow_missing}
+           "context_root": context_root, "protocol": protocol, "allow_missing": allow_missing,
+           "compute_hha": compute_hha}
     return ingest_task.with_options(refresh_cache=force)(cfg)
 
 
@@ -89,7 +90,7 @@ def fcn_pipeline(dataset: Dataset, root: str, config: str, out: str | None = Non
                  overrides: dict[str, Any] | None = None,
                  evaluate_every_stage: bool = True, sbd_root: str | None = None,
                  context_root: str | None = None, protocol: str | None = None,
-                 allow_missing: bool = False) -> dict[str, Any]:
+                 allow_missing: bool = False, compute_hha: bool = False) -> dict[str, Any]:
     """ingest -> train (32s -> 16s -> 8s) -> evaluate -> register (candidate; the champion
     alias moves only when the new mean IU is at least the champion's)."""
     from pipelines.config import load_config
@@ -101,7 +102,8 @@ def fcn_pipeline(dataset: Dataset, root: str, config: str, out: str | None = Non
     results = result_storage(storage, out)
     shards = ingest_flow.with_options(result_storage=results)(
         dataset, root, out, splits, split_file, force=force, sbd_root=sbd_root,
-        context_root=context_root, protocol=protocol, allow_missing=allow_missing)
+        context_root=context_root, protocol=protocol, allow_missing=allow_missing,
+        compute_hha=compute_hha)
     split = split or cfg.val_split
     stages = train_flow.with_options(result_storage=results)(
         config, shards["data"], shards["fingerprint"], storage, None, force, overrides)

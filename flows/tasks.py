@@ -99,6 +99,7 @@ def ingest_task(cfg: dict[str, Any]) -> dict[str, Any]:
                             ("--protocol", c.protocol)):
             args += [flag, value] if value else []
         args += ["--allow-missing"] if c.allow_missing else []
+        args += ["--compute-hha"] if c.compute_hha else []
         dataset_dir = _job(args, storage.join(c.out, "_jobs"))["dataset_dir"]
     else:
         result = ingest(c, log=logger.info)

@@ -36,6 +36,7 @@ SCHEDULES = ("fixed", "poly")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
 OPTIMIZERS = ("sgd", "adam")
 SAMPLING = ("random", "shuffle", "stream")  # pipelines.train.sampling
+AMP = ("off", "bf16", "fp16")  # fcn_core.precision.AMP (not imported here: it imports torch)
 STAGE_ORDER = ("32s", "16s", "8s")
 DEPTH_DATASETS = DEPTH  # the datasets whose rows carry depth and HHA images
 GEO_DATASETS = GEO  # the datasets whose rows carry a second label (label_geo)
@@ -286,6 +287,9 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "sampling": _choice(SAMPLING),
     "pad_multiple": lambda v: _int(v, ge=1),
     "channels_last": _bool,
+    # YAML 1.1 reads an unquoted `amp: off` as false: that is "off", not an error.
+    "amp": lambda v: "off" if v is False else _choice(AMP)(v),
+    "compile": _bool,
     "seed": lambda v: _int(v, ge=0, lt=2**63),
     "workers": lambda v: _int(v, ge=1),
     "use_gpu": _bool,
@@ -332,6 +336,8 @@ class TrainConfig:
     sampling: str = "shuffle"
     pad_multiple: int = 1  # pad batches up to a multiple of this (32 helps cuDNN/oneDNN)
     channels_last: bool = True  # NHWC convolutions: ~20% faster on CPU (bench_model.py)
+    amp: str = "off"  # off (fp32) | bf16 (autocast; CPU avx512_bf16 or GPU) | fp16 (GPU only)
+    compile: bool = False  # torch.compile the net (falls back to eager with a warning)
     seed: int = 1337
     # distribution (Ray Train)
     workers: int = 2
@@ -363,6 +369,9 @@ class TrainConfig:
         if self.fusion_init and self.input != "rgb-hha":
             errors.append(f"fusion_init: starts a late-fusion net (input: rgb-hha), got "
                           f"input={self.input!r}")
+        if self.amp == "fp16" and not self.use_gpu:
+            errors.append("amp: 'fp16' needs GPUs (use_gpu: true, or --gpu); on CPUs use "
+                          "amp: bf16")
         if self.heads and len(self.heads) > 1 and self.dataset not in GEO_DATASETS:
             errors.append(f"heads: a second head reads label_geo, which only "
                           f"{', '.join(GEO_DATASETS)} rows have, got dataset={self.dataset!r}")

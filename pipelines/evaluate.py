@@ -150,9 +150,10 @@ class Scorer:
                  options: dict[str, Any], skip: tuple[str, ...] = (), use_gpu: bool = False):
         import torch
 
+        from fcn_core.precision import pick_device
         from pipelines.registry import resolve_model
 
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = pick_device(use_gpu)  # Ray set CUDA_VISIBLE_DEVICES to this actor's GPU
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(ray_cpus())))
         self.loaded = resolve_model(model_uri, tracking_uri)
@@ -186,6 +187,14 @@ def actor_cpus(actors: int) -> float:
 
     cpus = ray.cluster_resources().get("CPU", 1)
     return max(0.25, min(1.0, (cpus - 1) / max(1, actors)))
+
+
+def actor_resources(actors: int, use_gpu: bool) -> dict[str, float]:
+    """Ray resources of one inference actor (``map_batches`` options): a whole GPU and no CPU
+    reservation (the reads need the CPUs), or a share of the CPUs (``actor_cpus``)."""
+    if use_gpu:
+        return {"num_cpus": 0, "num_gpus": 1}
+    return {"num_cpus": actor_cpus(actors), "num_gpus": 0}
 
 
 def predict_row(loaded: Any, row: dict[str, Any], options: InferenceOptions, device: Any
@@ -248,7 +257,7 @@ def evaluate(model_uri: str, data: str | Path, split: str = "val", *,
         batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
         # Fractional CPUs: actors holding every CPU would starve the Parquet reads (a hang
         # on small machines); torch threads are set to match in the actor.
-        num_cpus=actor_cpus(actors) if not use_gpu else 0, num_gpus=1 if use_gpu else 0)
+        **actor_resources(actors, use_gpu))
     cms, images = [ConfusionMatrix(len(h.classes)) for h in heads], 0
     for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
         for k, cm in enumerate(cms):

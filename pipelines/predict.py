@@ -189,14 +189,17 @@ class _FolderPredictor:
     """Ray Data UDF for large folders: the driver's resolved model, one copy per actor."""
 
     def __init__(self, model: Any, out_dir: str, options: dict[str, Any], max_pixels: int,
-                 fmt: str = "default"):
+                 fmt: str = "default", use_gpu: bool = False):
         import ray
         import torch
 
+        from fcn_core.precision import pick_device
         from pipelines.evaluate import ray_cpus
 
         torch.set_num_threads(max(1, int(ray_cpus())))
         self.loaded = ray.get(model)  # an ObjectRef of the driver's LoadedModel
+        self.device = pick_device(use_gpu)
+        self.loaded.net.to(self.device)
         self.out_dir = out_dir
         self.max_pixels = max_pixels
         self.fmt = fmt
@@ -209,7 +212,8 @@ class _FolderPredictor:
             w, why, stop = None, None, ""
             try:
                 w, why = predict_one(self.loaded, str(path), self.out_dir, str(name),
-                                     self.options, max_pixels=self.max_pixels, fmt=self.fmt)
+                                     self.options, device=self.device,
+                                     max_pixels=self.max_pixels, fmt=self.fmt)
             except UserError as e:  # an output that cannot be written, a store that is down
                 stop = f"{'transient:' if e.transient else 'user:'}{e}"
             written.append(w or "")
@@ -261,12 +265,13 @@ def _resolve(model_uri: str) -> Any:
 
 def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], out_dir: str,
                       options: InferenceOptions, actors: int, limit: int, log: Log,
-                      result: PredictResult, fmt: str = "default") -> None:
+                      result: PredictResult, fmt: str = "default", use_gpu: bool = False
+                      ) -> None:
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from pipelines.evaluate import actor_cpus
+    from pipelines.evaluate import actor_resources
     from pipelines.ray_env import init_ray
 
     log(init_ray())
@@ -276,10 +281,11 @@ def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], o
                              override_num_blocks=max(1, len(files) // 16))
     done = ds.map_batches(_FolderPredictor, batch_size=16, batch_format="numpy",
                           compute=ActorPoolStrategy(size=actors),
-                          num_cpus=actor_cpus(actors),
+                          **actor_resources(actors, use_gpu),
                           fn_constructor_kwargs={"model": model_ref, "out_dir": out_dir,
                                                  "options": asdict(options),
-                                                 "max_pixels": limit, "fmt": fmt})
+                                                 "max_pixels": limit, "fmt": fmt,
+                                                 "use_gpu": use_gpu})
     for batch in done.iter_batches(batch_format="numpy", batch_size=None):
         for path, written, why, stop in zip(batch["path"], batch["written"], batch["reason"],
                                             batch["fatal"], strict=True):
@@ -295,7 +301,7 @@ def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], o
 def predict(model_uri: str, inputs: Sequence[str], out: str, *,
             options: InferenceOptions | None = None, ray_threshold: int = 64,
             actors: int = 2, max_pixels: int | None = None, log: Log = print,
-            fmt: str = "default") -> PredictResult:
+            fmt: str = "default", use_gpu: bool = False) -> PredictResult:
     """Predict every image in ``inputs`` into ``out``: <name>.png (uint8 class ids, the
     size of the image as shown, EXIF orientation applied) and <name>_color.png (overlay).
     ``fmt="voc"``: the PASCAL VOC server's layout instead (``VOC_RESULTS``/<id>.png, 'P' mode
@@ -324,8 +330,15 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
     if files:
         storage.makedirs(out_dir)
     if len(files) < ray_threshold:
+        from fcn_core.precision import pick_device
+
+        try:
+            device = pick_device(use_gpu)
+        except RuntimeError as e:
+            raise UsageError(f"--gpu: {e}; leave --gpu out to predict on the CPU") from None
+        loaded.net.to(device)
         for i, (f, name) in enumerate(zip(files, names, strict=True), 1):
-            written, why = predict_one(loaded, str(f), out_dir, name, options,
+            written, why = predict_one(loaded, str(f), out_dir, name, options, device=device,
                                        max_pixels=limit, fmt=fmt)
             if written:
                 result.written.append(written)
@@ -335,7 +348,7 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
                 log(f"predicted {i}/{len(files)}")
     else:
         _predict_with_ray(loaded, files, names, out_dir, options, actors, limit, log, result,
-                          fmt)
+                          fmt, use_gpu)
     for path, why in result.skipped:
         log(f"skipped {storage.redact(path)}: {why}")
     if not result.written:

@@ -102,17 +102,15 @@ def check_splits(cfg: TrainConfig, manifest: Manifest) -> None:
 
 
 def check_backbone_weights(cfg: TrainConfig) -> None:
-    """``backbone_weights`` (``--backbone-weights``) is a non-empty local file."""
+    """``backbone_weights`` (``--backbone-weights``) is a non-empty file: a local path (which
+    every node must then have) or a bucket URI, which each worker reads itself."""
     if cfg.backbone_weights is None:
         return
     loc = cfg.backbone_weights
     fix = ("give --backbone-weights (backbone_weights) a torchvision vgg16 state dict, or "
            "leave it out to start from random weights")
-    if storage.is_remote(loc):  # the workers torch.load a local path (train.build_stage_model)
-        raise MissingInput(f"backbone weights {storage.redact(loc)}: must be a local file "
-                           f"on every node, not a URI: copy it there and give its path")
-    path = storage.as_location(loc)
-    info = storage.info(path)
+    path = storage.redact(storage.as_location(loc))
+    info = storage.info(storage.as_location(loc))
     if info.type == FileType.Directory:
         raise MissingInput(f"backbone weights {path}: is a folder, not a file: {fix}")
     if info.type != FileType.File:

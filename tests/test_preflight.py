@@ -119,19 +119,18 @@ def test_no_ingested_dataset(tmp_path, guarded):
     assert not guarded.exists()
 
 
-@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "uri"])
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty"])
 def test_missing_backbone_weights_is_a_usage_error_before_any_work(data, tmp_path, guarded,
                                                                    kind):
     where = {"missing": str(tmp_path / "vgg16.pth"), "folder": str(tmp_path),
-             "empty": str(tmp_path / "empty.pth"), "uri": "s3://weights/vgg16.pth"}[kind]
+             "empty": str(tmp_path / "empty.pth")}[kind]
     (tmp_path / "empty.pth").write_bytes(b"")
     msg = _refused(TrainConfig(**{**OK, "backbone_weights": where}), data["ok"], tmp_path,
                    guarded, MissingInput)
     expected = {"missing": "no such file", "folder": "is a folder, not a file",
-                "empty": "the file is empty", "uri": "must be a local file on every node"}[kind]
+                "empty": "the file is empty"}[kind]
     assert msg.startswith(f"backbone weights {where}: {expected}"), msg
-    if kind != "uri":
-        assert "give --backbone-weights" in msg
+    assert "give --backbone-weights" in msg
 
 
 def test_missing_init_checkpoint(data, tmp_path, guarded):

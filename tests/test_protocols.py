@@ -289,3 +289,28 @@ def test_context_protocol(tmp_path):
     ckpt = tiny_fit(data, _cfg("ctx", "context", "train", "val"))
     res = evaluate(ckpt, data, "val", actors=1, log_to_mlflow=False, **QUIET)
     assert res.images == 3 and len(res.per_class) == 60
+
+
+def test_fcn_run_passes_compute_hha_through_the_flow_to_ingest():
+    """`fcn run --compute-hha` reaches the flow's ingest step: a flow parameter, an ingest
+    config field, and (on a cluster) the `fcn ingest` job's flag."""
+    import inspect
+
+    from flows.cli import build_parser
+    from flows.cli.pipeline import _pipeline_params
+    from flows.pipeline import fcn_pipeline, ingest_flow
+
+    args = build_parser().parse_args(
+        ["run", "--config", "configs/nyud/fcn32s-hha.yaml", "--dataset", "nyud",
+         "--root", "/data/nyud", "--compute-hha"])
+    params = _pipeline_params(args)
+    assert params["compute_hha"] is True
+    assert set(params) <= set(inspect.signature(fcn_pipeline.fn).parameters)
+    assert "compute_hha" in inspect.signature(ingest_flow.fn).parameters
+    assert IngestConfig(dataset="nyud", root="/x", out="/y", compute_hha=True).compute_hha
+    without = build_parser().parse_args(
+        ["run", "--config", "configs/nyud/fcn32s-hha.yaml", "--dataset", "nyud",
+         "--root", "/data/nyud"])
+    assert "compute_hha" not in _pipeline_params(without)
+    src = inspect.getsource(__import__("flows.tasks", fromlist=["x"]).ingest_task.fn)
+    assert '"--compute-hha"' in src  # the cluster job's command line carries it

@@ -216,3 +216,33 @@ def test_predict_reads_a_checkpoint_and_images_from_a_bucket_and_writes_there(
             storage.join(bucket, "pred", f"{name}.png")))))
         assert ids.shape == shape and ids.max() < 21
         assert storage.is_file(storage.join(bucket, "pred", f"{name}_color.png"))
+
+
+@pytest.mark.slow
+def test_backbone_weights_from_a_bucket_pass_preflight_and_load_without_pickle(bucket):
+    """Nodes share no disk: --backbone-weights may be a bucket URI, checked on the driver and
+    read by each worker (tensors only); a missing object is a usage error naming the URI."""
+    import dataclasses
+    import io
+
+    import torch
+
+    from pipelines import preflight
+    from pipelines.config import StageConfig, TrainConfig
+    from pipelines.errors import UserError
+    from pipelines.train.step import read_backbone
+
+    state = {"features.0.weight": torch.randn(4, 3, 3, 3), "features.0.bias": torch.zeros(4)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    loc = storage.join(bucket, "weights", "vgg16.pth")
+    storage.write_bytes(loc, buf.getvalue())
+    cfg = TrainConfig(name="w", dataset="synthetic", backbone_weights=loc,
+                      stages=(StageConfig("32s", 1, 0.01),))
+    preflight.check_backbone_weights(cfg)
+    got = read_backbone(loc)
+    assert set(got) == set(state)
+    torch.testing.assert_close(got["features.0.weight"], state["features.0.weight"])
+    gone = storage.join(bucket, "weights", "gone.pth")
+    with pytest.raises(UserError, match=f"^backbone weights {gone}: no such file"):
+        preflight.check_backbone_weights(dataclasses.replace(cfg, backbone_weights=gone))

@@ -24,7 +24,7 @@ def shards(tmp_path_factory):
     """Generated VOC, SIFT Flow and NYUD layouts, ingested once for this module."""
     root = tmp_path_factory.mktemp("train_data")
     out = root / "shards"
-    raws = {"voc": synth.write_voc(root / "raw", n_train=8, n_val=4, size=(32, 32)),
+    raws = {"voc": synth.write_voc(root / "raw", n_train=8, n_val=5, size=(32, 32)),
             "siftflow": synth.write_siftflow(root / "raw", n_train=4, n_val=2, size=(32, 32)),
             "nyud": synth.write_nyud(root / "raw", n_train=4, n_val=2, size=(32, 32))}
     for name, raw in raws.items():
@@ -49,6 +49,8 @@ def test_staged_training_chains_stages_and_is_tracked(shards, tmp_path, mlflow_u
     assert [(r.stage, r.steps) for r in results] == [("32s", 8), ("16s", 4), ("8s", 4)]
     for r in results:  # DDP over 2 workers kept every replica bit-identical
         assert r.metrics["world_size"] == 2 and r.metrics["replicas_in_sync"] == 1.0
+        # 5 validation rows on 2 workers: each scored once, none dropped to even the shards.
+        assert r.metrics["val_images"] == 5, r.metrics
 
     # Chaining: 16s started from 32s's final weights, promoted (new skip at zero).
     m32, m16 = load_model(results[0].checkpoint), load_model(results[1].checkpoint)

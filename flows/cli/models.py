@@ -103,7 +103,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     quiet_ray_logs(args.verbose)
     result = predict(args.model, args.inputs, args.out, options=inference_options(args),
-                     log=say, max_pixels=args.max_pixels, fmt=args.format)
+                     log=say, max_pixels=args.max_pixels, fmt=args.format,
+                     use_gpu=args.gpu)
     print(result.summary(args.out))
     return 0
 
@@ -177,6 +178,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
                    help="refuse images above N pixels (default: FCN_MAX_IMAGE_PIXELS or "
                         "100,000,000)")
+    p.add_argument("--gpu", action="store_true",
+                   help="predict on a GPU (CUDA): this process's, or one per Ray actor")
     p.add_argument("--format", choices=["default", "voc"], default="default",
                    help="default: <name>.png class ids + <name>_color.png overlay; voc: the "
                         "PASCAL VOC evaluation server's layout, OUT/results/VOC2012/"

@@ -44,6 +44,8 @@ def _pipeline_params(args: argparse.Namespace) -> dict[str, Any]:
         params["protocol"] = args.protocol
     if args.allow_missing:
         params["allow_missing"] = True
+    if args.compute_hha:
+        params["compute_hha"] = True
     if args.out:
         params["out"] = as_location(args.out)
     if args.storage:
@@ -194,6 +196,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        help="pascal: seg11valid (default) or trainaug (see fcn ingest --help)")
         p.add_argument("--allow-missing", action="store_true",
                        help="pascal: go on when validation ids are missing or leak")
+        p.add_argument("--compute-hha", action="store_true",
+                       help="nyud: compute HHA from depth at ingest (see fcn ingest --help)")
         p.add_argument("--out", default=None,
                        help="shards folder or URI (default PROJECT_DIR/shards)")
         p.add_argument("--storage", default=None,

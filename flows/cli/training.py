@@ -52,7 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     quiet_ray_logs(args.verbose)
     cfg = load_config(args.config, workers=args.workers,
                       backbone_weights=args.backbone_weights,
-                      use_gpu=True if args.gpu else None,
+                      use_gpu=True if args.gpu else None, amp=args.amp,
+                      compile=True if args.compile else None,
                       fusion_init=fusion_pair(args.fusion_init))
     if args.stages:
         cfg = cfg.only_stages([s for s in args.stages.split(",") if s])
@@ -82,8 +83,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=positive_int, default=None,
                    help="Ray Train workers (default: the config's)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default=None,
+                   help="mixed precision (default: the config's amp, off): bf16 autocast on "
+                        "CPUs with avx512_bf16 or on GPUs; fp16 with a GradScaler, GPUs only")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the net (runs eagerly, with a warning, where it fails)")
     p.add_argument("--backbone-weights", default=None,
-                   help="local torchvision vgg16 state dict (.pth) to start FCN-32s from")
+                   help="torchvision vgg16 state dict (.pth) to start FCN-32s from: a local "
+                        "path every node has, or a URI (s3://bucket/vgg16.pth)")
     p.add_argument("--storage", default=None,
                    help="checkpoints: a folder or a URI every Ray node can reach, e.g. "
                         "s3://bucket/runs (default ./data/runs)")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fcn_core.fcn import LateFusion
+from fcn_core.precision import portable, unwrap
 from fcn_core.serving import CHECKPOINT_FORMAT, load_checkpoint, net_from_checkpoint
 from pipelines import storage
 from pipelines.errors import UserError
@@ -43,10 +44,11 @@ class Checkpoint:
 
 
 def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict without DDP's ``module.`` prefix, how to rebuild the net)."""
-    net = model.module if hasattr(model, "module") else model
+    """(state dict without DDP's ``module.`` or torch.compile's ``_orig_mod.`` prefix, with
+    every tensor on the CPU and contiguous, how to rebuild the net)."""
+    net = unwrap(model)
     kind = "late_fusion" if isinstance(net, LateFusion) else "fcn"
-    return net.state_dict(), {"kind": kind, **net.config.to_dict()}
+    return portable(net.state_dict()), {"kind": kind, **net.config.to_dict()}
 
 
 def as_json(value: Any, what: str) -> Any:
@@ -102,7 +104,8 @@ def checkpoint_bytes(model: nn.Module, *, optimizer: torch.optim.Optimizer | Non
     """The bytes of ``checkpoint.pt`` for ``model`` (and the optimizer's state, to resume).
     ``mean_bgr`` records the input mean in the file itself (serving checkpoints)."""
     weights, arch = model_state(model)
-    return _encode(weights, arch, optimizer=optimizer.state_dict() if optimizer else None,
+    return _encode(weights, arch,
+                   optimizer=portable(optimizer.state_dict()) if optimizer else None,
                    step=step, stage=stage, config=config, mean_bgr=mean_bgr)
 
 

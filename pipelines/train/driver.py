@@ -32,6 +32,17 @@ class PipelineRun:
     mlflow_parent: str | None = None
 
 
+def scaling_config(cfg: TrainConfig) -> Any:
+    """Ray Train's ScalingConfig: ``workers`` workers of ``cpus_per_worker`` CPUs each, and one
+    GPU each with ``use_gpu`` (Ray Train then picks NCCL and sets each worker's device)."""
+    import ray.train
+
+    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    return ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                   resources_per_worker=per_worker,
+                                   placement_strategy=cfg.placement_strategy)
+
+
 def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRun,
                 init_checkpoint: str | None, mlflow_run_id: str | None, log: Log = print
                 ) -> StageResult:
@@ -43,6 +54,7 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRu
     from pipelines.ray_env import init_ray, train_log_level
     from pipelines.shards import open_split
     from pipelines.tracking import tracking_uri
+    from pipelines.train.data_config import WholeValidation
 
     log(init_ray())
     manifest = read_manifest(data)
@@ -60,7 +72,6 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRu
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     datasets = {"train": train_ds.randomize_block_order(), "val": val_ds}
     run_fs, run_fs_path = storage.resolve(storage.join(run.storage, run.run_id))
-    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -69,9 +80,7 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRu
             "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri(),
             "threads_per_worker": cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)),
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=per_worker,
-                                               placement_strategy=cfg.placement_strategy),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             # pipelines.storage's filesystem: the same settings (endpoint, region, timeouts,
             # no implicit buckets) as every other access. Credentials: each node's env.
@@ -81,6 +90,7 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRu
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level=train_log_level())),
         datasets=datasets,
+        dataset_config=WholeValidation(),  # every validation row is scored once
     )
     log(f"stage {stage.name}: {stage.steps} steps on {cfg.workers} worker(s) "
         f"({'GPU, nccl' if cfg.use_gpu else 'CPU, gloo'}), from "

@@ -14,8 +14,10 @@ from fcn_core.fcn import BUILDERS, FCN, LateFusion
 from fcn_core.losses import multi_head_loss
 from fcn_core.metrics import ConfusionMatrix
 from fcn_core.optim import param_groups
+from fcn_core.precision import autocast, backward_step, unwrap
 from fcn_core.surgery import promote, transplant_vgg16
 from fcn_core.transforms import MEAN_BGR, MEAN_HHA
+from pipelines import storage
 from pipelines.config import StageConfig, TrainConfig
 from pipelines.train.checkpoint import load_model
 
@@ -63,7 +65,7 @@ def _initial_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
         return fusion_from(cfg.fusion_init, stage, log)
     model: nn.Module = LateFusion(one(), one()) if cfg.input == "rgb-hha" else one()
     if cfg.backbone_weights:
-        state = torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True)
+        state = read_backbone(cfg.backbone_weights)
         nets = [model.color, model.hha] if isinstance(model, LateFusion) else [model]
         # What sits in the BGR slots of each net: colour (minus the dataset's mean) or HHA
         # (minus the HHA mean, in file order, as the reference feeds it).
@@ -74,6 +76,12 @@ def _initial_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
     else:
         log("warning: no backbone_weights given: the VGG16 trunk starts from random weights")
     return model
+
+
+def read_backbone(location: str) -> dict[str, torch.Tensor]:
+    """A torchvision VGG16 state dict from a local path or a bucket URI (nodes share no disk, so
+    each worker reads it through pipelines.storage); tensors only (``weights_only``)."""
+    return torch.load(storage.open_input(location), map_location="cpu", weights_only=True)
 
 
 def fusion_from(fusion_init: dict[str, str], stage: StageConfig, log: Log = print) -> LateFusion:
@@ -119,29 +127,38 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, stage: StageConfig
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               labels: dict[str, torch.Tensor], heads: list[str], normalize: bool) -> float:
+               labels: dict[str, torch.Tensor], heads: list[str], normalize: bool,
+               amp: str = "off", scaler: torch.amp.GradScaler | None = None) -> float:
+    """One SGD step; the forward pass (and the loss) under ``amp``'s autocast, weights fp32."""
     model.train()
-    scores = model(x)
-    if isinstance(scores, dict):
-        keys = _label_keys(heads)
-        loss = multi_head_loss(scores, {h: labels[keys[h]] for h in scores}, normalize=normalize)
-    else:
-        loss = multi_head_loss(scores, labels["label"], normalize=normalize)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    with autocast(amp, x.device):
+        scores = model(x)
+        if isinstance(scores, dict):
+            keys = _label_keys(heads)
+            loss = multi_head_loss(scores, {h: labels[keys[h]] for h in scores},
+                                   normalize=normalize)
+        else:
+            loss = multi_head_loss(scores, labels["label"], normalize=normalize)
+    backward_step(loss, optimizer, scaler)
     return float(loss.detach())
 
 
 @torch.no_grad()
 def validate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]],
-             num_classes: dict[str, int], heads: list[str]) -> dict[str, ConfusionMatrix]:
-    """One ConfusionMatrix per head over all batches (padding is 255: never counted)."""
+             num_classes: dict[str, int], heads: list[str], amp: str = "off"
+             ) -> dict[str, ConfusionMatrix]:
+    """One ConfusionMatrix per head over all batches (padding is 255: never counted).
+
+    The forward passes run on the net under DDP's wrapper: workers hold different numbers of
+    validation rows, and DDP's forward broadcasts buffers, a collective every rank must join.
+    """
+    model = unwrap(model)
     model.eval()
     keys = _label_keys(heads)
     cms = {h: ConfusionMatrix(num_classes[h]) for h in heads}
     for x, labels in batches:
-        scores = model(x)
+        with autocast(amp, x.device):
+            scores = model(x)
         scores = scores if isinstance(scores, dict) else {heads[0]: scores}
         for h, s in scores.items():
             cms[h].update(labels[keys[h]], s.argmax(1))
@@ -149,15 +166,24 @@ def validate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, dict[str, t
 
 
 
-def _all_reduce_hist(cms: dict[str, ConfusionMatrix]) -> None:
+def _all_reduce_hist(cms: dict[str, ConfusionMatrix], images: int = 0,
+                     device: torch.device | str = "cpu") -> int:
+    """Sum every worker's confusion matrices (in place) and image counts; return the total.
+
+    The tensors live on ``device``, the worker's (``ray.train.torch.get_device()``): NCCL
+    reduces CUDA tensors only, gloo CPU ones. float64 sums of counts are exact below 2**53.
+    """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return
+        return images
     for cm in cms.values():
-        t = torch.from_numpy(cm.hist.astype(np.float64))  # gloo: float64 sums are exact here
+        t = torch.from_numpy(cm.hist.astype(np.float64)).to(device)
         dist.all_reduce(t)
-        cm.hist = t.round().to(torch.int64).numpy()
+        cm.hist = t.round().to(torch.int64).cpu().numpy()
+    n = torch.tensor([float(images)], dtype=torch.float64, device=device)
+    dist.all_reduce(n)
+    return int(n.item())
 
 
 def replicas_in_sync(model: nn.Module) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fcn_core.precision import grad_scaler, maybe_compile
 from fcn_core.transforms import MEAN_BGR
 from pipelines import storage
 from pipelines.config import TrainConfig
@@ -117,17 +118,21 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     optimizer = make_optimizer(model, cfg, stage)
     step, resumed_from = 0, 0
     checkpoint = ray.train.get_checkpoint()
+    state = None
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = read_checkpoint(d)  # weights_only: no pickle
+            state = read_checkpoint(d)  # weights_only: no pickle; tensors on the CPU
         model.load_state_dict(state["model"])
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)  # to the worker's device; DDP (gloo / nccl)
+    device = ray.train.torch.get_device()
+    if state is not None:  # after the move: load_state_dict puts the state on the params' device
         optimizer.load_state_dict(state["optimizer"])
         step = resumed_from = int(state["step"])
         log(f"resumed from the checkpoint at step {step}")
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
+    model = maybe_compile(model, cfg.compile, log)
+    scaler = grad_scaler(cfg.amp, device)  # fp16 only
     tracker = None
     if rank == 0 and loop.get("mlflow_run_id"):
         from pipelines.tracking import MetricLogger
@@ -152,13 +157,21 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
     def run_validation() -> dict[str, float]:
-        cms = validate(model, _batches(val_shard, cfg, device, False, cfg.seed), classes, heads)
-        _all_reduce_hist(cms)
-        return _scores(cms, heads)
+        seen = [0]
+
+        def counted() -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+            for x, labels in _batches(val_shard, cfg, device, False, cfg.seed):
+                seen[0] += x.shape[0]
+                yield x, labels
+
+        cms = validate(model, counted(), classes, heads, cfg.amp)
+        images = _all_reduce_hist(cms, seen[0], device)
+        return {**_scores(cms, heads), "val_images": float(images)}
 
     if step == 0 and cfg.val_every:  # where the stage starts: the previous stage's predictions
         init_val = run_validation()
-        log("initial " + ", ".join(f"{k} {v:.3f}" for k, v in init_val.items()))
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in init_val.items() if k != "val_images")
+        log(f"initial {shown} ({init_val['val_images']:.0f} images)")
         if tracker is not None:
             tracker.log({f"init_{k}": v for k, v in init_val.items()}, 0)
     if cfg.sampling in IN_MEMORY:
@@ -175,7 +188,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                     rank == world - 1 and _first_injection(loop["run_dir"]):
                 raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
             lr = set_lr(optimizer, cfg, stage, step)
-            loss = train_step(model, optimizer, x, labels, heads, cfg.normalize_loss)
+            loss = train_step(model, optimizer, x, labels, heads, cfg.normalize_loss,
+                              cfg.amp, scaler)
             step += 1
             window_imgs += x.shape[0] * world
             metrics = {"loss": loss, "lr": lr, "step": step, "resumed_from": resumed_from}

@@ -1,0 +1,116 @@
+"""Devices, mixed precision and compilation for training and inference, on CPU or CUDA.
+
+``amp`` is one of ``off`` (fp32), ``bf16`` (autocast to bfloat16: no loss scaling needed; CPUs
+with avx512_bf16/AMX and Ampere+ GPUs run it natively) or ``fp16`` (autocast to float16 with a
+``GradScaler``; CUDA only). Weights, optimizer state and checkpoints stay fp32 in every mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+AMP = ("off", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    """``cuda`` (this process's current CUDA device) when asked for and present, else ``cpu``;
+    asked for a GPU where none is visible, a RuntimeError rather than a silent CPU run."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("a GPU was requested but torch sees no CUDA device here "
+                           "(CUDA_VISIBLE_DEVICES, the driver, or a CPU-only torch build)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def check_amp(amp: str, device: torch.device | str) -> None:
+    if amp not in AMP:
+        raise ValueError(f"amp must be one of {', '.join(AMP)}, not {amp!r}")
+    if amp == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError("amp fp16 needs a CUDA device (a GradScaler and fp16 kernels): "
+                         "use amp bf16 on CPUs")
+
+
+def autocast(amp: str, device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
+    """The forward pass's autocast context (a no-op for ``off``). Losses autocast computes in
+    fp32 (cross entropy, log-softmax) stay fp32, as torch's autocast lists say."""
+    check_amp(amp, device)
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[amp])
+
+
+def grad_scaler(amp: str, device: torch.device | str) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 (gradients underflow in fp16 without one); None otherwise."""
+    check_amp(amp, device)
+    return torch.amp.GradScaler(torch.device(device).type) if amp == "fp16" else None
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler | None) -> None:
+    """``loss.backward(); optimizer.step()``, through the scaler when there is one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def maybe_compile(model: nn.Module, enabled: bool, log: Callable[[str], None] = print
+                  ) -> nn.Module:
+    """``torch.compile(model)`` when enabled. Where compilation fails (no C++ compiler, an
+    unsupported op or platform), the model runs eagerly and a warning says so: compile is a
+    speed option, never a reason for a run to fail."""
+    if not enabled:
+        return model
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True  # a graph that fails falls back to eager
+        return torch.compile(model)
+    except Exception as e:  # noqa: BLE001 - any failure to set up compile means: run eagerly
+        log(f"warning: torch.compile is not available here ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); running the model eagerly")
+        warnings.warn(f"torch.compile failed: {e}", RuntimeWarning, stacklevel=2)
+        return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain net under torch.compile's ``_orig_mod`` and DDP's ``module`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or (
+                hasattr(model, "module") and isinstance(model.module, nn.Module)):
+            model = model.module
+        else:
+            return model
+
+
+def portable(value: Any) -> Any:
+    """``value`` with every tensor on the CPU in the default (contiguous) layout: what a
+    checkpoint holds, so a GPU- or channels_last-trained checkpoint loads anywhere."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu").contiguous()
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable(v) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def inference_mode(amp: str, device: torch.device | str) -> Iterator[None]:
+    """no_grad + autocast for an evaluation or prediction pass."""
+    with torch.no_grad(), autocast(amp, device):
+        yield
