@@ -50,3 +50,41 @@ def layer_stats(model: nn.Module, x: torch.Tensor) -> list[LayerStat]:
 
 def total_macs(model: nn.Module, x: torch.Tensor) -> int:
     return sum(s.macs for s in layer_stats(model, x))
+
+
+@dataclass(frozen=True)
+class TrainFlops:
+    forward: int  # 2 x MAC of every conv and deconv
+    input_grad: int  # 2 x MAC of each layer whose input needs a gradient
+    weight_grad: int  # 2 x MAC of each layer whose weight is trained
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.input_grad + self.weight_grad
+
+
+def train_flops(model: nn.Module, x: torch.Tensor) -> TrainFlops:
+    """FLOPs of one training step (forward + backward) counted as the backward really runs:
+    a layer's weight gradient only when its weight is trained (frozen deconvolutions have
+    none), its input gradient only when its input needs one (conv1_1's input, the image,
+    does not). Not "3 x forward" for every layer, which overstates a frozen net."""
+    fwd = igrad = wgrad = 0
+    hooks = []
+
+    def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal fwd, igrad, wgrad
+        flops = 2 * _macs(mod, args[0], out)
+        fwd += flops
+        igrad += flops if args[0].requires_grad else 0
+        wgrad += flops if mod.weight.requires_grad else 0
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.enable_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return TrainFlops(fwd, igrad, wgrad)

@@ -181,3 +181,22 @@ def test_config_rebuilds_the_same_net():
     clone.load_state_dict(model.state_dict())
     assert clone.config.to_dict() == {"variant": "fcn8s", "heads": {"out": 7}, "width": 0.0625,
                                       "in_channels": 4}
+
+
+@pytest.mark.parametrize("builder", [fcn32s, fcn8s])
+def test_training_flops_are_counted_as_the_backward_runs(builder):
+    """fcn_core.profile.train_flops agrees with torch's own FLOP counter: no weight gradient
+    for the frozen final upscore, no input gradient for conv1_1 (the image)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fcn_core import segmentation_loss
+    from fcn_core.profile import total_macs, train_flops
+
+    net = builder(width=1 / 8).train()
+    x = torch.randn(1, 3, 64, 64)
+    counted = train_flops(net, x)
+    with FlopCounterMode(display=False) as fc:
+        segmentation_loss(net(x), torch.zeros(1, 64, 64, dtype=torch.long)).backward()
+    assert counted.total == fc.get_total_flops()
+    assert counted.forward == 2 * total_macs(net.eval(), x)
+    assert counted.total < 3 * counted.forward  # the naive count overstates it
