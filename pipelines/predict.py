@@ -272,8 +272,9 @@ def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], o
     from ray.data import ActorPoolStrategy
 
     from pipelines.evaluate import actor_resources
-    from pipelines.ray_env import init_ray
+    from pipelines.ray_env import init_ray, quiet_ray_data
 
+    quiet_ray_data()
     log(init_ray())
     model_ref = ray.put(loaded)
     ds = ray.data.from_items([{"path": str(f), "name": n} for f, n in

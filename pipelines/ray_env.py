@@ -89,6 +89,23 @@ def verbose() -> bool:
     return os.environ.get("FCN_VERBOSE", "") not in ("", "0")
 
 
+def quiet_ray_data(show: bool | None = None) -> None:
+    """Ray Data logs every operator's progress at INFO when stderr is not a terminal. Keep
+    its progress bars on a terminal, and otherwise only our own progress lines. Called where
+    ray.data is imported (it configures Ray's loggers on import: adjust them after)."""
+    import sys
+
+    import ray.data
+
+    if verbose() if show is None else show:
+        return
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    for name in ("ray", "ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # "Progress bars disabled ..." once per dataset when stderr is not a terminal.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
 def quiet_train_worker() -> None:
     """In a Ray Train worker: drop Ray Train's "Reporting training result N:
     TrainingReport(...)" INFO line per report. Ray 2.60 logs it on a logger named by its file

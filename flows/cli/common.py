@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 
@@ -55,19 +54,10 @@ def say(msg: str) -> None:
 
 
 def quiet_ray_logs(verbose: bool) -> None:
-    """Ray Data logs every operator's progress at INFO when stderr is not a terminal. Keep
-    its progress bars on a terminal, and otherwise only our own progress lines."""
-    import logging
+    """Only our own progress lines from Ray Data (``pipelines.ray_env.quiet_ray_data``)."""
+    from pipelines.ray_env import quiet_ray_data
 
-    import ray.data  # configures Ray's loggers on import: adjust them after
-
-    if verbose:
-        return
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    for name in ("ray", "ray.data", "ray.train"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # "Progress bars disabled ..." once per dataset when stderr is not a terminal.
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    quiet_ray_data(verbose)
 
 
 def add_verbose(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from flows.cli.common import (
     add_inference_args,
@@ -101,7 +102,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipelines.predict import predict
 
-    quiet_ray_logs(args.verbose)
+    if args.verbose:  # Ray is imported only for large folders, and quieted there
+        os.environ["FCN_VERBOSE"] = "1"
     result = predict(args.model, args.inputs, args.out, options=inference_options(args),
                      log=say, max_pixels=args.max_pixels, fmt=args.format,
                      use_gpu=args.gpu)
