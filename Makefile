@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DATA ?= data
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench venv lock lint clean-data
+.PHONY: demo test test-fast bench venv lock lint clean-data
 
 venv: $(STAMP)
 
@@ -24,7 +24,15 @@ demo: $(STAMP)
 	$(VENV)/bin/fcn demo --project-dir $(DATA)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+
+# The inner loop: the model core, configs, readers, images, manifests and the CPU side of the
+# GPU path; no Ray, MLflow, Prefect or server is started (tests marked slow are left out).
+FAST_TESTS := $(wildcard tests/test_core_*.py) tests/test_config.py tests/test_layers.py \
+	tests/test_gpu_path.py tests/test_context.py tests/test_sources.py tests/test_images.py \
+	tests/test_hha.py tests/test_train_details.py tests/test_infra.py tests/test_bench.py
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --durations=5 $(FAST_TESTS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/bench_model.py

@@ -10,6 +10,17 @@ torch.set_num_threads(2)
 # Tests never talk to a user's cluster by accident.
 os.environ.pop("RAY_ADDRESS", None)
 
+# A test that uses one of these starts a real engine or server: it is `slow` whether or not
+# it says so, and `make test-fast` (-m "not slow") leaves it out.
+ENGINE_FIXTURES = {"ray_local", "s3_server", "postgres", "mlflow_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 _REALDATA_CANDIDATES = [
     os.environ.get("FCN_REALDATA", ""),
     Path(__file__).resolve().parents[2] / "shared" / "realdata",  # beside the checkout

@@ -191,3 +191,20 @@ def test_gpu_requests_reach_ray_train_and_the_inference_actors():
     cpu = scaling_config(TrainConfig(workers=2))
     assert not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 0.5}
     assert actor_resources(3, True) == {"num_cpus": 0, "num_gpus": 1}
+
+
+def test_fcn_run_carries_gpu_amp_and_weights_into_the_flow_s_config():
+    from flows.cli import build_parser
+    from flows.cli.pipeline import _pipeline_params
+    from pipelines.config import load_config
+
+    args = build_parser().parse_args(
+        ["run", "--config", "configs/voc/fcn8s.yaml", "--dataset", "pascal", "--root", "/v",
+         "--gpu", "--amp", "fp16", "--backbone-weights", "s3://weights/vgg16.pth"])
+    over = _pipeline_params(args)["overrides"]
+    assert over == {"use_gpu": True, "amp": "fp16", "backbone_weights": "s3://weights/vgg16.pth"}
+    cfg = load_config("configs/voc/fcn8s.yaml", **over)  # what the flow's train step loads
+    assert cfg.use_gpu and cfg.amp == "fp16" and cfg.backbone_weights == over["backbone_weights"]
+    plain = build_parser().parse_args(
+        ["run", "--config", "configs/voc/fcn8s.yaml", "--dataset", "pascal", "--root", "/v"])
+    assert "overrides" not in _pipeline_params(plain)

@@ -31,6 +31,20 @@ def prefect_env(project: Path) -> None:
     os.environ.setdefault("FCN_DATA_DIR", str(project.resolve()))
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config keys the command line sets over the preset's (what the flow's train step gets)."""
+    out: dict[str, Any] = {}
+    if getattr(args, "backbone_weights", None):
+        from pipelines.storage import as_location
+
+        out["backbone_weights"] = as_location(args.backbone_weights)
+    if getattr(args, "gpu", False):
+        out["use_gpu"] = True
+    if getattr(args, "amp", None):
+        out["amp"] = args.amp
+    return out
+
+
 def _pipeline_params(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.storage import as_location
 
@@ -54,6 +68,8 @@ def _pipeline_params(args: argparse.Namespace) -> dict[str, Any]:
         params["evaluate_every_stage"] = False
     if args.name:
         params["model_name"] = args.name
+    if _overrides(args):
+        params["overrides"] = _overrides(args)
     return params
 
 
@@ -84,7 +100,7 @@ def _preflight(args: argparse.Namespace) -> None:
     from pipelines import preflight
     from pipelines.config import load_config
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, **_overrides(args))
     preflight.check_dataset_name(cfg, args.dataset)
     preflight.check_start(cfg)
 
@@ -198,6 +214,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        help="pascal: go on when validation ids are missing or leak")
         p.add_argument("--compute-hha", action="store_true",
                        help="nyud: compute HHA from depth at ingest (see fcn ingest --help)")
+        p.add_argument("--backbone-weights", default=None, metavar="LOC",
+                       help="torchvision vgg16 state dict to start FCN-32s from: a path every "
+                            "node has, or a URI (s3://bucket/vgg16-397923af.pth)")
+        p.add_argument("--gpu", action="store_true",
+                       help="one GPU per training worker (nccl), as use_gpu: true")
+        p.add_argument("--amp", choices=["off", "bf16", "fp16"], default=None,
+                       help="mixed precision (default: the config's amp)")
         p.add_argument("--out", default=None,
                        help="shards folder or URI (default PROJECT_DIR/shards)")
         p.add_argument("--storage", default=None,
