@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_infer.py
 	$(PY) bench/bench_storage.py
+	$(PY) bench/bench_pipeline.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check fcn_core pipelines flows tests bench

@@ -1,8 +1,9 @@
 """Devices, mixed precision and compilation for training and inference, on CPU or CUDA.
 
 ``amp`` is one of ``off`` (fp32), ``bf16`` (autocast to bfloat16: no loss scaling needed; CPUs
-with avx512_bf16/AMX and Ampere+ GPUs run it natively) or ``fp16`` (autocast to float16 with a
-``GradScaler``; CUDA only). Weights, optimizer state and checkpoints stay fp32 in every mode.
+with avx512_bf16/AMX and Ampere+ GPUs run it natively), ``fp16`` (autocast to float16 with a
+``GradScaler``; CUDA only) or ``auto`` (bf16 where the device runs it natively, else off).
+Weights, optimizer state and checkpoints stay fp32 in every mode.
 """
 
 from __future__ import annotations
@@ -15,8 +16,25 @@ from typing import Any
 import torch
 from torch import nn
 
-AMP = ("off", "bf16", "fp16")
+AMP = ("off", "bf16", "fp16", "auto")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bf16 natively: a CUDA device with bf16 tensor cores, or a CPU
+    with avx512_bf16 / AMX (oneDNN's check). Elsewhere bf16 is emulated, and slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def resolve_amp(amp: str, device: torch.device | str) -> str:
+    """``auto`` -> ``bf16`` where the device runs it natively, else ``off``; others as given."""
+    return ("bf16" if native_bf16(device) else "off") if amp == "auto" else amp
 
 
 def pick_device(use_gpu: bool) -> torch.device:
@@ -31,8 +49,9 @@ def pick_device(use_gpu: bool) -> torch.device:
 
 
 def check_amp(amp: str, device: torch.device | str) -> None:
-    if amp not in AMP:
-        raise ValueError(f"amp must be one of {', '.join(AMP)}, not {amp!r}")
+    if amp not in AMP or amp == "auto":
+        raise ValueError(f"amp must be one of off, bf16, fp16 (auto resolved with "
+                         f"resolve_amp), not {amp!r}")
     if amp == "fp16" and torch.device(device).type != "cuda":
         raise ValueError("amp fp16 needs a CUDA device (a GradScaler and fp16 kernels): "
                          "use amp bf16 on CPUs")

@@ -36,7 +36,7 @@ SCHEDULES = ("fixed", "poly")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
 OPTIMIZERS = ("sgd", "adam")
 SAMPLING = ("random", "shuffle", "stream")  # pipelines.train.sampling
-AMP = ("off", "bf16", "fp16")  # fcn_core.precision.AMP (not imported here: it imports torch)
+AMP = ("off", "bf16", "fp16", "auto")  # fcn_core.precision.AMP (not imported: it needs torch)
 STAGE_ORDER = ("32s", "16s", "8s")
 DEPTH_DATASETS = DEPTH  # the datasets whose rows carry depth and HHA images
 GEO_DATASETS = GEO  # the datasets whose rows carry a second label (label_geo)
@@ -336,7 +336,9 @@ class TrainConfig:
     sampling: str = "shuffle"
     pad_multiple: int = 1  # pad batches up to a multiple of this (32 helps cuDNN/oneDNN)
     channels_last: bool = True  # NHWC convolutions: ~20% faster on CPU (bench_model.py)
-    amp: str = "off"  # off (fp32) | bf16 (autocast; CPU avx512_bf16 or GPU) | fp16 (GPU only)
+    # off (fp32) | bf16 (autocast; CPU avx512_bf16 or GPU) | fp16 (GPU only) | auto (bf16 where
+    # the worker's device runs it natively, else off)
+    amp: str = "off"
     compile: bool = False  # torch.compile the net (falls back to eager with a warning)
     seed: int = 1337
     # distribution (Ray Train)

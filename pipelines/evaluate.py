@@ -190,11 +190,16 @@ def actor_cpus(actors: int) -> float:
 
 
 def actor_resources(actors: int, use_gpu: bool) -> dict[str, float]:
-    """Ray resources of one inference actor (``map_batches`` options): a whole GPU and no CPU
-    reservation (the reads need the CPUs), or a share of the CPUs (``actor_cpus``)."""
+    """Ray options of one inference actor (``map_batches``): a whole GPU and no CPU reservation
+    (the reads need the CPUs), or a share of the CPUs (``actor_cpus``).
+
+    ``max_restarts=0``: Ray Data keeps an actor's constructor arguments in the object store,
+    and Ray's core worker prints an error line for every such actor that may restart
+    (ray-project/ray#53727). A lost actor fails the call instead, and Prefect's retry of the
+    task (``retry_transient``: lost workers are transient) runs it again."""
     if use_gpu:
-        return {"num_cpus": 0, "num_gpus": 1}
-    return {"num_cpus": actor_cpus(actors), "num_gpus": 0}
+        return {"num_cpus": 0, "num_gpus": 1, "max_restarts": 0}
+    return {"num_cpus": actor_cpus(actors), "num_gpus": 0, "max_restarts": 0}
 
 
 def predict_row(loaded: Any, row: dict[str, Any], options: InferenceOptions, device: Any

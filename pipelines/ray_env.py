@@ -184,6 +184,9 @@ def init_ray(num_cpus: int | None = None) -> str:
             ctx = ray.init(address=address, log_to_driver=True, logging_level=level,
                            runtime_env=None if in_job else {"env_vars": quiet_env()})
         else:
+            if not verbose():  # "Token authentication is enabled for this Ray cluster ..."
+                logging.getLogger("ray._private.authentication.authentication_token_setup"
+                                  ).setLevel(logging.ERROR)
             ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, logging_level=level,
                            dashboard_host="127.0.0.1", log_to_driver=True)
         if ctx.dashboard_url:

@@ -23,3 +23,25 @@ def test_gpu_check_compares_two_devices_and_passes_on_equal_ones():
     out = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--steps", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
     assert "mean IU difference 0.00e+00" in out and out.strip().endswith("PASS"), out
+
+
+def test_bench_pipeline_splits_a_run_into_its_phases():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_pipeline import phases
+
+    lines = [(2.0, "fcn demo: the whole pipeline"),
+             (10.0, "Task run 'train-32s' - stage 32s: 4 steps on 2 worker(s) (CPU, gloo)"),
+             (25.0, "(RayTrainWorker pid=1) [32s] step 1/4  loss 3.0"),
+             (31.0, "(RayTrainWorker pid=1) [32s] step 4/4  loss 2.0"),
+             (40.0, "Task run 'train-16s' - stage 16s: 2 steps on 2 worker(s) (CPU, gloo)"),
+             (50.0, "(RayTrainWorker pid=2) [16s] step 1/2  loss 2.0"),
+             (52.0, "(RayTrainWorker pid=2) [16s] step 2/2  loss 1.0"),
+             (55.0, "Task run 'evaluate-32s' - evaluating CKPT on DATA"),
+             (70.0, "FCN-32s       0.924     0.631    0.529    0.868"),
+             (70.0, "FCN-16s       0.941     0.819    0.653    0.904")]
+    got = phases(lines, total=75.0)
+    assert got == {"total": 75.0, "start": 2.0, "ingest": 8.0,
+                   "32s start": 15.0, "32s steps": 6.0, "32s end": 9.0,
+                   "16s start": 10.0, "16s steps": 2.0, "16s end": 3.0,
+                   "evaluate + register + Prefect": 20.0,
+                   "32s mean IU": 0.529, "16s mean IU": 0.653}

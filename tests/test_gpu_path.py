@@ -22,8 +22,10 @@ from fcn_core.precision import (
     check_amp,
     grad_scaler,
     maybe_compile,
+    native_bf16,
     pick_device,
     portable,
+    resolve_amp,
     unwrap,
 )
 from fcn_core.serving import load_checkpoint, net_from_checkpoint
@@ -60,6 +62,8 @@ def test_fp16_is_refused_on_cpus_and_in_a_cpu_config():
         check_amp("fp16", "cpu")
     with pytest.raises(ValueError, match="amp must be one of off, bf16, fp16"):
         autocast("half", "cpu")
+    with pytest.raises(ValueError, match="auto resolved with resolve_amp"):
+        autocast("auto", "cpu")  # resolved per device first, never autocast as such
     assert grad_scaler("bf16", "cpu") is None and grad_scaler("off", "cpu") is None
     with pytest.raises(ConfigError, match=r"^amp: 'fp16' needs GPUs \(use_gpu: true"):
         TrainConfig(amp="fp16")
@@ -190,7 +194,7 @@ def test_gpu_requests_reach_ray_train_and_the_inference_actors():
     assert sc.resources_per_worker == {"CPU": 2, "GPU": 1}
     cpu = scaling_config(TrainConfig(workers=2))
     assert not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 0.5}
-    assert actor_resources(3, True) == {"num_cpus": 0, "num_gpus": 1}
+    assert actor_resources(3, True) == {"num_cpus": 0, "num_gpus": 1, "max_restarts": 0}
 
 
 def test_fcn_run_carries_gpu_amp_and_weights_into_the_flow_s_config():
@@ -208,3 +212,12 @@ def test_fcn_run_carries_gpu_amp_and_weights_into_the_flow_s_config():
     plain = build_parser().parse_args(
         ["run", "--config", "configs/voc/fcn8s.yaml", "--dataset", "pascal", "--root", "/v"])
     assert "overrides" not in _pipeline_params(plain)
+
+
+def test_amp_auto_is_bf16_only_where_the_device_runs_it_natively():
+    has = "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open(
+        "/proc/cpuinfo").read()
+    assert native_bf16("cpu") == has
+    assert resolve_amp("auto", "cpu") == ("bf16" if has else "off")
+    assert resolve_amp("fp16", "cpu") == "fp16" and resolve_amp("off", "cpu") == "off"
+    assert TrainConfig(amp="auto").amp == "auto"

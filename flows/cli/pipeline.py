@@ -219,7 +219,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                             "node has, or a URI (s3://bucket/vgg16-397923af.pth)")
         p.add_argument("--gpu", action="store_true",
                        help="one GPU per training worker (nccl), as use_gpu: true")
-        p.add_argument("--amp", choices=["off", "bf16", "fp16"], default=None,
+        p.add_argument("--amp", choices=["off", "bf16", "fp16", "auto"], default=None,
                        help="mixed precision (default: the config's amp)")
         p.add_argument("--out", default=None,
                        help="shards folder or URI (default PROJECT_DIR/shards)")

@@ -83,7 +83,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=positive_int, default=None,
                    help="Ray Train workers (default: the config's)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default=None,
+    p.add_argument("--amp", choices=["off", "bf16", "fp16", "auto"], default=None,
                    help="mixed precision (default: the config's amp, off): bf16 autocast on "
                         "CPUs with avx512_bf16 or on GPUs; fp16 with a GradScaler, GPUs only")
     p.add_argument("--compile", action="store_true",

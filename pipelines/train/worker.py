@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fcn_core.precision import grad_scaler, maybe_compile
+from fcn_core.precision import grad_scaler, maybe_compile, resolve_amp
 from fcn_core.transforms import MEAN_BGR
 from pipelines import storage
 from pipelines.config import TrainConfig
@@ -132,7 +132,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         step = resumed_from = int(state["step"])
         log(f"resumed from the checkpoint at step {step}")
     model = maybe_compile(model, cfg.compile, log)
-    scaler = grad_scaler(cfg.amp, device)  # fp16 only
+    amp = resolve_amp(cfg.amp, device)  # auto: bf16 where this device runs it natively
+    if cfg.amp == "auto":
+        log(f"amp auto: {amp} on {device.type}")
+    scaler = grad_scaler(amp, device)  # fp16 only
     tracker = None
     if rank == 0 and loop.get("mlflow_run_id"):
         from pipelines.tracking import MetricLogger
@@ -164,7 +167,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 seen[0] += x.shape[0]
                 yield x, labels
 
-        cms = validate(model, counted(), classes, heads, cfg.amp)
+        cms = validate(model, counted(), classes, heads, amp)
         images = _all_reduce_hist(cms, seen[0], device)
         return {**_scores(cms, heads), "val_images": float(images)}
 
@@ -189,7 +192,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
             lr = set_lr(optimizer, cfg, stage, step)
             loss = train_step(model, optimizer, x, labels, heads, cfg.normalize_loss,
-                              cfg.amp, scaler)
+                              amp, scaler)
             step += 1
             window_imgs += x.shape[0] * world
             metrics = {"loss": loss, "lr": lr, "step": step, "resumed_from": resumed_from}
