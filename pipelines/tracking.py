@@ -63,13 +63,14 @@ def _default_uri() -> str:
 
 
 def _artifact_root() -> str | None:
-    """For the default SQLite store: artifacts beside it (a server chooses its own). MLflow's
-    ``set_tracking_uri`` exports MLFLOW_TRACKING_URI, so our own default set that way is still
-    the default store (else new experiments would put artifacts in ./mlruns)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri and uri != _default_uri():
+    """For a SQLite store (ours by default, or a user's ``sqlite:///PATH``): artifacts beside
+    the database, in ``artifacts/`` (else MLflow puts new experiments' artifacts in ./mlruns of
+    whatever folder the command ran in). A server chooses its own. MLflow's
+    ``set_tracking_uri`` exports MLFLOW_TRACKING_URI, so the variable may hold our default."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or _default_uri()
+    if not uri.startswith("sqlite:///"):
         return None
-    return (data_dir() / "mlflow" / "artifacts").as_uri()
+    return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
 
 
 def experiment_id(client: Any, name: str) -> str:

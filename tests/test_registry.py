@@ -417,3 +417,26 @@ def test_fcn_predict_writes_input_sized_ids_and_skips_bad_files(tmp_path):
                           str(tmp_path / "nope"), str(extra), "--out", str(tmp_path / "o2")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_it_not_in_the_working_folder(
+        tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI=sqlite:///PATH: new experiments put artifacts in PATH's folder
+    (artifacts/NAME), never in ./mlruns of whatever folder the command ran in."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import experiment_id
+
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(uri)
+    exp = client.get_experiment(experiment_id(client, "fcn-t"))
+    assert exp.artifact_location == (store / "artifacts" / "fcn-t").as_uri()
+    run = client.create_run(exp.experiment_id)
+    (tmp_path / "a.txt").write_text("x")
+    client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"))
+    assert not (tmp_path / "mlruns").exists()
+    assert list((store / "artifacts" / "fcn-t").rglob("a.txt"))
