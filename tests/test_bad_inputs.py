@@ -150,6 +150,19 @@ def test_bad_input_is_one_line_and_exit_2(case, places, capsys, monkeypatch, tmp
     if case.id != "no command" and not last.startswith("usage:"):
         assert last.startswith("fcn"), last
     assert not (tmp_path / "mlflow.db").exists()  # nothing stray in the working folder
+    # The README shows what the user really gets (temporary folders as "…", ports as PORT).
+    shown = (last.replace(str(tmp_path), "…").replace(str(places["tmp"]), "…")
+             .replace(port, "PORT").replace("|", "\\|"))
+    assert readme_row(case.id) == f"`{shown}` (exit {case.code})", (
+        f"README row for {case.id!r} should read: | {case.id} | `{shown}` (exit {case.code}) |")
+
+
+def readme_row(case_id: str) -> str:
+    prefix = f"| {case_id} | "
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix):].removesuffix(" |")
+    return ""
 
 
 def test_a_bug_shows_its_traceback_and_exit_1(monkeypatch, capsys, tmp_path):

@@ -67,9 +67,10 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRu
         return StageResult(stage.name, info["checkpoint"], info["steps"], info["metrics"],
                            mlflow_run_id, 0.0)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines
-    train_ds, val_ds = open_split(data, cfg.train_split), open_split(data, cfg.val_split)
-    if cfg.cache_dataset:  # read + decode the Parquet once, not once per epoch
-        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    if cfg.cache_dataset:  # read the Parquet once, not once per epoch (nor per stage)
+        train_ds, val_ds = _materialized(data, manifest.fingerprint, cfg)
+    else:
+        train_ds, val_ds = open_split(data, cfg.train_split), open_split(data, cfg.val_split)
     datasets = {"train": train_ds.randomize_block_order(), "val": val_ds}
     run_fs, run_fs_path = storage.resolve(storage.join(run.storage, run.run_id))
     trainer = TorchTrainer(
@@ -113,6 +114,31 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRu
     storage.write_json(done, info)
     return StageResult(stage.name, checkpoint, info["steps"], metrics,
                        mlflow_run_id, time.perf_counter() - t0)
+
+
+# The last stage's materialized splits, for the next stage of the same process (the flow runs
+# the stages one after the other here): (data, fingerprint, splits, Ray job) -> datasets.
+_MATERIALIZED: dict[tuple[str, ...], tuple[Any, Any]] = {}
+
+
+def _materialized(data: str, fingerprint: str, cfg: TrainConfig) -> tuple[Any, Any]:
+    """The train and validation splits materialized in Ray's object store, reused by the next
+    stage on the same data (one entry: a new dataset releases the previous one's blocks)."""
+    import ray
+
+    from pipelines.shards import open_split
+
+    # The Ray job is part of the key: blocks of an earlier connection are gone after a restart.
+    key = (str(data), fingerprint, cfg.train_split, cfg.val_split,
+           ray.get_runtime_context().get_job_id())
+    hit = _MATERIALIZED.get(key)
+    if hit is not None:
+        return hit
+    _MATERIALIZED.clear()
+    pair = (open_split(data, cfg.train_split).materialize(),
+            open_split(data, cfg.val_split).materialize())
+    _MATERIALIZED[key] = pair
+    return pair
 
 
 def new_run_id(cfg: TrainConfig) -> str:
