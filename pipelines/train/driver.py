@@ -54,6 +54,7 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRu
     from pipelines.ray_env import init_ray, train_log_level
     from pipelines.shards import open_split
     from pipelines.tracking import tracking_uri
+    from pipelines.train.callbacks import CheckpointLog
     from pipelines.train.data_config import WholeValidation
 
     log(init_ray())
@@ -89,6 +90,7 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRu
             storage_filesystem=run_fs if storage.is_remote(run.storage) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[CheckpointLog(stage.name, run.storage)],
             logging_config=ray.train.LoggingConfig(log_level=train_log_level())),
         datasets=datasets,
         dataset_config=WholeValidation(),  # every validation row is scored once
