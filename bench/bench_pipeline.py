@@ -27,7 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FCN = ROOT / ".venv" / "bin" / "fcn"
 
-STAGE_START = re.compile(r"stage (\w+): \d+ steps on \d+ worker")
+# A stage starts with its Prefect task's first line: the chain's ("stages 32s, 16s, 8s: ...
+# steps on 2 worker(s)", the first stage's start) or a later stage's ("stage 16s: in the
+# same worker group, ...").
+STAGE_START = re.compile(r"stages? (\w+)(?:, \w+)*: (?:.*steps on \d+ worker|in the same "
+                         r"worker group)")
 STEP = re.compile(r"\[(\w+)\] step (\d+)/(\d+)")
 EVAL = re.compile(r"(scor|evaluat)", re.I)
 TABLE_ROW = re.compile(r"^\s*(?:FCN-)?(32s|16s|8s)\b.*?(\d\.\d{3})\s+(\d\.\d{3})\s+(\d\.\d{3})")

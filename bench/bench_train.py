@@ -72,7 +72,7 @@ def steady_rate(times: list[float], warmup: int) -> float:
 
 
 def worker_threads(cfg: TrainConfig) -> int:
-    """The torch thread count `train_stage` gives each Ray Train worker."""
+    """The torch thread count `train_stages` gives each Ray Train worker."""
     return cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker))
 
 

@@ -232,7 +232,7 @@ def evaluate(model_uri: str, data: str | Path, split: str = "val", *,
     an MLflow run."""
     from ray.data import ActorPoolStrategy
 
-    from pipelines.ray_env import init_ray
+    from pipelines.ray_env import init_ray, remote_args_allowed
     from pipelines.registry import is_mlflow_uri, resolve_model
     from pipelines.shards import open_split, read_manifest, read_split_table
     from pipelines.tracking import tracking_uri
@@ -255,14 +255,15 @@ def evaluate(model_uri: str, data: str | Path, split: str = "val", *,
     # give every actor several.
     if len(manifest.shard_paths(split)) < 4 * actors:
         ds = ds.repartition(4 * actors)
-    scored = ds.map_batches(
-        Scorer, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": uri,
-                                       "heads": [asdict(h) for h in heads], "skip": skip,
-                                       "options": asdict(options), "use_gpu": use_gpu},
-        batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
-        # Fractional CPUs: actors holding every CPU would starve the Parquet reads (a hang
-        # on small machines); torch threads are set to match in the actor.
-        **actor_resources(actors, use_gpu))
+    with remote_args_allowed():
+        scored = ds.map_batches(
+            Scorer, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": uri,
+                                   "heads": [asdict(h) for h in heads], "skip": skip,
+                                   "options": asdict(options), "use_gpu": use_gpu},
+            batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
+            # Fractional CPUs: actors holding every CPU would starve the Parquet reads (a
+            # hang on small machines); torch threads are set to match in the actor.
+            **actor_resources(actors, use_gpu))
     cms, images = [ConfusionMatrix(len(h.classes)) for h in heads], 0
     for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
         for k, cm in enumerate(cms):

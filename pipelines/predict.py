@@ -272,7 +272,7 @@ def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], o
     from ray.data import ActorPoolStrategy
 
     from pipelines.evaluate import actor_resources
-    from pipelines.ray_env import init_ray, quiet_ray_data
+    from pipelines.ray_env import init_ray, quiet_ray_data, remote_args_allowed
 
     quiet_ray_data()
     log(init_ray())
@@ -280,13 +280,14 @@ def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], o
     ds = ray.data.from_items([{"path": str(f), "name": n} for f, n in
                               zip(files, names, strict=True)],
                              override_num_blocks=max(1, len(files) // 16))
-    done = ds.map_batches(_FolderPredictor, batch_size=16, batch_format="numpy",
-                          compute=ActorPoolStrategy(size=actors),
-                          **actor_resources(actors, use_gpu),
-                          fn_constructor_kwargs={"model": model_ref, "out_dir": out_dir,
-                                                 "options": asdict(options),
-                                                 "max_pixels": limit, "fmt": fmt,
-                                                 "use_gpu": use_gpu})
+    with remote_args_allowed():
+        done = ds.map_batches(_FolderPredictor, batch_size=16, batch_format="numpy",
+                              compute=ActorPoolStrategy(size=actors),
+                              **actor_resources(actors, use_gpu),
+                              fn_constructor_kwargs={"model": model_ref, "out_dir": out_dir,
+                                                     "options": asdict(options),
+                                                     "max_pixels": limit, "fmt": fmt,
+                                                     "use_gpu": use_gpu})
     for batch in done.iter_batches(batch_format="numpy", batch_size=None):
         for path, written, why, stop in zip(batch["path"], batch["written"], batch["reason"],
                                             batch["fatal"], strict=True):

@@ -11,9 +11,12 @@ RAY_ADDRESS forms:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines.errors import ServiceUnavailable
@@ -82,6 +85,15 @@ def filter_worker_logs() -> None:
         filtered._fcn_filtered = True  # type: ignore[attr-defined]
         dispatcher.remove_handler(name)
         dispatcher.add_handler(name, filtered)
+
+
+@contextlib.contextmanager
+def remote_args_allowed() -> Iterator[None]:
+    """Ray 2.60 warns about ``ray_remote_args`` in ``map_batches`` even for options it has
+    no named parameter for (``max_restarts``): keep that warning off users' consoles."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield
 
 
 def verbose() -> bool:

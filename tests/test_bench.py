@@ -45,3 +45,10 @@ def test_bench_pipeline_splits_a_run_into_its_phases():
                    "16s start": 10.0, "16s steps": 2.0, "16s end": 3.0,
                    "evaluate + register + Prefect": 20.0,
                    "32s mean IU": 0.529, "16s mean IU": 0.653}
+    # Stages chained in one worker group: the chain's line starts the first, each later
+    # stage's task line starts it.
+    chained = [(t, text.replace("stage 32s: 4 steps", "stages 32s, 16s: 4 (32s) + 2 (16s) steps")
+                .replace("stage 16s: 2 steps on 2 worker(s) (CPU, gloo)",
+                         "stage 16s: in the same worker group, from CKPT"))
+               for t, text in lines]
+    assert phases(chained, total=75.0) == got

@@ -25,6 +25,7 @@ from pipelines.preflight import (
 )
 from pipelines.shards import ManifestError, read_manifest
 from pipelines.sources import synthetic as synth
+from pipelines.train import driver as train_driver
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -56,7 +57,7 @@ def guarded(tmp_path, monkeypatch):
     def no_stage(*args, **kwargs):
         raise AssertionError("a stage reached Ray Train: pre-flight let a mistake through")
 
-    monkeypatch.setattr(train, "train_stage", no_stage)
+    monkeypatch.setattr(train_driver, "train_stages", no_stage)  # where run_stage looks
     return db
 
 
@@ -166,7 +167,7 @@ def test_a_split_that_is_not_there(data, tmp_path, guarded):
 @pytest.mark.timeout(120)  # without the check, every worker spins on an empty shard
 def test_fewer_rows_than_workers_is_refused_quickly_on_the_real_path(data, tmp_path,
                                                                      monkeypatch):
-    """No guard on train_stage here: this is the path that used to spin forever (4 workers,
+    """No guard on train_stages here: this is the path that used to spin forever (4 workers,
     3 rows: Ray Train's equal split gives every worker 0 rows)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = TrainConfig(**{**OK, "workers": 4})

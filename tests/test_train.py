@@ -39,14 +39,25 @@ def mlflow_uri(tmp_path, monkeypatch):
     return uri
 
 
+def _train_workers() -> set[str]:
+    """Every Ray Train worker actor this Ray has seen (alive or dead)."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")],
+                                            limit=10_000)}
+
+
 def test_staged_training_chains_stages_and_is_tracked(shards, tmp_path, mlflow_uri):
     cfg = TrainConfig(name="t", dataset="voc", **TINY, stages=(
         StageConfig("32s", 8, 0.01),
         StageConfig("16s", 4, 1e-12),  # ~no change: the stage must end where it started
         StageConfig("8s", 4, 0.005)))
+    before = _train_workers()
     run, results = train_pipeline(cfg, shards["voc"], storage=tmp_path / "runs",
                                   log=lambda m: None)
     assert [(r.stage, r.steps) for r in results] == [("32s", 8), ("16s", 4), ("8s", 4)]
+    # One worker group ran the three stages (Ray's state API): 2 workers, not 2 per stage.
+    assert len(_train_workers() - before) == 2
     for r in results:  # DDP over 2 workers kept every replica bit-identical
         assert r.metrics["world_size"] == 2 and r.metrics["replicas_in_sync"] == 1.0
         # 5 validation rows on 2 workers: each scored once, none dropped to even the shards.

@@ -1,9 +1,10 @@
-"""Staged FCN training with Ray Train: one TorchTrainer per stage, 32s -> 16s -> 8s.
+"""Staged FCN training with Ray Train: one TorchTrainer for consecutive stages, 32s -> 16s -> 8s.
 
 - ``step``: plain torch (build a stage's net, one step, validation); knows nothing of Ray.
 - ``checkpoint``: tensors + JSON, no pickle (``torch.load(weights_only=True)`` reads them).
 - ``worker``: every Ray Train call, in the loop each worker runs.
-- ``driver``: one TorchTrainer per stage and the MLflow runs (the public entry points).
+- ``driver``: one TorchTrainer per chain of stages and the MLflow runs (the public entry
+  points).
 """
 
 from pipelines.train.checkpoint import (
@@ -21,7 +22,7 @@ from pipelines.train.driver import (
     run_stage,
     start_pipeline_run,
     train_pipeline,
-    train_stage,
+    train_stages,
 )
 from pipelines.train.step import (
     build_stage_model,
@@ -37,5 +38,5 @@ __all__ = [
     "CHECKPOINT_FILE", "PipelineRun", "StageFailed", "build_stage_model", "checkpoint_file",
     "finish_pipeline_run", "load_model", "make_optimizer", "new_run_id", "read_checkpoint",
     "replicas_in_sync", "run_stage", "set_lr", "start_pipeline_run", "train_loop_per_worker",
-    "train_pipeline", "train_stage", "train_step", "validate", "write_checkpoint",
+    "train_pipeline", "train_stages", "train_step", "validate", "write_checkpoint",
 ]

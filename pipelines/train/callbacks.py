@@ -14,13 +14,14 @@ class CheckpointLog(ray.train.UserCallback):
     or node resumes the stage there. (A worker's "step N" line says nothing of that: Ray
     Train takes a worker's report up to one poll interval, ~2 s, after the worker sent it.)"""
 
-    def __init__(self, stage: str, like: str) -> None:
-        self.stage, self.like = stage, like
+    def __init__(self, like: str) -> None:
+        self.like = like  # how the run's storage is spelled (a path, or s3://...)
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
                      checkpoint: ray.train.Checkpoint | None) -> None:
         if checkpoint is None or not metrics:
             return
         where = storage.location(checkpoint.filesystem, checkpoint.path, like=self.like)
-        print(f"[{self.stage}] checkpoint at step {int(metrics[0].get('step', 0))}: {where}",
+        m = metrics[0]
+        print(f"[{m.get('stage', '?')}] checkpoint at step {int(m.get('step', 0))}: {where}",
               flush=True)

@@ -1,5 +1,6 @@
-"""The driver: one TorchTrainer per stage, 32s -> 16s -> 8s, each from the previous stage's final
-checkpoint, and the MLflow runs (a parent per pipeline run, a nested run per stage)."""
+"""The driver: one TorchTrainer (one worker group) for consecutive stages, 32s -> 16s -> 8s,
+each from the previous stage's final net, and the MLflow runs (a parent per pipeline run, a
+nested run per stage)."""
 
 from __future__ import annotations
 
@@ -43,10 +44,13 @@ def scaling_config(cfg: TrainConfig) -> Any:
                                    placement_strategy=cfg.placement_strategy)
 
 
-def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRun,
-                init_checkpoint: str | None, mlflow_run_id: str | None, log: Log = print
-                ) -> StageResult:
-    """Fit one stage with a TorchTrainer; return its final checkpoint and metrics."""
+def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: PipelineRun,
+                 init_checkpoint: str | None, mlflow_run_ids: dict[str, str | None],
+                 log: Log = print) -> None:
+    """Fit consecutive stages in one TorchTrainer (one worker group: no new workers, model
+    build from storage or data pass between stages). Each stage writes its final checkpoint
+    and done file to ``<storage>/<run_id>/<stage>/`` as it ends; a stage done there is
+    skipped, and Ray Train's latest checkpoint of the run resumes an unfinished one."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -59,63 +63,119 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, data: str, run: PipelineRu
 
     log(init_ray())
     manifest = read_manifest(data)
-    t0 = time.perf_counter()
-    stage_dir = storage.join(run.storage, run.run_id, stage.name)
-    done = storage.join(stage_dir, DONE_FILE)
-    if storage.is_file(done):  # finished in an earlier attempt of this run (--resume)
-        info = storage.read_json(done)
-        log(f"stage {stage.name}: already finished in run {run.run_id}, reusing its checkpoint")
-        return StageResult(stage.name, info["checkpoint"], info["steps"], info["metrics"],
-                           mlflow_run_id, 0.0)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines
     if cfg.cache_dataset:  # read the Parquet once, not once per epoch (nor per stage)
         train_ds, val_ds = _materialized(data, manifest.fingerprint, cfg)
     else:
         train_ds, val_ds = open_split(data, cfg.train_split), open_split(data, cfg.val_split)
     datasets = {"train": train_ds.randomize_block_order(), "val": val_ds}
-    run_fs, run_fs_path = storage.resolve(storage.join(run.storage, run.run_id))
+    run_dir = storage.join(run.storage, run.run_id)
+    run_fs, run_fs_path = storage.resolve(run_dir)
+    names = [s.name for s in stages]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": cfg, "stage": stage.name, "init_checkpoint": init_checkpoint,
-            "num_classes": manifest.num_classes, "run_dir": str(stage_dir),
-            "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri(),
+            "config": cfg, "stages": names, "init_checkpoint": init_checkpoint,
+            "num_classes": manifest.num_classes, "run_dir": str(run_dir),
+            "mlflow_run_ids": mlflow_run_ids, "tracking_uri": tracking_uri(),
             "threads_per_worker": cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)),
         },
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
+            # One Ray Train run per pipeline run: a resumed run finds its latest checkpoint.
             # pipelines.storage's filesystem: the same settings (endpoint, region, timeouts,
             # no implicit buckets) as every other access. Credentials: each node's env.
-            name=f"{run.run_id}-{stage.name}", storage_path=run_fs_path,
+            name=f"{run.run_id}-train", storage_path=run_fs_path,
             storage_filesystem=run_fs if storage.is_remote(run.storage) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[CheckpointLog(stage.name, run.storage)],
+            callbacks=[CheckpointLog(run.storage)],
             logging_config=ray.train.LoggingConfig(log_level=train_log_level())),
         datasets=datasets,
         dataset_config=WholeValidation(),  # every validation row is scored once
     )
-    log(f"stage {stage.name}: {stage.steps} steps on {cfg.workers} worker(s) "
-        f"({'GPU, nccl' if cfg.use_gpu else 'CPU, gloo'}), from "
+    steps = " + ".join(f"{s.steps} ({s.name})" for s in stages)
+    log(f"stage{'s' if len(stages) > 1 else ''} {', '.join(names)}: {steps} steps on "
+        f"{cfg.workers} worker(s) ({'GPU, nccl' if cfg.use_gpu else 'CPU, gloo'}), from "
         f"{init_checkpoint or (cfg.backbone_weights or 'random init')}")
     try:
         result = trainer.fit()
     except Exception as e:  # Ray raises its own error types for failed worker groups
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StageFailed(f"stage {stage.name} failed ({first}); continue it with "
+        raise StageFailed(f"stage {_current(stages, run)} failed ({first}); continue it with "
                           f"`fcn train --resume {run.run_id}`") from e
     if result.error is not None:
-        raise StageFailed(f"stage {stage.name} failed: {result.error}; continue it with "
-                          f"`fcn train --resume {run.run_id}`") from result.error
-    assert result.checkpoint is not None, "a finished stage always reports a checkpoint"
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    checkpoint = storage.location(result.checkpoint.filesystem, result.checkpoint.path,
-                                  like=run.storage)
-    info = {"checkpoint": checkpoint, "steps": int(metrics.get("step", 0)),
-            "metrics": metrics}
-    storage.write_json(done, info)
-    return StageResult(stage.name, checkpoint, info["steps"], metrics,
-                       mlflow_run_id, time.perf_counter() - t0)
+        raise StageFailed(f"stage {_current(stages, run)} failed: {result.error}; continue it "
+                          f"with `fcn train --resume {run.run_id}`") from result.error
+
+
+def _done_file(run: PipelineRun, stage: str) -> str:
+    return storage.join(run.storage, run.run_id, stage, DONE_FILE)
+
+
+def _current(stages: list[StageConfig], run: PipelineRun) -> str:
+    """The first stage of ``stages`` without its done file (where a chain stopped)."""
+    return next((s.name for s in stages if not storage.is_file(_done_file(run, s.name))),
+                stages[-1].name)
+
+
+def _stage_result(run: PipelineRun, stage: str, run_id: str | None, seconds: float
+                  ) -> StageResult:
+    info = storage.read_json(_done_file(run, stage))
+    return StageResult(stage, info["checkpoint"], int(info["steps"]),
+                       {k: float(v) for k, v in info["metrics"].items()}, run_id, seconds)
+
+
+class _Chain:
+    """``train_stages`` in a thread, so that each stage returns (its own MLflow run, its own
+    Prefect task) as soon as its done file is written while the workers go on."""
+
+    def __init__(self, cfg: TrainConfig, stages: list[StageConfig], data: str, run: PipelineRun,
+                 init: str | None, run_ids: dict[str, str | None], log: Log) -> None:
+        import threading
+
+        self.run, self.stages, self.init = run, [s.name for s in stages], init
+        self.returned: list[StageResult] = []
+        self.error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                train_stages(cfg, stages, data, run, init, run_ids, log)
+            except BaseException as e:  # noqa: BLE001  (handed to the waiting stage)
+                self.error = e
+
+        self.thread = threading.Thread(target=target, name=f"fcn-train-{run.run_id}",
+                                       daemon=True)
+        self.thread.start()
+
+    def expects(self, stage: str, init: str | None) -> bool:
+        """``stage`` is the chain's next one and starts where the chain would start it."""
+        k = len(self.returned)
+        if self.error is not None or k >= len(self.stages) or self.stages[k] != stage:
+            return False
+        return init == (self.returned[-1].checkpoint if self.returned else self.init)
+
+    def wait(self, stage: str, run_id: str | None) -> StageResult:
+        t0 = time.perf_counter()
+        done = _done_file(self.run, stage)
+        while not storage.is_file(done):
+            if not self.thread.is_alive():
+                if storage.is_file(done):
+                    break
+                if self.error is not None:
+                    raise self.error
+                raise RuntimeError(f"stage {stage}: the training run ended without it")
+            self.thread.join(timeout=0.25)
+        if stage == self.stages[-1]:  # the last one: its workers let go of their resources
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
+        res = _stage_result(self.run, stage, run_id, time.perf_counter() - t0)
+        self.returned.append(res)
+        return res
+
+
+_CHAINS: dict[str, _Chain] = {}  # pipeline run id -> its running chain of stages
 
 
 # The last stage's materialized splits, for the next stage of the same process (the flow runs
@@ -187,9 +247,12 @@ def start_pipeline_run(cfg: TrainConfig, data: str | Path, where: str | Path | N
 
 
 def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: PipelineRun,
-              init_checkpoint: str | None, log: Log = print) -> StageResult:
+              init_checkpoint: str | None, log: Log = print, chain: bool = True
+              ) -> StageResult:
     """One stage as a nested MLflow run of the pipeline run: train, then log its final
-    metrics, checkpoint and config."""
+    metrics, checkpoint and config. With ``chain``, the first call also starts the config's
+    later stages in the same worker group, and the next call (the next stage, from this
+    one's checkpoint) waits for it instead of starting new workers."""
     from mlflow.tracking import MlflowClient
 
     from pipelines import preflight
@@ -198,15 +261,31 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: Pipel
     manifest = preflight.check_training(cfg, data, init_checkpoint)  # before MLflow and Ray
     client = MlflowClient(tracking_uri())
     exp = client.get_run(run.mlflow_parent).info.experiment_id
-    child = _find_or_create_run(client, exp, run.run_id, run.mlflow_parent, stage.name,
-                                f"{cfg.name}-{stage.name}")
+    idx = [s.name for s in cfg.stages].index(stage.name)
+    following = cfg.stages[idx:] if chain else (stage,)
+    children = {s.name: _find_or_create_run(client, exp, run.run_id, run.mlflow_parent, s.name,
+                                            f"{cfg.name}-{s.name}") for s in following}
+    child = children[stage.name]
     client.set_tag(child, "manifest_fingerprint", manifest.fingerprint)
-    try:
-        res = train_stage(cfg, stage, storage.as_location(data), run, init_checkpoint, child,
-                          log)
-    except BaseException:
-        client.set_terminated(child, "FAILED")
-        raise
+    if storage.is_file(_done_file(run, stage.name)):  # finished in an earlier attempt
+        log(f"stage {stage.name}: already finished in run {run.run_id}, reusing its checkpoint")
+        res = _stage_result(run, stage.name, child, 0.0)
+    else:
+        current = _CHAINS.get(run.run_id)
+        if current is not None and current.thread.is_alive() and \
+                not current.expects(stage.name, init_checkpoint):
+            current.thread.join()  # never two worker groups of one run at once
+        if current is None or not current.expects(stage.name, init_checkpoint):
+            current = _CHAINS[run.run_id] = _Chain(
+                cfg, list(following), storage.as_location(data), run, init_checkpoint,
+                dict(children), log)
+        else:
+            log(f"stage {stage.name}: in the same worker group, from {init_checkpoint}")
+        try:
+            res = current.wait(stage.name, child)
+        except BaseException:
+            client.set_terminated(child, "FAILED")
+            raise
     _log_stage_artifacts(client, child, res, cfg)
     client.set_terminated(child, "FINISHED")
     return res

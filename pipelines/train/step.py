@@ -30,10 +30,12 @@ def _label_keys(heads: list[str]) -> dict[str, str]:
 
 
 def build_stage_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
-                      init_checkpoint: str | None, log: Log = print) -> nn.Module:
+                      init_checkpoint: str | None, log: Log = print,
+                      previous: nn.Module | None = None) -> nn.Module:
     """The net a stage starts from: 32s (or at-once 8s) from VGG16 weights, otherwise the
-    previous stage's final checkpoint promoted (the new skip starts at zero)."""
-    model = _initial_model(cfg, stage, num_classes, init_checkpoint, log)
+    previous stage's final net promoted (the new skip starts at zero): ``previous`` when the
+    same workers just trained it, else read from ``init_checkpoint``."""
+    model = _initial_model(cfg, stage, num_classes, init_checkpoint, log, previous)
     if not cfg.learn_upsampling:  # the reference fixes every deconvolution (lr_mult: 0),
         freeze_upsampling(model)  # in every stage: a promoted net must not unfreeze them
     return model
@@ -49,10 +51,11 @@ def freeze_upsampling(model: nn.Module) -> list[str]:
 
 
 def _initial_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
-                   init_checkpoint: str | None, log: Log) -> nn.Module:
+                   init_checkpoint: str | None, log: Log, previous: nn.Module | None
+                   ) -> nn.Module:
     heads = cfg.heads or None
-    if init_checkpoint:
-        prev = load_model(init_checkpoint)
+    if previous is not None or init_checkpoint:
+        prev = previous if previous is not None else load_model(str(init_checkpoint))
         if stage.variant == "fcn8s_atonce" or prev.config.variant == stage.variant:
             return prev
         return promote(prev)

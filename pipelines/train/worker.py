@@ -1,5 +1,5 @@
-"""Every Ray Train call of a stage: the loop each worker runs (data shard, DDP, reports,
-checkpoints to the run's storage, failure injection for tests)."""
+"""Every Ray Train call of a chain of stages: the loop each worker runs (data shards, DDP,
+reports, checkpoints to the run's storage, failure injection for tests)."""
 
 from __future__ import annotations
 
@@ -113,34 +113,85 @@ def _held_batches(rows: dict[str, list[Any]], cfg: TrainConfig, device: Any
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker; all Ray Train calls of a stage are here."""
+    """Runs on every Ray Train worker: the chain's stages one after the other in this worker
+    group (no new workers, no new data pass per stage). A stage already done (its done
+    file) is skipped; the Ray Train checkpoint of an unfinished stage resumes it."""
     import ray.train
-    import ray.train.torch
 
     from pipelines.ray_env import quiet_train_worker
 
     quiet_train_worker()
     cfg: TrainConfig = loop["config"]  # the typed config itself crosses the Ray boundary
-    stage = next(s for s in cfg.stages if s.name == loop["stage"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(loop.get("threads_per_worker", 1))))
+    data = _WorkerData(cfg, ray.train.get_dataset_shard("train"),
+                       ray.train.get_dataset_shard("val"), rank)
+    resume: dict[str, Any] | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            resume = read_checkpoint(d)  # weights_only: no pickle; tensors on the CPU
+    init: str | None = loop["init_checkpoint"]
+    previous: torch.nn.Module | None = None  # the last stage's net, promoted in memory
+    for name in loop["stages"]:
+        stage = next(s for s in cfg.stages if s.name == name)
+        stage_dir = storage.join(loop["run_dir"], name)
+        done = storage.join(stage_dir, DONE_FILE)
+        if storage.is_file(done):  # finished by an earlier attempt of this run
+            init, previous = storage.read_json(done)["checkpoint"], None
+            continue
+        state = resume if resume is not None and resume.get("stage") == name else None
+        previous = _train_stage(loop, cfg, stage, stage_dir, init, previous, state, data,
+                                rank, world)
+        init = None
+
+
+class _WorkerData:
+    """A worker's shards for the whole chain; the in-memory rows are read once."""
+
+    def __init__(self, cfg: TrainConfig, train_shard: Any, val_shard: Any, rank: int) -> None:
+        self.cfg, self.train_shard, self.val_shard, self.rank = cfg, train_shard, val_shard, rank
+        self.held: dict[str, list[Any]] = {}
+        self._rows: RowSampler | None = None
+
+    def rows(self) -> RowSampler:
+        if self._rows is None:
+            cfg = self.cfg
+            self._rows = RowSampler(collect_rows(self.train_shard, TRAIN_COLUMNS), cfg.sampling,
+                                    cfg.seed, cfg.batch_size, self.rank)
+        return self._rows
+
+    def val_batches(self, device: Any) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        if self.cfg.sampling not in IN_MEMORY:  # stream: splits too big to hold
+            return _batches(self.val_shard, self.cfg, device, False, self.cfg.seed)
+        if not self.held:  # one Ray Data pass per chain; later validations reuse the rows
+            self.held.update(collect_rows(self.val_shard, TRAIN_COLUMNS))
+        return _held_batches(self.held, self.cfg, device)
+
+
+def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: str,
+                 init: str | None, previous: torch.nn.Module | None,
+                 state: dict[str, Any] | None, data: _WorkerData, rank: int, world: int
+                 ) -> torch.nn.Module:
+    """One stage in this worker group; returns its final net (unwrapped) for the next."""
+    import ray.train
+    import ray.train.torch
+
+    from fcn_core.precision import unwrap
+
+    torch.manual_seed(cfg.seed)  # as a stage of its own would: the same draws
 
     def log(msg: str) -> None:
         if rank == 0:
             print(f"[{stage.name}] {msg}", flush=True)
 
-    model = build_stage_model(cfg, stage, loop["num_classes"], loop["init_checkpoint"], log)
+    model = build_stage_model(cfg, stage, loop["num_classes"], init, log, previous=previous)
     heads = list((cfg.heads or {"out": loop["num_classes"]}).keys())
     classes = cfg.heads or {"out": loop["num_classes"]}
     optimizer = make_optimizer(model, cfg, stage)
     step, resumed_from = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    state = None
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = read_checkpoint(d)  # weights_only: no pickle; tensors on the CPU
+    if state is not None:
         model.load_state_dict(state["model"])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -152,46 +203,34 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         log(f"resumed from the checkpoint at step {step}")
     model = maybe_compile(model, cfg.compile, log)
     amp = resolve_amp(cfg.amp, device)  # auto: bf16 where this device runs it natively
-    if cfg.amp == "auto":
+    if cfg.amp == "auto" and previous is None:
         log(f"amp auto: {amp} on {device.type}")
     scaler = grad_scaler(amp, device)  # fp16 only
     tracker = None
-    if rank == 0 and loop.get("mlflow_run_id"):
+    run_ids = loop.get("mlflow_run_ids") or {}
+    if rank == 0 and run_ids.get(stage.name):
         from pipelines.tracking import MetricLogger
 
-        tracker = MetricLogger(loop["tracking_uri"], loop["mlflow_run_id"])
+        tracker = MetricLogger(loop["tracking_uri"], run_ids[stage.name])
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
     last_val: dict[str, float] = {}
     window_t, window_imgs = time.perf_counter(), 0
     epoch = 0
 
-    def report(metrics: dict[str, float], save: bool) -> None:
-        if save:
-            with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    write_checkpoint(Path(d) / CHECKPOINT_FILE, model, optimizer=optimizer,
-                                     step=step, stage=stage.name, config=cfg.to_dict())
-                ckpt = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
-                ray.train.report(metrics, checkpoint=ckpt)
-        else:
-            ray.train.report(metrics)
-
-    held: dict[str, list[Any]] = {}
-
-    def val_batches() -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        if cfg.sampling not in IN_MEMORY:  # stream: splits too big to hold
-            return _batches(val_shard, cfg, device, False, cfg.seed)
-        if not held:  # one Ray Data pass per stage; later validations reuse the rows
-            held.update(collect_rows(val_shard, TRAIN_COLUMNS))
-        return _held_batches(held, cfg, device)
+    def report(metrics: dict[str, float]) -> None:
+        """A resume point: Ray Train keeps the latest few of the run."""
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                write_checkpoint(Path(d) / CHECKPOINT_FILE, model, optimizer=optimizer,
+                                 step=step, stage=stage.name, config=cfg.to_dict())
+            ckpt = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+            ray.train.report({**metrics, "stage": stage.name}, checkpoint=ckpt)
 
     def run_validation() -> dict[str, float]:
         seen = [0]
 
         def counted() -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-            for x, labels in val_batches():
+            for x, labels in data.val_batches(device):
                 seen[0] += x.shape[0]
                 yield x, labels
 
@@ -199,6 +238,25 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         images = _all_reduce_hist(cms, seen[0], device)
         return {**_scores(cms, heads), "val_images": float(images)}
 
+    def finish() -> None:
+        """The stage's final checkpoint and done file, in the stage's folder: the next
+        stage (here, or a later attempt of the run) and the driver start from them."""
+        nonlocal last_val
+        last_val = run_validation()
+        metrics = {"loss": float(loss) if loss is not None else float("nan"), "step": step,
+                   "resumed_from": resumed_from, **last_val,
+                   "replicas_in_sync": float(replicas_in_sync(model)), "world_size": world}
+        if rank == 0:
+            final = storage.join(stage_dir, "final")
+            write_checkpoint(storage.join(final, CHECKPOINT_FILE), model, optimizer=optimizer,
+                             step=step, stage=stage.name, config=cfg.to_dict())
+            storage.write_json(storage.join(stage_dir, DONE_FILE), {
+                "checkpoint": final, "steps": step,
+                "metrics": {k: float(v) for k, v in metrics.items()}})
+            print(f"[{stage.name}] checkpoint at step {step}: {final}", flush=True)
+        ray.train.report(metrics)  # every rank, after the files: no one runs ahead
+
+    loss: float | None = None
     if step == 0 and cfg.val_every:  # where the stage starts: the previous stage's predictions
         init_val = run_validation()
         shown = ", ".join(f"{k} {v:.3f}" for k, v in init_val.items() if k != "val_images")
@@ -206,17 +264,18 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if tracker is not None:
             tracker.log({f"init_{k}": v for k, v in init_val.items()}, 0)
     if cfg.sampling in IN_MEMORY:
-        rows = RowSampler(collect_rows(train_shard, TRAIN_COLUMNS), cfg.sampling, cfg.seed,
-                          cfg.batch_size, rank)
-        log(f"sampling {cfg.sampling}: {rows.n} rows per worker held in memory")
+        fresh = data._rows is None
+        rows = data.rows()
+        if fresh:
+            log(f"sampling {cfg.sampling}: {rows.n} rows per worker held in memory")
     while step < stage.steps:
         if cfg.sampling in IN_MEMORY:
             batches = _sampled_batches(rows, cfg, device, step)
         else:
-            batches = _batches(train_shard, cfg, device, True, cfg.seed + 7919 * epoch)
+            batches = _batches(data.train_shard, cfg, device, True, cfg.seed + 7919 * epoch)
         for x, labels in batches:
             if cfg.fail_at_step is not None and step == cfg.fail_at_step and \
-                    rank == world - 1 and _first_injection(loop["run_dir"]):
+                    rank == world - 1 and _first_injection(stage_dir):
                 raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
             lr = set_lr(optimizer, cfg, stage, step)
             loss = train_step(model, optimizer, x, labels, heads, cfg.normalize_loss,
@@ -237,28 +296,20 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 log(f"step {step}/{stage.steps}  loss {loss:.4g}  lr {lr:.3g}  "
                     f"{window_imgs / dt:.1f} img/s{miou}")
                 window_t, window_imgs = time.perf_counter(), 0
-            if step % cfg.checkpoint_every == 0 or step == stage.steps:
-                if step == stage.steps:
-                    last_val = run_validation()
-                    metrics.update(last_val)
-                    metrics["replicas_in_sync"] = float(replicas_in_sync(model))
-                    metrics["world_size"] = world
-                report(metrics, save=True)
+            if step % cfg.checkpoint_every == 0 and step < stage.steps:
+                report(metrics)
             if step >= stage.steps:
                 break
         epoch += 1
-    if step == resumed_from:  # resumed at the very end: nothing left but the final report
-        last_val = run_validation()
-        report({"loss": float("nan"), "step": step, "resumed_from": resumed_from,
-                "replicas_in_sync": float(replicas_in_sync(model)), "world_size": world,
-                **last_val}, save=True)
+    finish()
     if tracker is not None:
         tracker.log({f"final_{k}": v for k, v in last_val.items()}, step)
         tracker.flush()
     log(f"done: {step} steps" + (f", mean IU {last_val['mean_iu']:.3f}"
                                   if "mean_iu" in last_val else ""))
+    return unwrap(model)
 
 
-def _first_injection(run_dir: str) -> bool:
+def _first_injection(stage_dir: str) -> bool:
     """True once per stage run: a marker on shared storage survives the worker restart."""
-    return storage.create_exclusive(storage.join(run_dir, ".failure_injected"))
+    return storage.create_exclusive(storage.join(stage_dir, ".failure_injected"))
