@@ -189,14 +189,15 @@ def finish_run_task(run: dict[str, Any], ok: bool) -> None:
       task_run_name="evaluate-{label}", retry_condition_fn=retry_transient,
       timeout_seconds=_hours(6))
 def evaluate_task(model: str, data: str, split: str, label: str = "model",
-                  actors: int = 2) -> dict[str, Any]:
+                  actors: int | None = None) -> dict[str, Any]:
     from pipelines import storage
     from pipelines.evaluate import evaluate
 
     logger = get_run_logger()
     if _on_cluster():
         summary = _job(["evaluate", "--model", model, "--data", data, "--split", split,
-                        "--run-name", f"evaluate-{label}", "--actors", str(actors)],
+                        "--run-name", f"evaluate-{label}",
+                        *(["--actors", str(actors)] if actors else [])],
                        storage.join(data, "_jobs"))
     else:
         result = evaluate(model, data, split, actors=actors, run_name=f"evaluate-{label}",

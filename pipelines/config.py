@@ -349,7 +349,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps between checkpoints (and resume points)
     val_every: int = 50  # steps between validations (0 = only at the end of a stage)
     max_failures: int = 2  # worker failures a stage survives (restart from a checkpoint)
-    cache_dataset: bool = True  # keep the splits' shard bytes in Ray's object store
+    cache_dataset: bool = True  # sampling: stream: keep the splits in Ray's object store
     threads_per_worker: int = 0  # torch threads per worker (0 = CPUs per worker, at least 1)
     fail_at_step: int | None = None  # fault injection: one worker raises once at this step
 

@@ -164,6 +164,17 @@ class Scorer:
         self.options = InferenceOptions(**{k: tuple(v) if k == "scales" else v
                                            for k, v in options.items()})
 
+    @classmethod
+    def here(cls, loaded: Any, heads: list[HeadSpec], skip: tuple[str, ...],
+             options: InferenceOptions) -> Scorer:
+        """A scorer in this process, on the CPU, for a model already loaded."""
+        import torch
+
+        self = cls.__new__(cls)
+        self.device, self.loaded, self.heads = torch.device("cpu"), loaded, list(heads)
+        self.skip, self.options = set(skip), options
+        return self
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cms = [ConfusionMatrix(len(h.classes)) for h in self.heads]
         images = 0
@@ -223,18 +234,21 @@ def predict_heads(loaded: Any, row: dict[str, Any], options: InferenceOptions, d
     return out
 
 
+# A split this small is scored in the calling process when no actor count is given: two
+# actors' start-up (a process each, torch, the model) costs more than scoring it.
+SMALL_SPLIT = 64
+
+
 def evaluate(model_uri: str, data: str | Path, split: str = "val", *,
-             options: InferenceOptions | None = None, actors: int = 2,
+             options: InferenceOptions | None = None, actors: int | None = None,
              batch_size: int = 4, use_gpu: bool = False, log_to_mlflow: bool = True,
              run_name: str | None = None, samples: int = 4, log: Log = print) -> EvalResult:
-    """Score ``model_uri`` on a split of an ingested dataset with Ray Data, and log
-    metrics.json, the per-class table, a confusion-matrix image and sample predictions to
-    an MLflow run."""
-    from ray.data import ActorPoolStrategy
-
-    from pipelines.ray_env import init_ray, remote_args_allowed
+    """Score ``model_uri`` on a split of an ingested dataset with Ray Data (``actors``
+    actors; by default 2, or this process for a split of at most ``SMALL_SPLIT`` rows on the
+    CPU), and log metrics.json, the per-class table, a confusion-matrix image and sample
+    predictions to an MLflow run."""
     from pipelines.registry import is_mlflow_uri, resolve_model
-    from pipelines.shards import open_split, read_manifest, read_split_table
+    from pipelines.shards import read_manifest
     from pipelines.tracking import tracking_uri
 
     options = options or InferenceOptions()
@@ -244,7 +258,52 @@ def evaluate(model_uri: str, data: str | Path, split: str = "val", *,
     loaded = resolve_model(model_uri, uri)  # fail here, in one line, not in every actor
     heads = eval_heads(loaded.net, manifest)
     skip = skipped_ids(manifest)
-    log(f"evaluating {loaded.source} on {data} [{split}] with {actors} Ray actor(s)")
+    rows = int(manifest.data["splits"][split]["rows"])
+    if actors is None and rows <= SMALL_SPLIT and not use_gpu:
+        log(f"evaluating {loaded.source} on {data} [{split}] in this process ({rows} rows; "
+            f"--actors N scores with Ray actors)")
+        cms, images = _score_here(loaded, data, split, manifest, heads, skip, options,
+                                  batch_size)
+    else:
+        actors = actors or 2
+        log(f"evaluating {loaded.source} on {data} [{split}] with {actors} Ray actor(s)")
+        cms, images = _score_on_ray(model_uri, uri, data, split, manifest, heads, skip, options,
+                                    actors, batch_size, use_gpu, log)
+    return _finish(model_uri, data, split, manifest, heads, skip, options, cms, images,
+                   log_to_mlflow, run_name, samples, loaded)
+
+
+def _score_here(loaded: Any, data: str | Path, split: str, manifest: Any,
+                heads: list[HeadSpec], skip: tuple[str, ...], options: InferenceOptions,
+                batch_size: int) -> tuple[list[ConfusionMatrix], int]:
+    """The Ray actors' scoring, in this process: the split read from its shards in batches."""
+    from pipelines.shards import read_split_table
+
+    scorer = Scorer.here(loaded, heads, skip, options)
+    columns = ["id", *(c for c in ROW_COLUMNS if c in manifest.data["columns"])]
+    cms, images = [ConfusionMatrix(len(h.classes)) for h in heads], 0
+    for chunk in read_split_table(data, split, columns).to_batches(max_chunksize=batch_size):
+        batch = {}
+        for name in chunk.column_names:
+            col = np.empty(chunk.num_rows, dtype=object)
+            col[:] = chunk.column(name).to_pylist()
+            batch[name] = col
+        out = scorer(batch)
+        for k, cm in enumerate(cms):
+            cm.hist += out[f"hist_{k}"].reshape(cm.num_classes, cm.num_classes)
+        images += int(out["images"][0])
+    return cms, images
+
+
+def _score_on_ray(model_uri: str, uri: str | None, data: str | Path, split: str,
+                  manifest: Any, heads: list[HeadSpec], skip: tuple[str, ...],
+                  options: InferenceOptions, actors: int, batch_size: int, use_gpu: bool,
+                  log: Log) -> tuple[list[ConfusionMatrix], int]:
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.ray_env import init_ray, remote_args_allowed
+    from pipelines.shards import open_split
+
     log(init_ray())
     import ray.data
 
@@ -270,6 +329,15 @@ def evaluate(model_uri: str, data: str | Path, split: str = "val", *,
             n = cm.num_classes
             cm.hist += np.asarray(batch[f"hist_{k}"], np.int64).reshape(-1, n, n).sum(0)
         images += int(np.sum(batch["images"]))
+    return cms, images
+
+
+def _finish(model_uri: str, data: str | Path, split: str, manifest: Any,
+            heads: list[HeadSpec], skip: tuple[str, ...], options: InferenceOptions,
+            cms: list[ConfusionMatrix], images: int, log_to_mlflow: bool,
+            run_name: str | None, samples: int, loaded: Any) -> EvalResult:
+    from pipelines.shards import read_split_table
+
     results = {}
     for h, cm in zip(heads, cms, strict=True):
         scores = cm.scores(h.exclude)

@@ -77,6 +77,13 @@ def test_distributed_evaluation_equals_one_process(data, tmp_path, monkeypatch):
     assert result.per_class[0][0] == "background"
     arts = {a.path for a in MlflowClient(uri).list_artifacts(result.run_id)}
     assert {"metrics.json", "per_class_iu.md", "confusion_matrix.png", "samples.png"} <= arts
+    # Without --actors, a split this small is scored in this process: the same counts.
+    lines: list[str] = []
+    here = evaluate(str(ckpt), data, "val", batch_size=3, log_to_mlflow=False,
+                    log=lines.append)
+    assert any("in this process (7 rows" in ln for ln in lines), lines
+    assert not any(ln.startswith("Ray:") for ln in lines), lines  # no init_ray() line
+    assert here.images == 7 and np.array_equal(here.hist, result.hist)
 
 
 def test_test_time_options_keep_the_output_size(data, tmp_path):

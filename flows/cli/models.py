@@ -122,7 +122,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True,
                    help="an ingested dataset: OUT/DATASET of fcn ingest (a path or a URI)")
     p.add_argument("--split", default="val", help="split to score (default val)")
-    p.add_argument("--actors", type=positive_int, default=2, help="Ray actors (default 2)")
+    p.add_argument("--actors", type=positive_int, default=None,
+                   help="Ray actors that score the split (default 2; a split of at most 64 "
+                        "images is scored in this process unless --actors is given)")
     p.add_argument("--batch-size", type=positive_int, default=4,
                    help="images per actor call (default 4)")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")

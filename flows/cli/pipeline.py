@@ -31,6 +31,44 @@ def prefect_env(project: Path) -> None:
     os.environ.setdefault("FCN_DATA_DIR", str(project.resolve()))
 
 
+def start_services() -> None:
+    """Start what the flow's first steps wait for, side by side: Prefect's temporary API
+    (without PREFECT_API_URL; ~15 s on 2 cores, a subprocess) in a thread, while this thread
+    starts the local Ray (or connects to RAY_ADDRESS's GCS) and opens the MLflow store
+    (a fresh SQLite store runs its migrations). The flow then finds them ready. With Ray
+    Jobs (a dashboard address) Ray is left to the jobs."""
+    import threading
+
+    from pipelines.ray_env import address_kind
+
+    failed: list[BaseException] = []
+    thread = None
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.server.api.server import SubprocessASGIServer
+
+        def start() -> None:
+            try:
+                SubprocessASGIServer().start()
+            except BaseException as e:  # noqa: BLE001  (raised below, in this thread)
+                failed.append(e)
+
+        thread = threading.Thread(target=start, name="prefect-api", daemon=True)
+        thread.start()
+    if address_kind(os.environ.get("RAY_ADDRESS")) in ("local", "gcs"):
+        from pipelines.ray_env import init_ray
+
+        init_ray()
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+
+    MlflowClient(tracking_uri()).search_experiments(max_results=1)
+    if thread is not None:
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Config keys the command line sets over the preset's (what the flow's train step gets)."""
     out: dict[str, Any] = {}
@@ -110,6 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     quiet_ray_logs(args.verbose)
     _preflight(args)
     _check_cluster_locations(args)
+    start_services()
     from flows.pipeline import fcn_pipeline
 
     summary = fcn_pipeline(**_pipeline_params(args))
@@ -163,6 +202,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"fcn demo: the whole pipeline through Prefect on a generated dataset, all state in "
           f"{home}/\n  ingest (Ray Data) -> FCN-32s -> 16s -> 8s (Ray Train, 2 "
           "workers) -> evaluate -> register (MLflow)\n", flush=True)
+    start_services()
     from flows.pipeline import fcn_pipeline
 
     summary = fcn_pipeline(dataset="synthetic", root=str(home / "raw" / "synthetic"),

@@ -4,6 +4,7 @@ nested run per stage)."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 import uuid
@@ -19,6 +20,7 @@ from pipelines.shards import read_manifest
 from pipelines.train.checkpoint import (
     checkpoint_file,
 )
+from pipelines.train.sampling import IN_MEMORY
 from pipelines.train.worker import DONE_FILE, Log, train_loop_per_worker
 
 
@@ -64,11 +66,17 @@ def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: Pi
     log(init_ray())
     manifest = read_manifest(data)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines
-    if cfg.cache_dataset:  # read the Parquet once, not once per epoch (nor per stage)
+    if cfg.cache_dataset and cfg.sampling not in IN_MEMORY:
+        # Streamed epochs read the Parquet once, not once per epoch (nor per stage). The
+        # in-memory samplers read their rows once per chain anyway: nothing to cache.
         train_ds, val_ds = _materialized(data, manifest.fingerprint, cfg)
     else:
         train_ds, val_ds = open_split(data, cfg.train_split), open_split(data, cfg.val_split)
     datasets = {"train": train_ds.randomize_block_order(), "val": val_ds}
+    # Ray Train's controller polls the workers every 2 s by default: a checkpoint registers,
+    # and a finished run returns, up to that long after the workers are done. Propagated to
+    # the controller from this process's environment; a user's value wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     run_dir = storage.join(run.storage, run.run_id)
     run_fs, run_fs_path = storage.resolve(run_dir)
     names = [s.name for s in stages]
@@ -158,18 +166,20 @@ class _Chain:
     def wait(self, stage: str, run_id: str | None) -> StageResult:
         t0 = time.perf_counter()
         done = _done_file(self.run, stage)
-        while not storage.is_file(done):
-            if not self.thread.is_alive():
-                if storage.is_file(done):
-                    break
-                if self.error is not None:
-                    raise self.error
-                raise RuntimeError(f"stage {stage}: the training run ended without it")
-            self.thread.join(timeout=0.25)
-        if stage == self.stages[-1]:  # the last one: its workers let go of their resources
+        # The last stage: wait for the run itself (its workers let go of their resources).
+        # An earlier one: look for its done file now and then (a HEAD request in a bucket).
+        last = stage == self.stages[-1]
+        if last:
             self.thread.join()
-            if self.error is not None:
-                raise self.error
+        else:
+            every = 2.0 if storage.is_remote(self.run.storage) else 0.5
+            while self.thread.is_alive() and not storage.is_file(done):
+                self.thread.join(timeout=every)
+        finished = storage.is_file(done)
+        if self.error is not None and (last or not finished):
+            raise self.error
+        if not finished:
+            raise RuntimeError(f"stage {stage}: the training run ended without finishing it")
         res = _stage_result(self.run, stage, run_id, time.perf_counter() - t0)
         self.returned.append(res)
         return res
