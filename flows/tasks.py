@@ -158,22 +158,39 @@ def train_stage_task(config: dict[str, Any], stage: str, data: str, fingerprint:
             "metrics": res.metrics, "mlflow_run": res.run_id, "seconds": res.seconds}
 
 
+_JOB_CHAINS: dict[str, Any] = {}  # pipeline run id -> its stages' Ray job (a StageChain)
+
+
 def _stage_job(cfg: Any, stage: str, data: str, run: Any, init: str | None) -> Any:
-    """One stage as a Ray job: ``fcn train --stages STAGE --resume RUN`` with the resolved
-    config saved beside the run's checkpoints."""
+    """This stage and the config's later ones as one Ray job (one worker group):
+    ``fcn train --stages A,B,C --resume RUN`` with the resolved config saved beside the
+    run's checkpoints. The first stage's task submits it; each stage's task returns when its
+    done file is in the run's storage, the last one when the job has ended."""
     import yaml
 
     from pipelines import storage
-    from pipelines.config import StageResult
+    from pipelines.jobs import run_job
+    from pipelines.train.driver import StageChain
 
-    base = storage.join(run.storage, run.run_id)
-    config = storage.join(base, "config.yaml")
-    storage.write_text(config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    args = ["train", "--config", config, "--data", data, "--storage", run.storage,
-            "--resume", run.run_id, "--stages", stage, "--keep-open"]
-    args += ["--init-checkpoint", init] if init else []
-    (res,) = _job(args, storage.join(base, "_jobs"))["stages"]
-    return StageResult(**res)
+    names = [s.name for s in cfg.stages]
+    following = names[names.index(stage):]
+    logger = get_run_logger()
+
+    def submit() -> Any:
+        base = storage.join(run.storage, run.run_id)
+        config = storage.join(base, "config.yaml")
+        storage.write_text(config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        args = ["train", "--config", config, "--data", data, "--storage", run.storage,
+                "--resume", run.run_id, "--stages", ",".join(following), "--keep-open"]
+        args += ["--init-checkpoint", init] if init else []
+        # The job's log goes to the task that submitted it (the first stage's).
+        return StageChain(run, following, init, lambda: run_job(
+            args, storage.join(base, "_jobs"), log=logger.info))
+
+    chain = StageChain.get(_JOB_CHAINS, run, stage, init, submit)
+    if chain.returned:
+        logger.info(f"stage {stage}: in the same Ray job, from {init}")
+    return chain.wait(stage, None)
 
 
 @task(name="finish-pipeline-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,

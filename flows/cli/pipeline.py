@@ -43,6 +43,10 @@ def start_services() -> None:
 
     failed: list[BaseException] = []
     thread = None
+    kind = address_kind(os.environ.get("RAY_ADDRESS"))
+    parts = ["Prefect's temporary API"] if not os.environ.get("PREFECT_API_URL") else []
+    parts += {"local": ["a local Ray"], "gcs": ["the Ray driver"]}.get(kind, [])
+    print(f"starting {', '.join([*parts, 'the MLflow store'])} ...", flush=True)
     if not os.environ.get("PREFECT_API_URL"):
         from prefect.server.api.server import SubprocessASGIServer
 
@@ -54,7 +58,7 @@ def start_services() -> None:
 
         thread = threading.Thread(target=start, name="prefect-api", daemon=True)
         thread.start()
-    if address_kind(os.environ.get("RAY_ADDRESS")) in ("local", "gcs"):
+    if kind in ("local", "gcs"):
         from pipelines.ray_env import init_ray
 
         init_ray()

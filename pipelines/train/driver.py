@@ -8,6 +8,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,30 +132,46 @@ def _stage_result(run: PipelineRun, stage: str, run_id: str | None, seconds: flo
                   ) -> StageResult:
     info = storage.read_json(_done_file(run, stage))
     return StageResult(stage, info["checkpoint"], int(info["steps"]),
-                       {k: float(v) for k, v in info["metrics"].items()}, run_id, seconds)
+                       {k: float(v) for k, v in info["metrics"].items()},
+                       run_id or info.get("mlflow_run"), seconds)
 
 
-class _Chain:
-    """``train_stages`` in a thread, so that each stage returns (its own MLflow run, its own
-    Prefect task) as soon as its done file is written while the workers go on."""
+class StageChain:
+    """Consecutive stages run by ``target`` in a thread (``train_stages`` here, or one Ray job
+    for them), so that each stage returns (its own MLflow run, its own Prefect task) as soon
+    as its done file is written while the workers go on with the next."""
 
-    def __init__(self, cfg: TrainConfig, stages: list[StageConfig], data: str, run: PipelineRun,
-                 init: str | None, run_ids: dict[str, str | None], log: Log) -> None:
+    def __init__(self, run: PipelineRun, stages: list[str], init: str | None,
+                 target: Callable[[], Any]) -> None:
         import threading
 
-        self.run, self.stages, self.init = run, [s.name for s in stages], init
+        self.run, self.stages, self.init = run, list(stages), init
         self.returned: list[StageResult] = []
         self.error: BaseException | None = None
 
-        def target() -> None:
+        def body() -> None:
             try:
-                train_stages(cfg, stages, data, run, init, run_ids, log)
+                target()
             except BaseException as e:  # noqa: BLE001  (handed to the waiting stage)
                 self.error = e
 
-        self.thread = threading.Thread(target=target, name=f"fcn-train-{run.run_id}",
+        self.thread = threading.Thread(target=body, name=f"fcn-train-{run.run_id}",
                                        daemon=True)
         self.thread.start()
+
+    @classmethod
+    def get(cls, registry: dict[str, StageChain], run: PipelineRun, stage: str,
+            init: str | None, start: Callable[[], StageChain]) -> StageChain:
+        """The run's chain that ``stage`` (from ``init``) continues, or a new one from
+        ``start()`` once the run's previous chain (if any) has ended: never two worker groups
+        of one run at once."""
+        current = registry.get(run.run_id)
+        if current is not None and current.expects(stage, init):
+            return current
+        if current is not None:
+            current.thread.join()
+        registry[run.run_id] = start()
+        return registry[run.run_id]
 
     def expects(self, stage: str, init: str | None) -> bool:
         """``stage`` is the chain's next one and starts where the chain would start it."""
@@ -185,7 +202,7 @@ class _Chain:
         return res
 
 
-_CHAINS: dict[str, _Chain] = {}  # pipeline run id -> its running chain of stages
+_CHAINS: dict[str, StageChain] = {}  # pipeline run id -> its chain in this process
 
 
 # The last stage's materialized splits, for the next stage of the same process (the flow runs
@@ -281,15 +298,12 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: Pipel
         log(f"stage {stage.name}: already finished in run {run.run_id}, reusing its checkpoint")
         res = _stage_result(run, stage.name, child, 0.0)
     else:
-        current = _CHAINS.get(run.run_id)
-        if current is not None and current.thread.is_alive() and \
-                not current.expects(stage.name, init_checkpoint):
-            current.thread.join()  # never two worker groups of one run at once
-        if current is None or not current.expects(stage.name, init_checkpoint):
-            current = _CHAINS[run.run_id] = _Chain(
-                cfg, list(following), storage.as_location(data), run, init_checkpoint,
-                dict(children), log)
-        else:
+        where = storage.as_location(data)
+        current = StageChain.get(_CHAINS, run, stage.name, init_checkpoint, lambda: StageChain(
+            run, [s.name for s in following], init_checkpoint,
+            lambda: train_stages(cfg, list(following), where, run, init_checkpoint,
+                                 dict(children), log)))
+        if current.returned:
             log(f"stage {stage.name}: in the same worker group, from {init_checkpoint}")
         try:
             res = current.wait(stage.name, child)

@@ -251,7 +251,7 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
             write_checkpoint(storage.join(final, CHECKPOINT_FILE), model, optimizer=optimizer,
                              step=step, stage=stage.name, config=cfg.to_dict())
             storage.write_json(storage.join(stage_dir, DONE_FILE), {
-                "checkpoint": final, "steps": step,
+                "checkpoint": final, "steps": step, "mlflow_run": run_ids.get(stage.name),
                 "metrics": {k: float(v) for k, v in metrics.items()}})
             print(f"[{stage.name}] checkpoint at step {step}: {final}", flush=True)
         ray.train.report(metrics)  # every rank, after the files: no one runs ahead
