@@ -8,8 +8,13 @@ same files, with the same reasons. The choices, each a test in tests/test_images
 - 16-bit grayscale (Pillow modes I;16, I;16L, I;16B, I;16N, and I, the mode some writers'
   16-bit PNGs and 32-bit TIFFs open in): value * 255 / 65535, rounded (there are no ties),
   never clamped; mode I values outside 0..65535 are refused, not clipped.
-- 16-bit colour PNGs (48/64 bits a pixel): Pillow itself keeps the high byte of each sample
-  (value // 256), within one level of the scaled value; not rescaled here.
+- 16-bit colour PNGs (RGB 48 and RGBA 64 bits a pixel, gray + alpha 32): Pillow keeps only the
+  high byte of each sample, so these are decoded by libpng through ``torchvision.io.decode_png``
+  (imported for them only) and scaled by the same rule, round(v * 255 / 65535); alpha is
+  composited on black at 16 bits before scaling. With a colour-key transparency (tRNS) they go
+  through Pillow (high byte), as do files that libpng refuses but Pillow reads, and all of them
+  once a torchvision without image codecs is installed (0.29 marks them deprecated; the pinned
+  0.29.1 has them, and tests/test_images.py checks the exact rule under the pins).
 - Alpha (RGBA, LA, PA, a palette or RGB/L image with a transparent colour): composited on
   black, ``round(colour * alpha / 255)``; a fully transparent pixel is black (0, 0, 0).
   Premultiplied modes (RGBa, La) are already composited on black.
@@ -186,6 +191,52 @@ def to_rgb(im: Image.Image, name: str) -> np.ndarray:
     return np.array(_convert(im, "RGB", name), dtype=np.uint8)  # CMYK, YCbCr, LAB, HSV
 
 
+def _png16_colour(data: bytes) -> bool:
+    """Whether ``data`` is a PNG whose header says 16 bits a sample with colour or alpha
+    (colour types 2, 4, 6): the PNGs Pillow decodes to their high byte."""
+    return (len(data) >= 26 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+            and data[24] == 16 and data[25] in (2, 4, 6))
+
+
+def _scale16(v: np.ndarray) -> np.ndarray:
+    """uint16-range integers -> round(v * 255 / 65535) as uint8 (no ties; see _sixteen_to_8)."""
+    return ((v.astype(np.uint64) * 510 + 65535) // 131070).astype(np.uint8)
+
+
+def _png16_rgb(data: bytes) -> np.ndarray | None:
+    """A 16-bit colour PNG decoded exactly by libpng (torchvision) -> uint8 RGB, or None when
+    libpng refuses it (Pillow then decides)."""
+    import torch
+
+    try:
+        from torchvision.io import ImageReadMode, decode_png
+    except ImportError:  # a later torchvision without its image codecs: Pillow's high byte
+        return None
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 marks its codecs deprecated
+            warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                    message="The image decoding and encoding")
+            t = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                           ImageReadMode.UNCHANGED)
+    except RuntimeError:
+        return None
+    a = t.permute(1, 2, 0).numpy().astype(np.uint64)  # (H, W, C) as stored, 0..65535
+    colour, alpha = (a, None) if a.shape[2] in (1, 3) else (a[..., :-1], a[..., -1:])
+    if alpha is not None:  # on black at 16 bits: round(c * alpha / 65535), then scaled
+        colour = (colour * alpha + 32767) // 65535
+    rgb = _scale16(colour)
+    return np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else np.ascontiguousarray(rgb)
+
+
+def _exif_transposed(rgb: np.ndarray, orientation: int | None) -> np.ndarray:
+    """``rgb`` turned as EXIF ``orientation`` says (ImageOps.exif_transpose's table)."""
+    method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}.get(orientation or 1)
+    return rgb if method is None else np.array(Image.fromarray(rgb).transpose(method))
+
+
 def decode_rgb(data: bytes, name: str, *, exif: bool = True,
                max_pixels: int | None = None) -> np.ndarray:
     """The bytes of an image file -> uint8 RGB (H, W, 3); ``name`` names it in errors.
@@ -210,6 +261,11 @@ def decode_rgb(data: bytes, name: str, *, exif: bool = True,
                 raise ImageError(f"undecodable image {name}: it has no pixels ({w}x{h})")
             try:
                 im.load()  # decode now: a truncated file fails here, not at open()
+                if _png16_colour(data) and "transparency" not in im.info:
+                    exact = _png16_rgb(data)
+                    if exact is not None:
+                        turn = im.getexif().get(0x0112) if exif else None
+                        return _exif_transposed(exact, turn)
                 if exif:
                     ImageOps.exif_transpose(im, in_place=True)
             except (*_PIL_ERRORS, Image.DecompressionBombError) as e:

@@ -252,3 +252,36 @@ def test_the_cli_shows_a_bad_config_as_one_line_and_exit_2(tmp_path, text, messa
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "bad.yaml" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# The README's "Configs and pre-flight" rows that are a config alone: input column -> the YAML.
+README_ROWS = {
+    "`weight_decay: abc`": "weight_decay: abc",
+    "a stage with `lr: -0.1`": "stages: [{name: 32s, steps: 2, lr: 0.1}, "
+                               "{name: 16s, steps: 2, lr: -0.1}]",
+    "`stages: 5`": "stages: 5",
+    "`stages: []`": "stages: []",
+    "`{name: 32s, step: 2, lr: 0.1}`": "stages: [{name: 32s, step: 2, lr: 0.1}]",
+    "stage name `64s`": "stages: [{name: 64s, steps: 2, lr: 0.1}]",
+    "stages 8s then 32s": "stages: [{name: 8s, steps: 2, lr: 0.1}, {name: 32s, steps: 2, lr: 0.1}]",
+    "`wdith: 1`": "wdith: 1",
+    "`momentum: 1.0`": "momentum: 1.0",
+    '`mirror: "yes"`': 'mirror: "yes"',
+    "`dataset: coco`": "dataset: coco",
+    "`input: hha` with dataset voc": "dataset: voc\ninput: hha",
+}
+
+
+@pytest.mark.parametrize("row", sorted(README_ROWS))
+def test_readme_config_rows_say_what_the_config_check_says(row):
+    """Each such README row's message (``…`` standing for the rest) is what loading says."""
+    prefix = f"| {row} | "
+    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith(prefix)]
+    assert len(lines) == 1, f"README has no (or more than one) config row {row!r}"
+    shown = re.search(r"`([^`]+)`", lines[0][len(prefix):])
+    assert shown, lines[0]
+    pattern = ".*".join(re.escape(part) for part in shown.group(1).split("…"))
+    with pytest.raises(ConfigError) as err:
+        from_dict(yaml.safe_load(README_ROWS[row]))
+    assert re.search(pattern, str(err.value)), (
+        f"README row {row!r} shows `{shown.group(1)}`; the check says: {err.value}")

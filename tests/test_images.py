@@ -46,16 +46,25 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
-def png48(samples: np.ndarray) -> bytes:
-    """A 16-bit-per-channel RGB PNG (Pillow cannot write one)."""
-    h, w, _ = samples.shape
-    raw = b"".join(b"\x00" + samples[i].astype(">u2").tobytes() for i in range(h))
+def png48(samples: np.ndarray, filter_type: int = 0) -> bytes:
+    """A 16-bit-per-sample PNG (Pillow cannot write one): (H, W, C) samples, C = 3 (RGB),
+    4 (RGBA) or 2 (gray + alpha); rows filtered with None (0) or Sub (1)."""
+    h, w, c = samples.shape
+    bpp = 2 * c
+
+    def row(i: int) -> bytes:
+        b = np.frombuffer(samples[i].astype(">u2").tobytes(), np.uint8).astype(np.int64)
+        if filter_type == 1:
+            b = (b - np.concatenate([np.zeros(bpp, np.int64), b[:-bpp]])) % 256
+        return bytes([filter_type]) + b.astype(np.uint8).tobytes()
+
+    raw = b"".join(row(i) for i in range(h))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         crc = zlib.crc32(kind + data) & 0xFFFFFFFF
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6, 2: 4}[c], 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
             + chunk(b"IEND", b""))
 
@@ -107,13 +116,29 @@ def test_32bit_integer_image_is_scaled_as_16bit_and_out_of_range_refused(tmp_pat
         read_rgb(bad)
 
 
-def test_16bit_colour_png_keeps_pillows_high_byte(tmp_path):
-    samples = np.array([[[0, 257, 65535], [1000, 33023, 200]]], np.uint16)
-    (tmp_path / "rgb48.png").write_bytes(png48(samples))
-    got = read_rgb(tmp_path / "rgb48.png")
-    assert np.array_equal(got, (samples // 256).astype(np.uint8))
-    exact = scaled(samples.reshape(1, -1)).reshape(samples.shape)
-    assert np.abs(got.astype(int) - exact).max() <= 1
+def test_16bit_colour_png_is_scaled_exactly_not_pillows_high_byte(tmp_path):
+    samples = np.array([[[0, 257, 65535], [1000, 33023, 200]],
+                        [[128, 129, 32767], [32768, 65279, 65534]]], np.uint16)
+    exact = scaled(samples.reshape(2, -1)).reshape(samples.shape)
+    assert not np.array_equal(exact, samples // 256)  # the cases tell the two rules apart
+    for f in (0, 1):  # unfiltered and Sub-filtered rows
+        (tmp_path / f"rgb48-{f}.png").write_bytes(png48(samples, f))
+        got = read_rgb(tmp_path / f"rgb48-{f}.png")
+        assert got.dtype == np.uint8 and np.array_equal(got, exact)
+
+
+def test_16bit_rgba_and_gray_alpha_pngs_are_composited_at_16_bits_then_scaled(tmp_path):
+    colour = np.array([[[65535, 1000, 40000], [65535, 65535, 65535], [300, 70, 9]]], np.uint16)
+    alpha = np.array([[[65535], [32768], [0]]], np.uint16)
+    (tmp_path / "rgba64.png").write_bytes(png48(np.concatenate([colour, alpha], axis=2)))
+    # composited at 16 bits (round(c * a / 65535)), then the scaling rule
+    want = [[[round(round(int(c) * int(a[0]) / 65535) * 255 / 65535) for c in px]
+             for px, a in zip(colour[0], alpha[0], strict=True)]]
+    assert np.array_equal(read_rgb(tmp_path / "rgba64.png"), np.array(want, np.uint8))
+    gray = colour[..., :1]
+    (tmp_path / "la32.png").write_bytes(png48(np.concatenate([gray, alpha], axis=2)))
+    got = read_rgb(tmp_path / "la32.png")
+    assert np.array_equal(got, np.repeat(np.array(want, np.uint8)[..., :1], 3, axis=2))
 
 
 def test_rgba_is_composited_on_black(tmp_path):
@@ -442,6 +467,24 @@ def test_predict_refuses_a_model_that_does_not_read_rgb(tmp_path, input, channel
     assert not (tmp_path / "out").exists()  # refused before anything was done
 
 
+def test_predict_refuses_a_late_fusion_model(tmp_path):
+    """RGB + HHA late fusion (two streams, six input channels) written by the real checkpoint
+    writer: refused like the single-stream depth nets, before any output is written."""
+    from fcn_core.fcn import LateFusion, fcn32s
+    from pipelines.predict import predict
+    from pipelines.train.checkpoint import write_checkpoint
+
+    mixed_folder(tmp_path / "in")
+    net = LateFusion(fcn32s(num_classes=40, width=1 / 16), fcn32s(num_classes=40, width=1 / 16))
+    (tmp_path / "ck").mkdir()
+    write_checkpoint(str(tmp_path / "ck" / "checkpoint.pt"), net,
+                     config={"dataset": "nyud", "input": "rgb-hha"})
+    with pytest.raises(UsageError, match=r"reads input='rgb-hha' \(HHA, RGB-D or late fusion"):
+        predict(str(tmp_path / "ck"), [str(tmp_path / "in")], str(tmp_path / "out"),
+                ray_threshold=1, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_predict_from_another_folder_uses_the_project_registry(tmp_path, monkeypatch):
     """Issue 10's first report: after registering into the project's MLflow store,
     `fcn predict --model models:/NAME@champion one.jpg` in another folder failed with
@@ -520,3 +563,35 @@ def test_fcn_predict_exit_codes(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "no prediction written" in proc.stderr and "notes.jpg" in proc.stdout
+
+
+# The README's image rows that quote a message: input column -> the file's bytes.
+README_ROWS = {
+    "0-byte file": lambda: b"",
+    "a text file named `.jpg`": lambda: b"not an image",
+    "truncated JPEG or PNG": lambda: jpeg_bytes(rgb(40, 40))[:600],
+    "over the pixel limit (default 100 MP, `--max-pixels`, `FCN_MAX_IMAGE_PIXELS`)":
+        lambda: png_header(20_000, 10_000),
+}
+
+
+@pytest.mark.parametrize("row", sorted(README_ROWS))
+def test_readme_image_rows_say_what_decoding_says(row):
+    """Each such README row's message (NAME the file, W, H and N numbers, ``…`` the rest) is
+    what decoding the file says."""
+    import re
+
+    prefix = f"| {row} | "
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [ln for ln in readme.splitlines() if ln.startswith(prefix)]
+    assert len(lines) == 1, f"README has no (or more than one) image row {row!r}"
+    shown = re.search(r"`([^`]+)`", lines[0][len(prefix):])
+    assert shown, lines[0]
+    pattern = re.escape(shown.group(1))
+    for word, rx in (("NAME", r"x\.jpg"), ("WxH", r"\d+x\d+"), (r"\ N\ ", r" [\d,]+ "),
+                     ("…", ".*")):
+        pattern = pattern.replace(word, rx)
+    with pytest.raises(ImageError) as err:
+        decode_rgb(README_ROWS[row](), "x.jpg")
+    assert re.match(pattern, str(err.value)), (
+        f"README row {row!r} shows `{shown.group(1)}`; decoding says: {err.value}")
