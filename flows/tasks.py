@@ -100,6 +100,7 @@ def ingest_task(cfg: dict[str, Any]) -> dict[str, Any]:
             args += [flag, value] if value else []
         args += ["--allow-missing"] if c.allow_missing else []
         args += ["--compute-hha"] if c.compute_hha else []
+        args += ["--engine", c.engine] if c.engine != "auto" else []
         dataset_dir = _job(args, storage.join(c.out, "_jobs"))["dataset_dir"]
     else:
         result = ingest(c, log=logger.info)

@@ -79,6 +79,13 @@ RESULT_SCHEMA = pa.schema([
 Log = Callable[[str], None]
 
 
+ENGINES = ("auto", "ray", "local")
+# engine auto: up to this many listed examples are decoded in the calling process. Measured
+# (bench/bench_ingest.py): below a few hundred small images Ray Data's planning, task and
+# worker start cost more than the decoding; the rows, shards and manifest are the same.
+LOCAL_MAX_RECORDS = 256
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     dataset: str  # one of pipelines.sources.datasets.NAMES (synthetic: a generated VOC layout)
@@ -97,11 +104,15 @@ class IngestConfig:
     protocol: str | None = None  # pascal: seg11valid (default) | trainaug
     allow_missing: bool = False  # pascal: go on when validation ids are missing / leak
     compute_hha: bool = False  # nyud: HHA computed from depth in the decode step
+    engine: str = "auto"  # ray (Ray Data) | local (this process) | auto: local for at most
+    #                       LOCAL_MAX_RECORDS examples, where Ray Data's start costs more
 
     def __post_init__(self) -> None:  # Paths and URIs alike become location strings
         for key in ("root", "out", "sbd_root", "context_root"):
             if getattr(self, key) is not None:
                 object.__setattr__(self, key, storage.as_location(getattr(self, key)))
+        if self.engine not in ENGINES:
+            raise UsageError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
     @property
     def dataset_dir(self) -> str:
@@ -447,16 +458,71 @@ def _batches(ds: Any) -> Any:
         raise
 
 
+def engine_for(cfg: IngestConfig, records: int) -> str:
+    """``ray`` or ``local``: what ``cfg.engine`` means for this many listed examples."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    return "local" if records <= LOCAL_MAX_RECORDS else "ray"
+
+
+def _local_results(items: list[dict[str, Any]], cfg: IngestConfig, num_classes: int,
+                   folder: str, rel: str) -> Any:
+    """The same two steps as the Ray Data pipeline (decode_batch on batches of
+    ``batch_size`` records, write_shard on ``shard_rows`` staging rows), in this process."""
+    staged = pa.concat_tables(
+        [decode_batch(pa.Table.from_pylist(items[i:i + cfg.batch_size]), cfg.dataset,
+                      num_classes, cfg.compute_hha)
+         for i in range(0, len(items), cfg.batch_size)])
+    for i in range(0, staged.num_rows, cfg.shard_rows):
+        yield write_shard(staged.slice(i, cfg.shard_rows), folder, rel, num_classes)
+
+
+def decode_and_write(batch: pa.Table, dataset: str, num_classes: int, compute_hha: bool,
+                     folder: str, rel: str) -> pa.Table:
+    """Ray Data UDF: one task's records -> their shard and result rows (decode_batch, then
+    write_shard, in the same worker: the decoded bytes never cross the object store)."""
+    return write_shard(decode_batch(batch, dataset, num_classes, compute_hha), folder, rel,
+                       num_classes)
+
+
+def ray_tasks(records: int, cpus: int, shard_rows: int) -> int:
+    """How many decode-and-write tasks (= shards) a split of ``records`` gets: a multiple of
+    the cluster's CPUs, each task at most ``shard_rows`` records, all about the same size, so
+    every CPU works until the end (measured: equal tasks, one per CPU per round, beat many
+    small decode tasks feeding separate write tasks through the object store)."""
+    cpus = max(1, cpus)
+    return cpus * max(1, -(-records // (cpus * shard_rows)))
+
+
+def _ray_pipeline(items: list[dict[str, Any]], cfg: IngestConfig, num_classes: int,
+                  folder: str, rel: str) -> Any:
+    """The Ray Data pipeline of one split: equal blocks of records, each decoded, validated
+    and written as one shard by one task."""
+    import ray
+    import ray.data
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    blocks = min(len(items), ray_tasks(len(items), cpus, cfg.shard_rows))
+    return (
+        ray.data.from_items(items, override_num_blocks=blocks)
+        .map_batches(decode_and_write, batch_size=None, batch_format="pyarrow", num_cpus=1,
+                     fn_kwargs={"dataset": cfg.dataset, "compute_hha": cfg.compute_hha,
+                                "num_classes": num_classes, "folder": folder, "rel": rel}))
+
+
 def _run(cfg: IngestConfig, listing: Listing, split_names: list[str], fingerprint: str,
          version: str, version_dir: str, log: Log
          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Decode, validate and write every split under ``version_dir``; (manifest,
     quarantine)."""
-    import ray.data
+    engine = engine_for(cfg, len(listing.records))
+    if engine == "ray":
+        from pipelines.ray_env import init_ray
 
-    from pipelines.ray_env import init_ray
-
-    log(init_ray())
+        log(init_ray())
+    else:
+        log(f"  decoding {len(listing.records)} examples in this process (engine local; "
+            f"Ray Data above {LOCAL_MAX_RECORDS} or with --engine ray)")
     num_classes = listing.num_classes
     hists: dict[str, np.ndarray] = {}
     splits: dict[str, list[dict[str, Any]]] = {}
@@ -469,19 +535,12 @@ def _run(cfg: IngestConfig, listing: Listing, split_names: list[str], fingerprin
         if not items:
             continue
         t0 = time.perf_counter()
-        blocks = max(1, min(-(-len(items) // cfg.batch_size), 1000))
-        results = (
-            ray.data.from_items(items, override_num_blocks=blocks)
-            .map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="pyarrow",
-                         num_cpus=1, fn_kwargs={"dataset": cfg.dataset,
-                                                "compute_hha": cfg.compute_hha,
-                                                "num_classes": num_classes})
-            .map_batches(write_shard, batch_size=cfg.shard_rows, batch_format="pyarrow",
-                         num_cpus=0.5,
-                         fn_kwargs={"folder": storage.join(version_dir, split),
-                                    "rel": f"versions/{version}/{split}",
-                                    "num_classes": num_classes}))
-        for batch in _batches(results):
+        folder, rel = storage.join(version_dir, split), f"versions/{version}/{split}"
+        if engine == "local":
+            results = _local_results(items, cfg, num_classes, folder, rel)
+        else:
+            results = _batches(_ray_pipeline(items, cfg, num_classes, folder, rel))
+        for batch in results:
             for row in batch.to_pylist():
                 if row["kind"] == "reject":
                     quarantine.append({"dataset": cfg.dataset, "split": row["split"],

@@ -129,8 +129,8 @@ def shards(cluster, s3_server, mlflow_server, tmp_path_factory) -> str:
     tmp = tmp_path_factory.mktemp("shards")
     env = _client_env(tmp, s3_server, mlflow_server, RAY_ADDRESS=head.address)
     base = f"s3://{BUCKET}/gcs"
-    proc = _fcn(["ingest", "synthetic", "--root", f"{base}/raw", "--out", f"{base}/shards"],
-                env)
+    proc = _fcn(["ingest", "synthetic", "--root", f"{base}/raw", "--out", f"{base}/shards",
+                 "--engine", "ray"], env)  # Ray Data on the two nodes
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"Ray: {head.address} (6 CPUs, 2 node(s)" in proc.stdout
     return f"{base}/shards/synthetic"

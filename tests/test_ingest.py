@@ -13,6 +13,7 @@ from PIL import Image
 import pipelines.ingest as ingest_mod
 from fcn_core.transforms import MEAN_BGR, image_to_tensor
 from pipelines import storage
+from pipelines.errors import UserError
 from pipelines.ingest import IngestConfig, ingest
 from pipelines.shards import decode_arrays, decode_row, read_manifest, read_split_table
 from pipelines.sources import decode_image, decode_label, source
@@ -26,13 +27,18 @@ def _records_by_id(layout, root, **kw):
     return {(r.split, r.id): r for r in records}
 
 
+ENGINES = pytest.mark.parametrize("engine", ["ray", "local"])  # Ray Data, and in-process
+
+
+@ENGINES
 @pytest.mark.parametrize("layout, writer", [
     ("voc", synth.write_voc), ("sbd", synth.write_sbd), ("nyud", synth.write_nyud),
     ("siftflow", synth.write_siftflow)])
-def test_round_trip_gives_exactly_the_source_pixels_and_labels(tmp_path, layout, writer):
+def test_round_trip_gives_exactly_the_source_pixels_and_labels(tmp_path, layout, writer,
+                                                               engine):
     root = writer(tmp_path / "raw", n_train=5, n_val=3, size=(40, 52), seed=3)
-    result = ingest(IngestConfig(dataset=layout, root=root, out=tmp_path / "out", shard_rows=2),
-                    log=lambda m: None)
+    result = ingest(IngestConfig(dataset=layout, root=root, out=tmp_path / "out", shard_rows=2,
+                                 engine=engine), log=lambda m: None)
     m = read_manifest(result.dataset_dir)
     recs = _records_by_id(layout, root)
     assert result.total_rows == len(recs) == 8
@@ -40,7 +46,10 @@ def test_round_trip_gives_exactly_the_source_pixels_and_labels(tmp_path, layout,
         if split in result.composite:  # nyud trainval: the shards of train and val
             continue
         assert m.data["splits"][split]["rows"] == result.rows[split]
-        assert len(m.data["splits"][split]["shards"]) == -(-result.rows[split] // 2)
+        shards = m.data["splits"][split]["shards"]
+        assert all(1 <= sh["rows"] <= 2 for sh in shards)  # at most shard_rows each
+        if engine == "local":  # Ray Data balances them over the CPUs (ingest.ray_tasks)
+            assert len(shards) == -(-result.rows[split] // 2)
         for row in read_split_table(result.dataset_dir, split).to_pylist():
             rec = recs[(split, row["id"])]
             got = decode_arrays(row)
@@ -89,7 +98,9 @@ def _save_cmyk_and_gray(base: Path, ids: list[str]) -> None:
     Image.fromarray(rgb).convert("L").save(base / "JPEGImages" / f"{ids[1]}.jpg")
 
 
-def test_every_bad_input_is_quarantined_with_its_reason_and_good_rows_all_land(tmp_path):
+@ENGINES
+def test_every_bad_input_is_quarantined_with_its_reason_and_good_rows_all_land(tmp_path,
+                                                                              engine):
     base = synth.write_voc(tmp_path / "raw", n_train=12, n_val=2, size=(48, 48), seed=1)
     ids = (base / "ImageSets/Segmentation/train.txt").read_text().split()
     jpg = lambda i: base / "JPEGImages" / f"{ids[i]}.jpg"  # noqa: E731
@@ -107,7 +118,7 @@ def test_every_bad_input_is_quarantined_with_its_reason_and_good_rows_all_land(t
     split = base / "ImageSets/Segmentation/train.txt"
     split.write_text("\n".join(ids + ["../../../etc/passwd", ids[9]]) + "\n")  # escape, dup
 
-    result = ingest(IngestConfig(dataset="voc", root=base, out=tmp_path / "out"),
+    result = ingest(IngestConfig(dataset="voc", root=base, out=tmp_path / "out", engine=engine),
                     log=lambda m: None)
     q = pq.read_table(Path(result.dataset_dir) / read_manifest(result.dataset_dir)
                       .data["quarantine"]).to_pylist()
@@ -127,6 +138,46 @@ def test_every_bad_input_is_quarantined_with_its_reason_and_good_rows_all_land(t
     rows = {r["id"]: r for r in read_split_table(result.dataset_dir, "train").to_pylist()}
     assert decode_arrays(rows[ids[6]])["image"].shape == (48, 48, 3)
     assert result.rejected["truncated image"] == 1 and result.rejected["duplicate id"] == 1
+
+
+def test_ray_tasks_are_equal_rounds_over_the_cpus_and_at_most_shard_rows():
+    from pipelines.ingest import ray_tasks
+
+    assert ray_tasks(500, 2, 100) == 6  # 3 rounds of 2 tasks of <= 84 rows, not 5 of 100
+    assert ray_tasks(5, 2, 2) == 4 and ray_tasks(10, 4, 500) == 4
+    assert ray_tasks(11_000, 64, 500) == 64  # 172 rows each
+    for n, cpus, rows in ((500, 2, 100), (7, 3, 2), (1, 8, 500), (10_582, 6, 500)):
+        tasks = ray_tasks(n, cpus, rows)
+        assert tasks % cpus == 0 and -(-n // tasks) <= rows
+
+
+def test_both_engines_write_the_same_rows_histograms_and_quarantine(tmp_path):
+    """Ray Data and the in-process engine: the same rows (bytes), class pixel counts,
+    rejected examples and fingerprint; auto picks local up to LOCAL_MAX_RECORDS examples."""
+    base = synth.write_voc(tmp_path / "raw", n_train=9, n_val=4, size=(36, 44), seed=5)
+    (base / "JPEGImages" / "x.jpg").write_bytes(b"")
+    split = base / "ImageSets/Segmentation/train.txt"
+    split.write_text(split.read_text() + "x\n")
+    logs: dict[str, list[str]] = {}
+    got = {}
+    for engine in ("ray", "local", "auto"):
+        logs[engine] = []
+        r = ingest(IngestConfig(dataset="voc", root=base, out=tmp_path / engine, shard_rows=4,
+                                engine=engine), log=logs[engine].append)
+        m = read_manifest(r.dataset_dir)
+        got[engine] = (
+            {s: sorted(read_split_table(r.dataset_dir, s).to_pylist(), key=lambda x: x["id"])
+             for s in m.splits},
+            {s: (v["rows"], v["class_pixels"], v["ignore_pixels"], v["rejected"])
+             for s, v in m.data["splits"].items()},
+            pq.read_table(Path(r.dataset_dir) / m.data["quarantine"]).to_pylist(),
+            m.fingerprint)
+    assert got["ray"] == got["local"] == got["auto"]
+    assert got["ray"][1]["train"][0] == 9 and got["ray"][1]["train"][3] == 1
+    assert any(line.startswith("Ray: ") for line in logs["ray"])
+    assert not any(line.startswith("Ray: ") for line in logs["auto"])  # 14 <= 256: local
+    with pytest.raises(UserError, match="engine must be one of auto, ray, local, got 'spark'"):
+        IngestConfig(dataset="voc", root=base, out=tmp_path / "o", engine="spark")
 
 
 def test_rerun_on_unchanged_sources_is_a_no_op_and_a_change_makes_a_new_version(tmp_path):

@@ -136,7 +136,7 @@ def test_ingest_into_a_bucket_then_rerun_is_a_no_op(bucket, tmp_path, s3_server)
     storage.copy_tree(raw, remote_raw)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     args = ["voc", "--root", remote_raw, "--out", storage.join(bucket, "shards"),
-            "--shard-rows", "2"]
+            "--shard-rows", "2", "--engine", "ray"]  # Ray Data tasks read and write S3
     first = _ingest_cli(args, env)
     assert first["dataset_dir"] == "s3://storage-tests/shards/voc"
     assert first["rows"] == {"train": 5, "val": 3} and not first["rejected"]

@@ -30,7 +30,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                        splits=splits, split_file=args.split_file, shard_rows=args.shard_rows,
                        sbd_root=args.sbd_root, context_root=args.context_root,
                        protocol=args.protocol, allow_missing=args.allow_missing,
-                       compute_hha=args.compute_hha)
+                       compute_hha=args.compute_hha, engine=args.engine)
     result = ingest(cfg, log=say)
     print(result.summary())
     write_result(args, dataclasses.asdict(result))
@@ -44,7 +44,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "ingest", help="read a dataset's own layout into validated Parquet shards",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Read a dataset as downloaded, decode and validate every example with Ray "
-                    "Data, and write Parquet shards, manifest.json and quarantine.parquet "
+                    "Data (small datasets in this process, see --engine), and write Parquet "
+                    "shards, manifest.json and quarantine.parquet "
                     "under OUT/DATASET/ (that folder is what --data of train, evaluate and "
                     "register takes). Re-running on unchanged files does nothing; changed "
                     "files make a new version and keep the old one. Uses the Ray cluster in "
@@ -79,6 +80,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="a split file to use instead (ids, or 'image label' pairs per line)")
     p.add_argument("--shard-rows", type=positive_int, default=500,
                    help="rows per shard (default 500)")
+    p.add_argument("--engine", choices=("auto", "ray", "local"), default="auto",
+                   help="ray: decode with Ray Data on the cluster's CPUs; local: in this "
+                        "process; auto (default): local for at most 256 examples, where "
+                        "starting Ray Data costs more than the work, else ray")
     add_verbose(p)
     add_result_arg(p)
     p.set_defaults(func=cmd_ingest)
