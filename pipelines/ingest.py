@@ -19,6 +19,7 @@ duplicate nor lose a quarantine row or a shard.
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 import time
 from collections import Counter
@@ -105,7 +106,8 @@ class IngestConfig:
     allow_missing: bool = False  # pascal: go on when validation ids are missing / leak
     compute_hha: bool = False  # nyud: HHA computed from depth in the decode step
     engine: str = "auto"  # ray (Ray Data) | local (this process) | auto: local for at most
-    #                       LOCAL_MAX_RECORDS examples, where Ray Data's start costs more
+    #                       LOCAL_MAX_RECORDS examples (where Ray Data's start costs more)
+    #                       unless RAY_ADDRESS names a cluster
 
     def __post_init__(self) -> None:  # Paths and URIs alike become location strings
         for key in ("root", "out", "sbd_root", "context_root"):
@@ -462,6 +464,8 @@ def engine_for(cfg: IngestConfig, records: int) -> str:
     """``ray`` or ``local``: what ``cfg.engine`` means for this many listed examples."""
     if cfg.engine != "auto":
         return cfg.engine
+    if os.environ.get("RAY_ADDRESS"):  # a cluster named: use it (and say so if it is down)
+        return "ray"
     return "local" if records <= LOCAL_MAX_RECORDS else "ray"
 
 

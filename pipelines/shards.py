@@ -88,6 +88,11 @@ class Manifest:
         return [storage.join(self.root, s["path"])
                 for s in self.data["splits"][split]["shards"]]
 
+    def shards(self, split: str) -> list[tuple[str, int]]:
+        """(location, rows) of each of the split's shards, in the manifest's order."""
+        rows = [int(s["rows"]) for s in self.data["splits"].get(split, {}).get("shards", [])]
+        return list(zip(self.shard_paths(split), rows, strict=True))
+
 
 def read_manifest(dataset_dir: str | os.PathLike[str]) -> Manifest:
     """The current manifest of ``<out>/<dataset>`` (or of a manifest.json location)."""

@@ -134,3 +134,30 @@ def test_sampled_ids_are_not_file_order_and_follow_the_seed(tmp_path):
     assert sorted(ids("shuffle", 1337)) == sorted(stored)
     batch = RowSampler(columns, "random", 1, batch_size=3).batch(0)
     assert batch["image"].dtype == object and len(batch["image"]) == 3
+
+
+def test_workers_read_their_shares_from_the_shards_every_row_once(tmp_path):
+    """The in-memory samplers' rows come straight from the shards: the shares of any number
+    of workers cover every row of the split exactly once, each worker a contiguous share
+    (sizes within one row), with the bytes as stored; a column a dataset lacks is None."""
+    from pipelines.shards import read_manifest
+    from pipelines.train.sampling import rows_from_shards, share
+
+    raw = synth.write_voc(tmp_path / "raw", n_train=23, n_val=2, size=(16, 16))
+    ingest(IngestConfig(dataset="voc", root=raw, out=tmp_path / "out", shard_rows=5),
+           log=lambda m: None)
+    m = read_manifest(tmp_path / "out" / "voc")
+    shards = m.shards("train")
+    assert len(shards) == 5 and sum(n for _, n in shards) == 23
+    table = read_split_table(tmp_path / "out" / "voc", "train")
+    stored = dict(zip(table["id"].to_pylist(), table["image"].to_pylist(), strict=True))
+    for world in (1, 2, 3, 4, 23):
+        seen: list[str] = []
+        for rank in range(world):
+            got = rows_from_shards(shards, rank, world, ["id", "image", "hha"])
+            lo, hi = share(23, rank, world)
+            assert len(got["id"]) == hi - lo >= 23 // world
+            assert got["hha"] == [None] * (hi - lo)  # VOC rows have no HHA
+            assert all(stored[i] == b for i, b in zip(got["id"], got["image"], strict=True))
+            seen += got["id"]
+        assert seen == table["id"].to_pylist()  # every row once, in the shards' order

@@ -82,8 +82,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="rows per shard (default 500)")
     p.add_argument("--engine", choices=("auto", "ray", "local"), default="auto",
                    help="ray: decode with Ray Data on the cluster's CPUs; local: in this "
-                        "process; auto (default): local for at most 256 examples, where "
-                        "starting Ray Data costs more than the work, else ray")
+                        "process; auto (default): ray when RAY_ADDRESS names a cluster, else "
+                        "local for at most 256 examples (where starting Ray Data costs more "
+                        "than the work) and ray above")
     add_verbose(p)
     add_result_arg(p)
     p.set_defaults(func=cmd_ingest)

@@ -67,13 +67,21 @@ def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: Pi
     log(init_ray())
     manifest = read_manifest(data)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines
-    if cfg.cache_dataset and cfg.sampling not in IN_MEMORY:
-        # Streamed epochs read the Parquet once, not once per epoch (nor per stage). The
-        # in-memory samplers read their rows once per chain anyway: nothing to cache.
-        train_ds, val_ds = _materialized(data, manifest.fingerprint, cfg)
+    shards: dict[str, list[tuple[str, int]]] | None = None
+    datasets: dict[str, Any] | None = None
+    if cfg.sampling in IN_MEMORY:
+        # Each worker reads its share of the rows straight from the shards, once per chain:
+        # no Ray Data execution, no split coordinator actors to start (the stage starts
+        # sooner), and every validation row is some worker's exactly once.
+        shards = {"train": manifest.shards(cfg.train_split),
+                  "val": manifest.shards(cfg.val_split)}
     else:
-        train_ds, val_ds = open_split(data, cfg.train_split), open_split(data, cfg.val_split)
-    datasets = {"train": train_ds.randomize_block_order(), "val": val_ds}
+        if cfg.cache_dataset:  # streamed epochs read the Parquet once, not once per epoch
+            train_ds, val_ds = _materialized(data, manifest.fingerprint, cfg)
+        else:
+            train_ds, val_ds = open_split(data, cfg.train_split), open_split(data,
+                                                                               cfg.val_split)
+        datasets = {"train": train_ds.randomize_block_order(), "val": val_ds}
     # Ray Train's controller polls the workers every 2 s by default: a checkpoint registers,
     # and a finished run returns, up to that long after the workers are done. Propagated to
     # the controller from this process's environment; a user's value wins.
@@ -88,6 +96,7 @@ def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: Pi
             "num_classes": manifest.num_classes, "run_dir": str(run_dir),
             "mlflow_run_ids": mlflow_run_ids, "tracking_uri": tracking_uri(),
             "threads_per_worker": cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)),
+            "shards": shards,
         },
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
@@ -101,7 +110,7 @@ def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: Pi
             callbacks=[CheckpointLog(run.storage)],
             logging_config=ray.train.LoggingConfig(log_level=train_log_level())),
         datasets=datasets,
-        dataset_config=WholeValidation(),  # every validation row is scored once
+        dataset_config=WholeValidation() if datasets else None,  # every val row once
     )
     steps = " + ".join(f"{s.steps} ({s.name})" for s in stages)
     log(f"stage{'s' if len(stages) > 1 else ''} {', '.join(names)}: {steps} steps on "

@@ -22,7 +22,7 @@ from pipelines.train.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from pipelines.train.sampling import IN_MEMORY, RowSampler, collect_rows
+from pipelines.train.sampling import IN_MEMORY, RowSampler, collect_rows, rows_from_shards
 from pipelines.train.step import (
     _all_reduce_hist,
     _scores,
@@ -125,8 +125,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(loop.get("threads_per_worker", 1))))
-    data = _WorkerData(cfg, ray.train.get_dataset_shard("train"),
-                       ray.train.get_dataset_shard("val"), rank)
+    data = _WorkerData(cfg, rank, world, loop.get("shards"))
     resume: dict[str, Any] | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -148,25 +147,44 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
 
 class _WorkerData:
-    """A worker's shards for the whole chain; the in-memory rows are read once."""
+    """A worker's rows for the whole chain, read once. The in-memory samplers (``random``,
+    ``shuffle``) read the worker's share straight from the shards (``shards``: split ->
+    (location, rows), from the driver's manifest); ``stream`` reads Ray Data's shards."""
 
-    def __init__(self, cfg: TrainConfig, train_shard: Any, val_shard: Any, rank: int) -> None:
-        self.cfg, self.train_shard, self.val_shard, self.rank = cfg, train_shard, val_shard, rank
+    def __init__(self, cfg: TrainConfig, rank: int, world: int,
+                 shards: dict[str, list[tuple[str, int]]] | None) -> None:
+        self.cfg, self.rank, self.world, self.shards = cfg, rank, world, shards
         self.held: dict[str, list[Any]] = {}
         self._rows: RowSampler | None = None
+
+    def _read(self, split: str) -> dict[str, list[Any]]:
+        if self.shards is not None:
+            return rows_from_shards(self.shards[split], self.rank, self.world, TRAIN_COLUMNS)
+        import ray.train
+
+        return collect_rows(ray.train.get_dataset_shard(split), TRAIN_COLUMNS)
 
     def rows(self) -> RowSampler:
         if self._rows is None:
             cfg = self.cfg
-            self._rows = RowSampler(collect_rows(self.train_shard, TRAIN_COLUMNS), cfg.sampling,
-                                    cfg.seed, cfg.batch_size, self.rank)
+            self._rows = RowSampler(self._read("train"), cfg.sampling, cfg.seed,
+                                    cfg.batch_size, self.rank)
         return self._rows
+
+    @property
+    def train_shard(self) -> Any:
+        import ray.train
+
+        return ray.train.get_dataset_shard("train")
 
     def val_batches(self, device: Any) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         if self.cfg.sampling not in IN_MEMORY:  # stream: splits too big to hold
-            return _batches(self.val_shard, self.cfg, device, False, self.cfg.seed)
-        if not self.held:  # one Ray Data pass per chain; later validations reuse the rows
-            self.held.update(collect_rows(self.val_shard, TRAIN_COLUMNS))
+            import ray.train
+
+            return _batches(ray.train.get_dataset_shard("val"), self.cfg, device, False,
+                            self.cfg.seed)
+        if not self.held:  # one read per chain; later validations reuse the rows
+            self.held.update(self._read("val"))
         return _held_batches(self.held, self.cfg, device)
 
 
