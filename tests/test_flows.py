@@ -16,19 +16,57 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
-    """Prefect's local API for this module (one temporary server, a private PREFECT_HOME)."""
-    home = tmp_path_factory.mktemp("prefect_home")
-    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
-    os.environ.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    from prefect.testing.utilities import prefect_test_harness
+    """Prefect's local API for this module: one temporary server on a private PREFECT_HOME,
+    its database seeded from the migrated template as `fcn run` seeds a new project's
+    (flows.prefect_home), and stopped at the end (by the object that started it)."""
+    from flows.prefect_home import remember, seed
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    home = tmp_path_factory.mktemp("prefect_home")
+    keys = ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED",
+            "PREFECT_API_BLOCKS_REGISTER_ON_START",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                      PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
+    seed(home)
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start(timeout=120)
+    remember(home)
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+            _drain_prefect_workers()  # as prefect_test_harness: no log lost or sent late
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _drain_prefect_workers() -> None:
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:  # never started
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
 
 
 def _tiny_config(tmp: Path) -> Path:

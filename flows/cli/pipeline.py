@@ -28,6 +28,9 @@ def prefect_env(project: Path) -> None:
         home = Path(os.environ.setdefault("PREFECT_HOME",
                                           str((project / "prefect").resolve())))
         home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
+        from flows.prefect_home import seed
+
+        seed(home)  # a new project's database from a migrated copy: ~11 s sooner to start
     os.environ.setdefault("FCN_DATA_DIR", str(project.resolve()))
 
 
@@ -71,6 +74,10 @@ def start_services() -> None:
         thread.join()
     if failed:
         raise failed[0]
+    if thread is not None and os.environ.get("PREFECT_HOME"):
+        from flows.prefect_home import remember
+
+        remember(Path(os.environ["PREFECT_HOME"]))  # the next new project starts from it
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
