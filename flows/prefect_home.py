@@ -90,3 +90,20 @@ def remember(home: Path) -> bool:
     except (OSError, sqlite3.Error):
         return False
     return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.prefect_home seed|remember PREFECT_HOME`` (infra/local/up.sh)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in ("seed", "remember"):
+        print("usage: python -m flows.prefect_home seed|remember PREFECT_HOME", file=sys.stderr)
+        return 2
+    done = (seed if args[0] == "seed" else remember)(Path(args[1]))
+    print(f"{args[0]}: {'done' if done else 'nothing to do'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
