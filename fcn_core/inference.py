@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ class InferenceOptions:
     overlap: float = 1 / 3  # fraction of a window shared with its neighbour
     scales: tuple[float, ...] = (1.0,)  # multi-scale: resize factors whose scores are averaged
     flip: bool = False  # also score the mirrored image and average
+    shift_stitch: int = 1  # f > 1: FCNs score by shift-and-stitch at stride s / f (§3.2)
 
     def __post_init__(self) -> None:
         if self.window is not None and self.window < 1:
@@ -31,6 +33,26 @@ class InferenceOptions:
             raise ValueError(f"overlap must be in [0, 1), got overlap={self.overlap}")
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"scales must be positive, got scales={self.scales}")
+        if isinstance(self.shift_stitch, bool) or not isinstance(self.shift_stitch, int) \
+                or self.shift_stitch < 1:
+            raise ValueError(f"shift_stitch must be an int >= 1, got "
+                             f"shift_stitch={self.shift_stitch!r}")
+
+
+def check_shift_stitch(model: nn.Module, f: int) -> None:
+    """ValueError unless shift-and-stitch by ``f`` applies to ``model``: an FCN whose output
+    stride ``f`` divides (f = 1 applies to every net)."""
+    if f == 1:
+        return
+    from fcn_core.fcn import FCN
+
+    if not isinstance(model, FCN):
+        raise ValueError(f"shift-and-stitch needs a single-stream FCN, got a "
+                         f"{type(model).__name__}")
+    if model.stride % f:
+        factors = ", ".join(str(d) for d in range(2, model.stride + 1) if model.stride % d == 0)
+        raise ValueError(f"shift-and-stitch by {f} needs a factor of the net's output stride "
+                         f"{model.stride} ({model.config.variant}): use one of {factors}")
 
 
 def _pick(scores: torch.Tensor | dict[str, torch.Tensor], head: str | None) -> torch.Tensor:
@@ -46,7 +68,7 @@ def _pick(scores: torch.Tensor | dict[str, torch.Tensor], head: str | None) -> t
     return scores[head]
 
 
-def _windowed(model: nn.Module, x: torch.Tensor, window: int, overlap: float,
+def _windowed(model: Any, x: torch.Tensor, window: int, overlap: float,
               head: str | None = None) -> torch.Tensor:
     """Average of the scores of overlapping windows covering x (N, C, H, W)."""
     n, _, h, w = x.shape
@@ -80,6 +102,14 @@ def predict_scores(model: nn.Module, x: torch.Tensor,
     or flips the softmax probabilities are averaged. A multi-head net's ``head`` (by name;
     None = the first)."""
     model.eval()
+    net = model
+    if options.shift_stitch > 1:
+        from fcn_core.shift_stitch import shift_stitch_predict
+
+        check_shift_stitch(model, options.shift_stitch)
+
+        def net(t: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+            return shift_stitch_predict(model, t, options.shift_stitch)
     h, w = x.shape[-2:]
     plain = options.scales == (1.0,) and not options.flip
     outs = []
@@ -88,8 +118,8 @@ def predict_scores(model: nn.Module, x: torch.Tensor,
                                               align_corners=False)
         for flip in (False, True) if options.flip else (False,):
             xi = xs.flip(-1) if flip else xs
-            out = _windowed(model, xi, options.window, options.overlap, head) \
-                if options.window else _pick(model(xi), head)
+            out = _windowed(net, xi, options.window, options.overlap, head) \
+                if options.window else _pick(net(xi), head)
             out = out.flip(-1) if flip else out
             if out.shape[-2:] != (h, w):
                 out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)

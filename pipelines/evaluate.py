@@ -256,6 +256,9 @@ def evaluate(model_uri: str, data: str | Path, split: str = "val", *,
     manifest.shard_paths(split)  # an unknown split fails now, before the model loads
     uri = tracking_uri() if is_mlflow_uri(model_uri) else None
     loaded = resolve_model(model_uri, uri)  # fail here, in one line, not in every actor
+    from pipelines.predict import check_options
+
+    check_options(loaded, options, model_uri)
     heads = eval_heads(loaded.net, manifest)
     skip = skipped_ids(manifest)
     rows = int(manifest.data["splits"][split]["rows"])

@@ -163,6 +163,18 @@ def check_rgb_model(loaded: Any, model_uri: str) -> None:
             "ingested NYUD dataset")
 
 
+def check_options(loaded: Any, options: InferenceOptions, model_uri: str) -> None:
+    """Inference options the model cannot take (shift-and-stitch by a factor that does not
+    divide its output stride, or of a net that is not an FCN): one usage error, up front."""
+    from fcn_core.inference import check_shift_stitch
+
+    try:
+        check_shift_stitch(loaded.net, options.shift_stitch)
+    except ValueError as e:
+        raise UsageError(f"--shift-stitch {options.shift_stitch} with model {model_uri}: "
+                         f"{e}") from None
+
+
 def predict_one(loaded: Any, path: str, out_dir: str, name: str, options: InferenceOptions,
                 device: Any = "cpu", max_pixels: int | None = None, fmt: str = "default"
                 ) -> tuple[str | None, str | None]:
@@ -321,6 +333,7 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
     loaded = _resolve(model_uri)  # before any Ray work, and before anything is written
     if fmt == "voc":
         check_voc_model(loaded, model_uri)
+    check_options(loaded, options, model_uri)
     files, missing = collect_inputs(inputs)
     if fmt == "voc":
         check_unique_ids(files)

@@ -595,3 +595,27 @@ def test_readme_image_rows_say_what_decoding_says(row):
         decode_rgb(README_ROWS[row](), "x.jpg")
     assert re.match(pattern, str(err.value)), (
         f"README row {row!r} shows `{shown.group(1)}`; decoding says: {err.value}")
+
+
+def test_predict_by_shift_and_stitch_and_a_factor_the_stride_refuses(tmp_path):
+    """`fcn predict --shift-stitch F` (the paper's §3.2): F = 2 on an FCN-8s writes every
+    image, its labels differing from plain prediction; F = 3 does not divide the stride 8
+    and is one usage error before anything is written."""
+    from fcn_core.inference import InferenceOptions
+    from pipelines.predict import predict
+
+    save(Image.fromarray(rgb(40, 44)), tmp_path / "in" / "a.png")
+    ck = str(checkpoint(tmp_path / "ck"))
+    plain = predict(ck, [str(tmp_path / "in")], str(tmp_path / "p"), log=lambda m: None)
+    got = predict(ck, [str(tmp_path / "in")], str(tmp_path / "s"),
+                  options=InferenceOptions(shift_stitch=2), log=lambda m: None)
+    assert len(got.written) == len(plain.written) == 1
+    a = np.array(Image.open(tmp_path / "p" / "a.png"))
+    b = np.array(Image.open(tmp_path / "s" / "a.png"))
+    assert a.shape == b.shape == (40, 44) and not np.array_equal(a, b)
+    with pytest.raises(UsageError, match=r"--shift-stitch 3 with model .*: shift-and-stitch by "
+                                         r"3 needs a factor of the net's output stride 8 "
+                                         r"\(fcn8s\): use one of 2, 4, 8"):
+        predict(ck, [str(tmp_path / "in")], str(tmp_path / "t"),
+                options=InferenceOptions(shift_stitch=3), log=lambda m: None)
+    assert not (tmp_path / "t").exists()

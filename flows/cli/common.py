@@ -85,9 +85,15 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", type=scales, default=None,
                    help="multi-scale averaging, e.g. 0.75,1,1.25 (default: 1)")
     p.add_argument("--flip", action="store_true", help="also average the mirrored image")
+    p.add_argument("--shift-stitch", type=positive_int, default=1, metavar="F",
+                   help="shift-and-stitch (the paper's section 3.2): score F*F copies of each "
+                        "image shifted by stride/F pixels and interlace them into a map F "
+                        "times finer before upsampling; F must divide the FCN's output stride "
+                        "(32, 16 or 8). Default 1: off")
 
 
 def inference_options(args: argparse.Namespace) -> Any:
     from fcn_core.inference import InferenceOptions
 
-    return InferenceOptions(window=args.window, scales=args.scales or (1.0,), flip=args.flip)
+    return InferenceOptions(window=args.window, scales=args.scales or (1.0,), flip=args.flip,
+                            shift_stitch=args.shift_stitch)
