@@ -36,6 +36,7 @@ SCHEDULES = ("fixed", "poly")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
 OPTIMIZERS = ("sgd", "adam")
 SAMPLING = ("random", "shuffle", "stream")  # pipelines.train.sampling
+CLASS_WEIGHTS = ("none", "inverse_frequency", "median_frequency")  # fcn_core.losses
 AMP = ("off", "bf16", "fp16", "auto")  # fcn_core.precision.AMP (not imported: it needs torch)
 STAGE_ORDER = ("32s", "16s", "8s")
 DEPTH_DATASETS = DEPTH  # the datasets whose rows carry depth and HHA images
@@ -75,7 +76,7 @@ def _number(value: Any) -> int | float:
 
 
 def _real(value: Any, *, gt: float | None = None, ge: float | None = None,
-          lt: float | None = None) -> float:
+          lt: float | None = None, le: float | None = None) -> float:
     x = float(_number(value))
     if not math.isfinite(x):
         raise _Invalid("must be a finite number")
@@ -85,6 +86,8 @@ def _real(value: Any, *, gt: float | None = None, ge: float | None = None,
         raise _Invalid(f"must be >= {ge:g}")
     if lt is not None and not x < lt:
         raise _Invalid(f"must be < {lt:g}")
+    if le is not None and not x <= le:
+        raise _Invalid(f"must be <= {le:g}")
     return x
 
 
@@ -205,11 +208,14 @@ def _raise(errors: list[str]) -> None:
 # ---------------------------------------------------------------------- the config
 
 
+STAGE_TRAIN = ("all", "score_only")  # score_only: the paper's FCN-32s-fixed (score_fr only)
 _STAGE_RULES: dict[str, Callable[[Any], Any]] = {
     "name": _choice(tuple(STAGE_VARIANTS)),
     "steps": lambda v: _int(v, ge=1),
     "lr": lambda v: _real(v, gt=0),
+    "train": _choice(STAGE_TRAIN),
 }
+_STAGE_REQUIRED = ("name", "steps", "lr")
 
 
 @dataclass(frozen=True)
@@ -217,6 +223,7 @@ class StageConfig:
     name: str  # "32s" | "16s" | "8s" | "8s-atonce"
     steps: int  # optimizer steps (global batches) in this stage
     lr: float  # base learning rate (the reference: 1e-10, 1e-12, 1e-14 with a summed loss)
+    train: str = "all"  # all | score_only (only score_fr learns: the paper's "FCN-32s-fixed")
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -240,7 +247,7 @@ def _stage(value: Any, where: str, errors: list[str]) -> StageConfig | None:
     n = len(errors)
     errors += _unknown(value, _STAGE_RULES, f"{where}: ")
     errors += [f"{where}.{k}: missing (each stage names name, steps and lr)"
-               for k in _STAGE_RULES if k not in value]
+               for k in _STAGE_REQUIRED if k not in value]
     values = _check(_STAGE_RULES, value, f"{where}.", errors)
     return StageConfig(**values) if len(errors) == n else None
 
@@ -257,6 +264,10 @@ def _stages(value: Any, errors: list[str]) -> tuple[StageConfig, ...] | None:
     if any(s is None for s in stages):
         return None
     names = [s.name for s in stages if s is not None]
+    fixed = [s.name for s in stages[:-1] if s is not None and s.train == "score_only"]
+    if fixed:
+        errors.append(f"stages: train: score_only (a fixed trunk) ends a config, got it on "
+                      f"{fixed[0]}, which another stage follows")
     if "8s-atonce" in names and len(names) > 1:
         errors.append(f"stages: 8s-atonce trains in one stage on its own, got {names}")
     elif "8s-atonce" not in names and \
@@ -284,6 +295,9 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "schedule": _choice(SCHEDULES),
     "poly_power": lambda v: _real(v, gt=0),
     "mirror": _bool,
+    "jitter": lambda v: _int(v, ge=0),
+    "loss_sampling": lambda v: _real(v, gt=0, le=1),
+    "class_weights": _choice(CLASS_WEIGHTS),
     "sampling": _choice(SAMPLING),
     "pad_multiple": lambda v: _int(v, ge=1),
     "channels_last": _bool,
@@ -331,6 +345,9 @@ class TrainConfig:
     schedule: str = "fixed"  # fixed | poly (lr * (1 - step/steps) ** poly_power)
     poly_power: float = 0.9
     mirror: bool = True  # random left-right flips
+    jitter: int = 0  # random translation up to this many pixels each way (the paper: 32)
+    loss_sampling: float = 1.0  # keep each score-grid cell's loss with this probability
+    class_weights: str = "none"  # none | inverse_frequency | median_frequency (train split)
     # random: a uniformly random row every step, with replacement (the reference layers);
     # shuffle: a new permutation every epoch; stream: Ray Data's order (splits too big for RAM)
     sampling: str = "shuffle"
@@ -374,6 +391,9 @@ class TrainConfig:
         if self.amp == "fp16" and not self.use_gpu:
             errors.append("amp: 'fp16' needs GPUs (use_gpu: true, or --gpu); on CPUs use "
                           "amp: bf16")
+        if self.class_weights != "none" and self.heads and len(self.heads) > 1:
+            errors.append(f"class_weights: {self.class_weights!r} weighs one head's classes; "
+                          f"this config has {len(self.heads)} heads")
         if self.heads and len(self.heads) > 1 and self.dataset not in GEO_DATASETS:
             errors.append(f"heads: a second head reads label_geo, which only "
                           f"{', '.join(GEO_DATASETS)} rows have, got dataset={self.dataset!r}")

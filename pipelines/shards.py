@@ -202,8 +202,19 @@ def decode_row(row: dict[str, Any], mean_bgr: tuple[float, float, float]
     return out
 
 
+def _shifted(a: np.ndarray, dy: int, dx: int, fill: Any) -> np.ndarray:
+    """``a`` moved ``dy`` rows down and ``dx`` columns right (negative: up, left), the same
+    size, the uncovered part ``fill``."""
+    out = np.full_like(a, fill)
+    h, w = a.shape[:2]
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[yd, xd] = a[ys, xs]
+    return out
+
+
 def training_batch(batch: dict[str, Any], mirror: bool = False, seed: int | None = None,
-                   multiple: int = 1) -> dict[str, np.ndarray]:
+                   multiple: int = 1, jitter: int = 0) -> dict[str, np.ndarray]:
     """Ray Data UDF (batch_format="numpy"): shard rows -> one padded uint8 batch.
 
     ``image`` uint8 RGB (N, H, W, 3), or RGB + HHA (N, H, W, 6) for NYUD rows that carry
@@ -212,6 +223,9 @@ def training_batch(batch: dict[str, Any], mirror: bool = False, seed: int | None
     reference's padding);
     ``label`` (and ``label_geo``) uint8 (N, H, W) padded with 255. Images of different sizes
     are padded at the bottom and right up to the largest, rounded up to ``multiple``.
+    ``jitter`` > 0: each image (and its labels) moves by a random translation of up to that
+    many pixels in each axis (the paper's jittering); what it uncovers is padding (the mean
+    after ``model_input``, 255 in the labels, 0 in depth).
     Staying in uint8 until the trainer moves 4x fewer bytes through Ray's object store;
     ``model_input`` does the float conversion (on the GPU when there is one).
     """
@@ -227,6 +241,16 @@ def training_batch(batch: dict[str, Any], mirror: bool = False, seed: int | None
         images = [im[:, ::-1] if f else im for im, f in zip(images, flips, strict=True)]
         labels = {k: [la[:, ::-1] if f else la for la, f in zip(v, flips, strict=True)]
                   for k, v in labels.items()}
+    moved = [np.zeros(im.shape[:2], bool) for im in images]  # pixels jitter uncovered
+    if jitter:
+        shifts = rng.integers(-jitter, jitter + 1, size=(len(images), 2))
+        images = [_shifted(im, int(dy), int(dx), 0)
+                  for im, (dy, dx) in zip(images, shifts, strict=True)]
+        moved = [_shifted(m, int(dy), int(dx), True)
+                 for m, (dy, dx) in zip(moved, shifts, strict=True)]
+        labels = {k: [_shifted(la, int(dy), int(dx), 255 if k != "depth" else 0)
+                      for la, (dy, dx) in zip(v, shifts, strict=True)]
+                  for k, v in labels.items()}
     h = -(-max(im.shape[0] for im in images) // multiple) * multiple
     w = -(-max(im.shape[1] for im in images) // multiple) * multiple
     out = {"image": np.zeros((len(images), h, w, images[0].shape[2]), np.uint8),
@@ -234,7 +258,7 @@ def training_batch(batch: dict[str, Any], mirror: bool = False, seed: int | None
     out["pad"][:] = True
     for i, im in enumerate(images):
         out["image"][i, : im.shape[0], : im.shape[1]] = im
-        out["pad"][i, : im.shape[0], : im.shape[1]] = False
+        out["pad"][i, : im.shape[0], : im.shape[1]] = moved[i]
     for k, v in labels.items():
         out[k] = np.full((len(images), h, w), 255 if k != "depth" else 0, v[0].dtype)
         for i, la in enumerate(v):

@@ -60,6 +60,11 @@ BAD = [
     ("schedule", "step", "must be one of fixed, poly"),
     ("poly_power", 0, "must be > 0"),
     ("mirror", 0, "must be true or false"),
+    ("jitter", -1, "must be >= 0"),
+    ("jitter", 2.5, "must be a whole number"),
+    ("loss_sampling", 0, "must be > 0"),
+    ("loss_sampling", 1.5, "must be <= 1"),
+    ("class_weights", "inverse", "must be one of none, inverse_frequency, median_frequency"),
     ("sampling", "epoch", "must be one of random, shuffle, stream"),
     ("pad_multiple", 0, "must be >= 1"),
     ("channels_last", None, "must be true or false"),
@@ -117,11 +122,29 @@ def test_the_table_covers_every_field():
     ([{**S32, "name": "8s"}, S32], "stages: must follow 32s -> 16s -> 8s"),
     ([S32, S32], "stages: must follow 32s -> 16s -> 8s"),
     ([{**S32, "name": "8s-atonce"}, S32], "stages: 8s-atonce trains in one stage on its own"),
+    ([{**S32, "train": "frozen"}], "stages[0].train: must be one of all, score_only, got "
+                                   "'frozen'"),
+    ([{**S32, "train": "score_only"}, S16], "stages: train: score_only (a fixed trunk) ends a "
+                                            "config, got it on 32s"),
 ])
 def test_bad_stages_name_the_stage_and_the_field(stages, message):
     with pytest.raises(ConfigError) as err:
         from_dict({"stages": stages})
     assert message in str(err.value)
+
+
+def test_the_paper_experiment_fields_load_and_default_to_the_plain_recipe():
+    cfg = from_dict({"stages": [{**S32, "train": "score_only"}], "jitter": 32,
+                     "loss_sampling": "5e-1", "class_weights": "median_frequency"})
+    assert cfg.stages[0].train == "score_only" and cfg.jitter == 32
+    assert cfg.loss_sampling == 0.5 and cfg.class_weights == "median_frequency"
+    plain = from_dict({})
+    assert (plain.jitter, plain.loss_sampling, plain.class_weights) == (0, 1.0, "none")
+    assert all(s.train == "all" for s in plain.stages)
+    with pytest.raises(ConfigError, match="class_weights: 'inverse_frequency' weighs one "
+                                          "head's classes; this config has 2 heads"):
+        from_dict({"dataset": "siftflow", "heads": {"semantic": 33, "geometric": 3},
+                   "class_weights": "inverse_frequency"})
 
 
 def test_rules_between_fields():

@@ -161,3 +161,118 @@ def test_workers_read_their_shares_from_the_shards_every_row_once(tmp_path):
             assert all(stored[i] == b for i, b in zip(got["id"], got["image"], strict=True))
             seen += got["id"]
         assert seen == table["id"].to_pylist()  # every row once, in the shards' order
+
+
+# ------------------------------------------------------ the paper's §3-4 training options
+
+def test_class_weights_from_a_known_histogram():
+    from fcn_core.losses import class_weights
+
+    pixels = [10, 30, 0, 60]  # shares 0.1, 0.3, (absent), 0.6
+    inv = class_weights(pixels, "inverse_frequency").tolist()
+    assert inv == pytest.approx([1 / 0.3, 1 / 0.9, 0.0, 1 / 1.8])
+    assert sum(f * w for f, w in zip([0.1, 0.3, 0, 0.6], inv, strict=True)) == pytest.approx(1)
+    assert class_weights(pixels, "median_frequency").tolist() == pytest.approx([3, 1, 0, 0.5])
+    assert class_weights(pixels, "none") is None
+    with pytest.raises(ValueError, match="positive sum"):
+        class_weights([0, 0], "inverse_frequency")
+
+
+def test_weighted_loss_is_the_weighted_sum_of_pixel_losses():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 3, 4, 5)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[0, 0, 0] = 255
+    w = torch.tensor([0.5, 2.0, 1.0])
+    logp = scores.log_softmax(1)
+    valid = target != 255
+    t = target.clamp(max=2)
+    pix = -logp.gather(1, t[:, None])[:, 0] * w[t]
+    want_sum = pix[valid].sum() / 2
+    assert segmentation_loss(scores, target, weight=w) == pytest.approx(float(want_sum), rel=1e-5)
+    want_norm = pix[valid].sum() / w[t][valid].sum()
+    assert segmentation_loss(scores, target, weight=w, normalize=True) == \
+        pytest.approx(float(want_norm), rel=1e-5)
+
+
+def test_loss_sampling_drops_whole_cells_at_the_rate_asked_and_keeps_ignore_ignored():
+    from fcn_core.losses import sample_loss_cells
+
+    target = torch.ones(4, 64, 60, dtype=torch.long)
+    target[:, :3, :] = 255  # already ignored: must stay so
+    assert sample_loss_cells(target, 8, 1.0) is target
+    g = torch.Generator().manual_seed(7)
+    out = sample_loss_cells(target, 8, 0.5, g)
+    assert (out[:, :3] == 255).all()
+    cells = out[:, ::8, ::8] == 255  # a cell's top-left pixel (row 0 is ignored anyway)
+    rows = out.reshape(4, 8, 8, 60)[:, :, 4:, :]  # every cell: its lower rows all agree
+    for n in range(4):
+        for i in range(1, 8):
+            for j in range(8):
+                block = out[n, 8 * i:8 * i + 8, 8 * j:8 * j + 8]
+                assert (block == 255).all() or (block == 1).all()
+    assert rows.numel() > 0
+    dropped = (out[:, 8:, :] == 255).float().mean().item()  # cells below the ignored rows
+    assert 0.4 < dropped < 0.6, dropped
+    again = sample_loss_cells(target, 8, 0.5, torch.Generator().manual_seed(7))
+    assert torch.equal(again, out) and cells.any()
+    assert (sample_loss_cells(target, 8, 0.25, g)[:, 8:] == 255).float().mean() > 0.65
+
+
+def test_sampled_labels_follow_seed_rank_and_step():
+    from pipelines.train.step import sampled_labels
+
+    labels = {"label": torch.zeros(2, 32, 32, dtype=torch.long), "depth": torch.ones(2, 32, 32)}
+    a = sampled_labels(labels, 0.5, 8, 1337, 0, 10)
+    assert torch.equal(a["label"], sampled_labels(labels, 0.5, 8, 1337, 0, 10)["label"])
+    assert not torch.equal(a["label"], sampled_labels(labels, 0.5, 8, 1337, 0, 11)["label"])
+    assert not torch.equal(a["label"], sampled_labels(labels, 0.5, 8, 1337, 1, 10)["label"])
+    assert a["depth"] is labels["depth"]  # only label maps are sampled
+    assert sampled_labels(labels, 1.0, 8, 1, 0, 0) is labels
+
+
+def test_score_only_stage_trains_only_score_fr():
+    cfg = TrainConfig(dataset="voc", width=1 / 16, optimizer="sgd", momentum=0.0,
+                      stages=(StageConfig("32s", 1, 0.1, train="score_only"),))
+    model = build_stage_model(cfg, cfg.stages[0], 21, None, log=lambda m: None)
+    learning = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert learning == {"heads.out.score_fr.weight", "heads.out.score_fr.bias"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, cfg, cfg.stages[0])
+    x = torch.randn(2, 3, 64, 64)
+    train_step(model, opt, x, {"label": torch.randint(0, 21, (2, 64, 64))}, ["out"], True)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == learning  # the trunk and fc6/fc7 are the fixed VGG16 features
+
+
+def test_jitter_moves_image_and_labels_together_and_pads_what_it_uncovers():
+    from pipelines.shards import encode_png, training_batch
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    label = rng.integers(0, 21, (20, 24), dtype=np.uint8)
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    batch = {"image": np.array([buf.getvalue()], object),
+             "label": np.array([encode_png(label)], object)}
+    seen = set()
+    for seed in range(12):
+        b = training_batch(batch, seed=seed, jitter=4)
+        img, lab, pad = b["image"][0], b["label"][0], b["pad"][0]
+        assert img.shape == (20, 24, 3)
+        shift = next((dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
+                     if np.array_equal(lab[max(dy, 0):20 + min(dy, 0), max(dx, 0):24 + min(dx, 0)],
+                                       label[max(-dy, 0):20 - max(dy, 0),
+                                             max(-dx, 0):24 - max(dx, 0)]))
+        dy, dx = shift
+        inside = np.zeros((20, 24), bool)
+        inside[max(dy, 0):20 + min(dy, 0), max(dx, 0):24 + min(dx, 0)] = True
+        assert (lab[~inside] == 255).all() and (pad == ~inside).all()
+        assert np.array_equal(img[inside], np.roll(image, (dy, dx), (0, 1))[inside])
+        seen.add(shift)
+    assert len(seen) > 3  # random, within +-4
+    plain = training_batch(batch, seed=0)
+    assert np.array_equal(plain["label"][0], label) and not plain["pad"][0].any()

@@ -97,6 +97,7 @@ def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: Pi
             "mlflow_run_ids": mlflow_run_ids, "tracking_uri": tracking_uri(),
             "threads_per_worker": cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)),
             "shards": shards,
+            "class_weights": _class_weights(cfg, manifest),
         },
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
@@ -125,6 +126,15 @@ def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: Pi
     if result.error is not None:
         raise StageFailed(f"stage {_current(stages, run)} failed: {result.error}; continue it "
                           f"with `fcn train --resume {run.run_id}`") from result.error
+
+
+def _class_weights(cfg: TrainConfig, manifest: Any) -> list[float] | None:
+    """``class_weights`` from the training split's class pixel counts (the manifest's)."""
+    from fcn_core.losses import class_weights
+
+    w = class_weights(manifest.data["splits"][cfg.train_split]["class_pixels"],
+                      cfg.class_weights)
+    return None if w is None else [float(v) for v in w]
 
 
 def _done_file(run: PipelineRun, stage: str) -> str:

@@ -38,7 +38,22 @@ def build_stage_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
     model = _initial_model(cfg, stage, num_classes, init_checkpoint, log, previous)
     if not cfg.learn_upsampling:  # the reference fixes every deconvolution (lr_mult: 0),
         freeze_upsampling(model)  # in every stage: a promoted net must not unfreeze them
+    if stage.train == "score_only":  # the paper's FCN-32s-fixed: only the classifier learns
+        learning = train_only_scores(model)
+        log(f"train: score_only: {', '.join(learning)} learn; the rest is fixed")
     return model
+
+
+def train_only_scores(model: nn.Module) -> list[str]:
+    """Fix every parameter but the score_fr layers' (the last stage of a config: the config
+    check refuses a stage after it); the names of those that still learn."""
+    learning = []
+    for name, p in model.named_parameters():
+        keep = ".score_fr." in f".{name}"
+        p.requires_grad_(keep)
+        if keep:
+            learning.append(name)
+    return learning
 
 
 def freeze_upsampling(model: nn.Module) -> list[str]:
@@ -131,8 +146,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, stage: StageConfig
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                labels: dict[str, torch.Tensor], heads: list[str], normalize: bool,
-               amp: str = "off", scaler: torch.amp.GradScaler | None = None) -> float:
-    """One SGD step; the forward pass (and the loss) under ``amp``'s autocast, weights fp32."""
+               amp: str = "off", scaler: torch.amp.GradScaler | None = None,
+               weight: torch.Tensor | None = None) -> float:
+    """One SGD step; the forward pass (and the loss) under ``amp``'s autocast, weights fp32.
+    ``weight``: per-class loss weights (``class_weights``) of a single-head net."""
     model.train()
     with autocast(amp, x.device):
         scores = model(x)
@@ -141,7 +158,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
             loss = multi_head_loss(scores, {h: labels[keys[h]] for h in scores},
                                    normalize=normalize)
         else:
-            loss = multi_head_loss(scores, labels["label"], normalize=normalize)
+            loss = multi_head_loss(scores, labels["label"], normalize=normalize, weight=weight)
     backward_step(loss, optimizer, scaler)
     return float(loss.detach())
 
@@ -213,3 +230,27 @@ def _scores(cms: dict[str, ConfusionMatrix], heads: list[str]) -> dict[str, floa
         prefix = "" if h == heads[0] else f"{h}_"
         out.update({f"{prefix}{k}": v for k, v in s.items() if k != "per_class_iu"})
     return out
+
+
+def output_stride(model: nn.Module) -> int:
+    """The stride of a net's final score grid (an FCN's variant; a late fusion's streams')."""
+    from fcn_core.precision import unwrap
+
+    net = unwrap(model)
+    net = getattr(net, "color", net)
+    return int(getattr(net, "stride", 32))
+
+
+def sampled_labels(labels: dict[str, torch.Tensor], p: float, stride: int, seed: int,
+                   rank: int, step: int) -> dict[str, torch.Tensor]:
+    """Loss sampling for one step: the label maps with each stride x stride cell dropped
+    (set to ignore) with probability 1 - p, drawn from (seed, rank, step): a resumed step
+    drops the same cells."""
+    from fcn_core.losses import sample_loss_cells
+
+    if p >= 1:
+        return labels
+    g = torch.Generator().manual_seed(int(np.random.default_rng([seed, rank, step, 4451])
+                                          .integers(2**62)))
+    return {k: sample_loss_cells(v, stride, p, g) if k.startswith("label") else v
+            for k, v in labels.items()}

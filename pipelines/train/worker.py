@@ -28,7 +28,9 @@ from pipelines.train.step import (
     _scores,
     build_stage_model,
     make_optimizer,
+    output_stride,
     replicas_in_sync,
+    sampled_labels,
     set_lr,
     train_step,
     validate,
@@ -54,7 +56,7 @@ def _batches(shard: Any, cfg: TrainConfig, device: Any, train: bool, seed: int
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
             self.calls += 1
             b = training_batch(batch, mirror=train and cfg.mirror, seed=seed + self.calls,
-                               multiple=cfg.pad_multiple)
+                               multiple=cfg.pad_multiple, jitter=cfg.jitter if train else 0)
             return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
 
     it = shard.iter_torch_batches(
@@ -78,7 +80,7 @@ def _sampled_batches(rows: RowSampler, cfg: TrainConfig, device: Any, start: int
 
     def prepare(step: int) -> dict[str, np.ndarray]:
         return training_batch(rows.batch(step), mirror=cfg.mirror, seed=cfg.seed + step,
-                              multiple=cfg.pad_multiple)
+                              multiple=cfg.pad_multiple, jitter=cfg.jitter)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         ahead = [pool.submit(prepare, start), pool.submit(prepare, start + 1)]
@@ -224,6 +226,9 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
     if cfg.amp == "auto" and previous is None:
         log(f"amp auto: {amp} on {device.type}")
     scaler = grad_scaler(amp, device)  # fp16 only
+    stride = output_stride(model)  # loss sampling's cells
+    weight = (torch.tensor(loop["class_weights"], dtype=torch.float32, device=device)
+              if loop.get("class_weights") else None)
     tracker = None
     run_ids = loop.get("mlflow_run_ids") or {}
     if rank == 0 and run_ids.get(stage.name):
@@ -296,8 +301,10 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
                     rank == world - 1 and _first_injection(stage_dir):
                 raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
             lr = set_lr(optimizer, cfg, stage, step)
+            if cfg.loss_sampling < 1:
+                labels = sampled_labels(labels, cfg.loss_sampling, stride, cfg.seed, rank, step)
             loss = train_step(model, optimizer, x, labels, heads, cfg.normalize_loss,
-                              amp, scaler)
+                              amp, scaler, weight)
             step += 1
             window_imgs += x.shape[0] * world
             metrics = {"loss": loss, "lr": lr, "step": step, "resumed_from": resumed_from}
