@@ -15,12 +15,12 @@ _EXPORTS = {
     "ConfusionMatrix": "metrics",
     "segmentation_loss": "losses", "multi_head_loss": "losses",
     "convolutionalize": "surgery", "transplant_vgg16": "surgery", "promote": "surgery",
-    "upsample_filt": "surgery",
+    "upsample_filt": "surgery", "build_model": "models",
 }
 __all__ = [  # noqa: F822 - provided lazily by __getattr__
     "FCN", "FCNConfig", "build", "fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce",
     "ConfusionMatrix", "segmentation_loss", "multi_head_loss",
-    "convolutionalize", "transplant_vgg16", "promote", "upsample_filt",
+    "convolutionalize", "transplant_vgg16", "promote", "upsample_filt", "build_model",
 ]
 
 
@@ -34,4 +34,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from fcn_core.fcn import FCN, FCNConfig, build, fcn8s, fcn8s_atonce, fcn16s, fcn32s
     from fcn_core.losses import multi_head_loss, segmentation_loss
     from fcn_core.metrics import ConfusionMatrix
+    from fcn_core.models import build_model
     from fcn_core.surgery import convolutionalize, promote, transplant_vgg16, upsample_filt

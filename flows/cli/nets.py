@@ -6,17 +6,15 @@ import argparse
 
 from flows.cli.common import positive_float, positive_int, size
 
-VARIANTS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
-
 
 def cmd_describe(args: argparse.Namespace) -> int:
     import torch
 
-    from fcn_core.fcn import BUILDERS
+    from fcn_core.models import build_model
     from fcn_core.profile import layer_stats
 
-    model = BUILDERS[args.variant](num_classes=args.classes, width=args.width,
-                                   in_channels=args.in_channels).eval()
+    model = build_model(args.variant, num_classes=args.classes, width=args.width,
+                        in_channels=args.in_channels).eval()
     h, w = args.size
     x = torch.zeros(1, args.in_channels, h, w)
     stats = layer_stats(model, x)
@@ -27,19 +25,24 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print(f"{s.name:<28}{s.kind:<17}{str(s.out_shape):<22}{s.params:>12,}{s.macs / 1e6:>12.1f}")
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"crop offsets: {model.offsets}")
+    if hasattr(model, "offsets"):
+        print(f"crop offsets: {model.offsets}")
     print(f"parameters: {n_params:,} ({n_train:,} trainable)   "
           f"GMAC per image: {sum(s.macs for s in stats) / 1e9:.2f}")
     return 0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from fcn_core.models import NAMES, describe_names
+
     p = sub.add_parser("describe", help="print an FCN's layers, shapes, crop offsets and cost",
-                       description="Build an FCN and print every conv, pool and deconvolution "
-                                   "with its output shape, parameters and multiply-accumulates "
-                                   "for one input size.")
-    p.add_argument("--variant", choices=VARIANTS, default="fcn8s",
-                   help="which net (default: fcn8s)")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Build a net of fcn_core.build_model's table and print every "
+                                   "conv, pool and deconvolution with its output shape, "
+                                   "parameters and multiply-accumulates for one input size.",
+                       epilog="nets:\n" + describe_names())
+    p.add_argument("--variant", choices=NAMES, default="fcn8s",
+                   help="which net (default: fcn8s; the list below)")
     p.add_argument("--width", type=positive_float, default=1.0,
                    help="channel multiplier of VGG16 (1.0 = the real net; default 1.0)")
     p.add_argument("--classes", type=positive_int, default=21,

@@ -1,0 +1,42 @@
+"""One table of nets: ``build_model(name, ...)`` is what configs, the CLI and the registry read.
+
+Every net maps (N, C, H, W) to scores (N, classes, H, W) for any H, W >= 1 (a dict of such
+maps for a net with several heads). The names need no torch import (``NAMES``), so an
+argument parser can list them; ``build_model`` imports the builder on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# name -> (module, builder, one line for --help and `fcn describe`)
+_TABLE: dict[str, tuple[str, str, str]] = {
+    "fcn32s": ("fcn_core.fcn", "fcn32s", "VGG16 FCN-32s: score_fr upsampled 32x"),
+    "fcn16s": ("fcn_core.fcn", "fcn16s", "VGG16 FCN-16s: + the pool4 skip"),
+    "fcn8s": ("fcn_core.fcn", "fcn8s", "VGG16 FCN-8s: + the pool3 skip"),
+    "fcn8s_atonce": ("fcn_core.fcn", "fcn8s_atonce",
+                     "VGG16 FCN-8s trained in one stage (scaled skips)"),
+}
+NAMES: tuple[str, ...] = tuple(_TABLE)
+
+
+def describe_names() -> str:
+    """``name: what`` lines, for --help."""
+    return "\n".join(f"  {n:<14} {what}" for n, (_, _, what) in _TABLE.items())
+
+
+def build_model(name: str, *, num_classes: int = 21, in_channels: int = 3, width: float = 1.0,
+                heads: Mapping[str, int] | None = None) -> nn.Module:
+    """The net ``name`` (one of ``NAMES``) with random or zero-initialised weights, as its
+    builder makes it: ``num_classes`` scores per pixel (or ``heads``: name -> classes),
+    ``in_channels`` input channels, channel multiplier ``width``."""
+    if name not in _TABLE:
+        raise ValueError(f"name must be one of {', '.join(NAMES)}, got name={name!r}")
+    module, builder, _ = _TABLE[name]
+    build = getattr(importlib.import_module(module), builder)
+    return build(num_classes=num_classes, width=width, in_channels=in_channels, heads=heads)
