@@ -50,26 +50,35 @@ def start_services() -> None:
     parts = ["Prefect's temporary API"] if not os.environ.get("PREFECT_API_URL") else []
     parts += {"local": ["a local Ray"], "gcs": ["the Ray driver"]}.get(kind, [])
     print(f"starting {', '.join([*parts, 'the MLflow store'])} ...", flush=True)
-    if not os.environ.get("PREFECT_API_URL"):
-        from prefect.server.api.server import SubprocessASGIServer
-
-        def start() -> None:
+    def in_thread(name: str, fn: Any) -> threading.Thread:
+        def run() -> None:
             try:
-                SubprocessASGIServer().start()
+                fn()
             except BaseException as e:  # noqa: BLE001  (raised below, in this thread)
                 failed.append(e)
 
-        thread = threading.Thread(target=start, name="prefect-api", daemon=True)
-        thread.start()
+        t = threading.Thread(target=run, name=name, daemon=True)
+        t.start()
+        return t
+
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.server.api.server import SubprocessASGIServer
+
+        thread = in_thread("prefect-api", lambda: SubprocessASGIServer().start())
+
+    def open_mlflow() -> None:  # a new SQLite store runs its migrations (~2.5 s)
+        from mlflow.tracking import MlflowClient
+
+        from pipelines.tracking import tracking_uri
+
+        MlflowClient(tracking_uri()).search_experiments(max_results=1)
+
+    store = in_thread("mlflow-store", open_mlflow)
     if kind in ("local", "gcs"):
         from pipelines.ray_env import init_ray
 
         init_ray()
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.tracking import tracking_uri
-
-    MlflowClient(tracking_uri()).search_experiments(max_results=1)
+    store.join()
     if thread is not None:
         thread.join()
     if failed:
