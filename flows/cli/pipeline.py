@@ -220,8 +220,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     home = project.resolve()
     print(f"fcn demo: the whole pipeline through Prefect on a generated dataset, all state in "
-          f"{home}/\n  ingest (Ray Data) -> FCN-32s -> 16s -> 8s (Ray Train, 2 "
-          "workers) -> evaluate -> register (MLflow)\n", flush=True)
+          f"{home}/\n  ingest (128 images: in this process; Ray Data above 256) -> FCN-32s "
+          "-> 16s -> 8s (Ray Train, 2 workers) -> evaluate -> register (MLflow)\n",
+          flush=True)
     start_services()
     from flows.pipeline import fcn_pipeline
 
