@@ -21,6 +21,8 @@ _TABLE: dict[str, tuple[str, str, str]] = {
     "fcn8s": ("fcn_core.fcn", "fcn8s", "VGG16 FCN-8s: + the pool3 skip"),
     "fcn8s_atonce": ("fcn_core.fcn", "fcn8s_atonce",
                      "VGG16 FCN-8s trained in one stage (scaled skips)"),
+    "fcn32s_alexnet": ("fcn_core.alexnet", "fcn32s_alexnet",
+                       "AlexNet FCN-32s (torchvision's single-tower AlexNet trunk)"),
 }
 NAMES: tuple[str, ...] = tuple(_TABLE)
 
