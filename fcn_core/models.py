@@ -23,6 +23,8 @@ _TABLE: dict[str, tuple[str, str, str]] = {
                      "VGG16 FCN-8s trained in one stage (scaled skips)"),
     "fcn32s_alexnet": ("fcn_core.alexnet", "fcn32s_alexnet",
                        "AlexNet FCN-32s (torchvision's single-tower AlexNet trunk)"),
+    "fcn32s_googlenet": ("fcn_core.googlenet", "fcn32s_googlenet",
+                         "GoogLeNet FCN-32s (torchvision's trunk through inception5b)"),
 }
 NAMES: tuple[str, ...] = tuple(_TABLE)
 
