@@ -16,17 +16,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from fcn_core.fcn import (
-    IDENTITY,
-    SINGLE_HEAD,
-    _deconv,
-    _score,
-    coord_step,
-    coord_through,
-    crop,
-    crop_offset,
-)
-from fcn_core.vgg import check_width, scaled
+from fcn_core.fcn import Coord, coord_through
+from fcn_core.stride32 import Stride32FCN
+from fcn_core.vgg import scaled
 
 ALEXNET_CHANNELS = (64, 192, 384, 256, 256)
 ALEXNET_FC_CHANNELS = 4096
@@ -36,31 +28,14 @@ _CONVS = {"features.0": "features.0", "features.3": "features.3", "features.6": 
           "features.8": "features.8", "features.10": "features.10"}
 
 
-class AlexNetScoreHead(nn.Module):
-    def __init__(self, num_classes: int, c_fc: int) -> None:
-        super().__init__()
-        self.score_fr = _score(c_fc, num_classes)
-        self.upscore = _deconv(num_classes, 63, 32, learnable=False)
-
-
-class FCNAlexNet(nn.Module):
+class FCNAlexNet(Stride32FCN):
     """FCN-32s on AlexNet: (N, C, H, W) -> scores (N, classes, H, W) for any H, W >= 1 (a dict
     of them with several ``heads``)."""
-
-    stride = 32
 
     def __init__(self, num_classes: int = 21, width: float = 1.0, in_channels: int = 3,
                  heads: Mapping[str, int] | None = None) -> None:
         super().__init__()
-        check_width(width)
-        if not (isinstance(in_channels, int) and in_channels >= 1):
-            raise ValueError(f"in_channels must be an int >= 1, got in_channels={in_channels!r}")
-        self.heads_spec = {SINGLE_HEAD: num_classes} if heads is None else dict(heads)
-        for name, n in self.heads_spec.items():
-            if not (isinstance(n, int) and n >= 1):
-                raise ValueError(f"num_classes must be an int >= 1, got num_classes={n!r} "
-                                 f"(head {name!r})")
-        self.width, self.in_channels = float(width), in_channels
+        self._check(num_classes, width, in_channels, heads)
         c1, c2, c3, c4, c5 = (scaled(c, width) for c in ALEXNET_CHANNELS)
         cfc = scaled(ALEXNET_FC_CHANNELS, width)
         self.features = nn.Sequential(
@@ -76,32 +51,19 @@ class FCNAlexNet(nn.Module):
         self.relu6, self.drop6 = nn.ReLU(inplace=True), nn.Dropout(0.5)
         self.fc7 = nn.Conv2d(cfc, cfc, 1)
         self.relu7, self.drop7 = nn.ReLU(inplace=True), nn.Dropout(0.5)
-        self.heads = nn.ModuleDict({name: AlexNetScoreHead(n, cfc)
-                                    for name, n in self.heads_spec.items()})
         for m in [*self.features, self.fc6, self.fc7]:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
-        self.offsets = {"score": self.crop_offset()}
+        self._add_heads(cfc)
 
-    def crop_offset(self) -> int:
-        score_fr = coord_through([*self.features, self.fc6, self.fc7])
-        head = next(iter(self.heads.values()))
-        return crop_offset(coord_step(head.upscore, score_fr), IDENTITY)
+    def score_coord(self) -> Coord:
+        return coord_through([*self.features, self.fc6, self.fc7])
 
-    def fc7_features(self, x: torch.Tensor) -> torch.Tensor:
+    def score_input(self, x: torch.Tensor) -> torch.Tensor:
+        """fc7's output, the map score_fr reads."""
         x = self.features(x)
         return self.drop7(self.relu7(self.fc7(self.drop6(self.relu6(self.fc6(x))))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got {shape}")
-        h, w = x.shape[-2:]
-        fc7 = self.fc7_features(x)
-        out = {name: crop(head.upscore(head.score_fr(fc7)), self.offsets["score"], h, w)
-               for name, head in self.heads.items()}
-        return out[SINGLE_HEAD] if list(out) == [SINGLE_HEAD] else out
 
 
 def fcn32s_alexnet(*, num_classes: int = 21, width: float = 1.0, in_channels: int = 3,

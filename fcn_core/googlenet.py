@@ -20,8 +20,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from fcn_core.fcn import IDENTITY, SINGLE_HEAD, _deconv, _score, coord_step, crop, crop_offset
-from fcn_core.vgg import check_width, scaled
+from fcn_core.fcn import IDENTITY, Coord, coord_step
+from fcn_core.stride32 import Stride32FCN
+from fcn_core.vgg import scaled
 
 CONV1_PAD = 100
 # torchvision's inception blocks: (ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj)
@@ -37,30 +38,13 @@ _ORDER = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inc
           "inception4e", "maxpool4", "inception5a", "inception5b")
 
 
-class GoogLeNetScoreHead(nn.Module):
-    def __init__(self, num_classes: int, c_in: int) -> None:
-        super().__init__()
-        self.score_fr = _score(c_in, num_classes)
-        self.upscore = _deconv(num_classes, 63, 32, learnable=False)
-
-
-class FCNGoogLeNet(nn.Module):
+class FCNGoogLeNet(Stride32FCN):
     """FCN-32s on GoogLeNet: (N, C, H, W) -> scores (N, classes, H, W) for any H, W >= 1."""
-
-    stride = 32
 
     def __init__(self, num_classes: int = 21, width: float = 1.0, in_channels: int = 3,
                  heads: Mapping[str, int] | None = None) -> None:
         super().__init__()
-        check_width(width)
-        if not (isinstance(in_channels, int) and in_channels >= 1):
-            raise ValueError(f"in_channels must be an int >= 1, got in_channels={in_channels!r}")
-        self.heads_spec = {SINGLE_HEAD: num_classes} if heads is None else dict(heads)
-        for name, n in self.heads_spec.items():
-            if not (isinstance(n, int) and n >= 1):
-                raise ValueError(f"num_classes must be an int >= 1, got num_classes={n!r} "
-                                 f"(head {name!r})")
-        self.width, self.in_channels = float(width), in_channels
+        self._check(num_classes, width, in_channels, heads)
         tv = importlib.import_module("torchvision.models.googlenet")
         conv, inception = tv.BasicConv2d, tv.Inception
 
@@ -76,18 +60,15 @@ class FCNGoogLeNet(nn.Module):
         self.maxpool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
         channels = c(192)
         for name, spec in _BLOCKS.items():
-            block = inception(channels, *(c(v) for v in spec))
-            setattr(self, name, block)
+            setattr(self, name, inception(channels, *(c(v) for v in spec)))
             channels = c(spec[0]) + c(spec[2]) + c(spec[4]) + c(spec[5])
         self.channels = channels  # 1024 at width 1
-        self.heads = nn.ModuleDict({name: GoogLeNetScoreHead(n, channels)
-                                    for name, n in self.heads_spec.items()})
-        self.offsets = {"score": self.crop_offset()}
+        self._add_heads(channels)
 
     def trunk(self) -> list[nn.Module]:
         return [getattr(self, n) for n in _ORDER]
 
-    def crop_offset(self) -> int:
+    def score_coord(self) -> Coord:
         coord = IDENTITY
         for m in self.trunk():
             if isinstance(m, nn.MaxPool2d):
@@ -95,23 +76,13 @@ class FCNGoogLeNet(nn.Module):
             elif isinstance(getattr(m, "conv", None), nn.Conv2d):  # BasicConv2d
                 coord = coord_step(m.conv, coord)
             # an Inception block: every branch keeps size and centre (pointwise)
-        head = next(iter(self.heads.values()))
-        return crop_offset(coord_step(head.upscore, coord), IDENTITY)
+        return coord
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def score_input(self, x: torch.Tensor) -> torch.Tensor:
+        """inception5b's output (N, 1024 w, ~H/32, ~W/32), the map score_fr reads."""
         for m in self.trunk():
             x = m(x)
-        return x  # inception5b: (N, 1024 w, ~H/32, ~W/32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got {shape}")
-        h, w = x.shape[-2:]
-        f = self.features(x)
-        out = {name: crop(head.upscore(head.score_fr(f)), self.offsets["score"], h, w)
-               for name, head in self.heads.items()}
-        return out[SINGLE_HEAD] if list(out) == [SINGLE_HEAD] else out
+        return x
 
 
 def fcn32s_googlenet(*, num_classes: int = 21, width: float = 1.0, in_channels: int = 3,

@@ -27,7 +27,7 @@ def test_fc_to_conv_equals_torchvisions_classifier_at_224():
     net.features[0].padding = (2, 2)  # torchvision's geometry: pool5 is 6x6, fc6 gives 1x1
     with torch.no_grad():
         fc7_tv = tv.classifier[:6](torch.flatten(tv.avgpool(tv.features(x)), 1))
-        fc7 = net.fc7_features(x)
+        fc7 = net.score_input(x)
     assert fc7.shape == (2, 4096, 1, 1)
     torch.testing.assert_close(fc7[:, :, 0, 0], fc7_tv, rtol=1e-4, atol=1e-4)
 

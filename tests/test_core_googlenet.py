@@ -30,7 +30,7 @@ def test_the_trunk_is_torchvisions_and_a_shifted_image_shifts_the_scores():
     x = torch.randn(1, 3, 224, 224)
     net.conv1.conv.padding = (3, 3)  # torchvision's own geometry
     with torch.no_grad():
-        mine = net.features(x)
+        mine = net.score_input(x)
         g = importlib.import_module("torchvision.models.googlenet")
         theirs = x
         for name in ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a",
