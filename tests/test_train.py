@@ -12,6 +12,7 @@ from pipelines.ingest import IngestConfig, ingest
 from pipelines.shards import read_manifest
 from pipelines.sources import synthetic as synth
 from pipelines.train import CHECKPOINT_FILE, StageFailed, load_model, train_pipeline
+from pipelines.train.step import build_stage_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -124,12 +125,20 @@ def test_siftflow_two_heads_and_nyud_rgbd_complete_a_few_steps(shards, tmp_path,
     assert res.steps == 3 and {"mean_iu", "geometric_mean_iu"} <= set(res.metrics)
     assert load_model(res.checkpoint).config.heads == {"semantic": 33, "geometric": 3}
 
-    nyud = TrainConfig(name="ny", dataset="nyud", input="rgbd", **base,
-                       stages=(StageConfig("32s", 3, 0.01),))
+    # The paper's training options through Ray Train too (FCN-32s-fixed, loss sampling,
+    # class balancing, jitter): the trunk comes back as it started, only score_fr learned.
+    nyud = TrainConfig(name="ny", dataset="nyud", input="rgbd", **base, loss_sampling=0.5,
+                       class_weights="median_frequency", jitter=4,
+                       stages=(StageConfig("32s", 3, 0.01, train="score_only"),))
     _, (res,) = train_pipeline(nyud, shards["nyud"], storage=tmp_path / "r2",
                                log=lambda m: None)
     model = load_model(res.checkpoint)
     assert res.steps == 3 and model.config.in_channels == 4 and "mean_iu" in res.metrics
+    torch.manual_seed(nyud.seed)  # the worker's seed before it builds the stage's net
+    start = build_stage_model(nyud, nyud.stages[0], 40, None, log=lambda m: None)
+    after = model.state_dict()
+    changed = {k for k, v in start.state_dict().items() if not torch.equal(v, after[k])}
+    assert changed == {"heads.out.score_fr.weight", "heads.out.score_fr.bias"}
 
 
 def test_resume_continues_an_interrupted_stage_from_its_checkpoint(shards, tmp_path,

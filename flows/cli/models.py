@@ -115,7 +115,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="score a model on a split: pixel acc, mean acc, mean IU, f.w. IU",
         description="Score a model on a split of an ingested dataset with Ray Data batch "
-                    "inference (an actor pool; each actor loads the model once). Logs "
+                    "inference (an actor pool; each actor loads the model once; a split of "
+                    "at most 64 images on the CPU is scored in this process). Logs "
                     "metrics.json, the per-class table, a confusion-matrix image and sample "
                     "predictions to an MLflow run.")
     p.add_argument("--model", required=True, help=MODEL_HELP)
