@@ -32,6 +32,8 @@ class FCNAlexNet(Stride32FCN):
     """FCN-32s on AlexNet: (N, C, H, W) -> scores (N, classes, H, W) for any H, W >= 1 (a dict
     of them with several ``heads``)."""
 
+    variant = "fcn32s_alexnet"
+
     def __init__(self, num_classes: int = 21, width: float = 1.0, in_channels: int = 3,
                  heads: Mapping[str, int] | None = None) -> None:
         super().__init__()

@@ -41,6 +41,8 @@ _ORDER = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inc
 class FCNGoogLeNet(Stride32FCN):
     """FCN-32s on GoogLeNet: (N, C, H, W) -> scores (N, classes, H, W) for any H, W >= 1."""
 
+    variant = "fcn32s_googlenet"
+
     def __init__(self, num_classes: int = 21, width: float = 1.0, in_channels: int = 3,
                  heads: Mapping[str, int] | None = None) -> None:
         super().__init__()

@@ -45,8 +45,9 @@ def check_shift_stitch(model: nn.Module, f: int) -> None:
     if f == 1:
         return
     from fcn_core.fcn import FCN
+    from fcn_core.stride32 import Stride32FCN
 
-    if not isinstance(model, FCN):
+    if not isinstance(model, (FCN, Stride32FCN)):
         raise ValueError(f"shift-and-stitch needs a single-stream FCN, got a "
                          f"{type(model).__name__}")
     if model.stride % f:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcn_core.fcn import FCN, FCNConfig, LateFusion
+from fcn_core.fcn import FCN, VARIANTS, FCNConfig, LateFusion
 from fcn_core.transforms import MEAN_BGR
 
 #: Written by this version into every checkpoint; files without it are the older layout,
@@ -68,6 +68,14 @@ def build_net(arch: Mapping[str, Any]) -> nn.Module:
     if kind not in KINDS:
         raise ValueError(f"arch kind must be one of {KINDS}, got kind={kind!r}")
     cfg = FCNConfig(**fields)
+    if cfg.variant not in VARIANTS:  # another trunk of fcn_core.models (AlexNet, GoogLeNet)
+        from fcn_core.models import NAMES, build_model
+
+        if kind != "fcn" or cfg.variant not in NAMES:
+            raise ValueError(f"arch variant must be one of {NAMES} (kind fcn), got "
+                             f"kind={kind!r} variant={cfg.variant!r}")
+        return build_model(cfg.variant, heads=dict(cfg.heads), width=cfg.width,
+                           in_channels=cfg.in_channels)
     return LateFusion(FCN(cfg), FCN(cfg)) if kind == "late_fusion" else FCN(cfg)
 
 

@@ -110,8 +110,17 @@ class _DensePool(nn.Module):
 
 # ------------------------------------------------------------------------------ FCNs
 
+def _other_trunk(model: nn.Module) -> bool:
+    """An FCN-32s on another trunk (AlexNet, GoogLeNet): score_fr is its coarse map."""
+    from fcn_core.stride32 import Stride32FCN
+
+    return isinstance(model, Stride32FCN)
+
+
 def coarse_coord(model: FCN) -> Coord:
     """The coordinate map of the FCN's last map before its final fixed upsampling."""
+    if _other_trunk(model):
+        return model.score_coord()  # type: ignore[operator]
     score_fr = coord_through([*model.features, model.fc6, model.fc7])
     if model.stride == 32:
         return score_fr
@@ -125,6 +134,9 @@ def coarse_scores(model: FCN, x: torch.Tensor) -> dict[str, torch.Tensor]:
     fuse_pool4 for 16s, fuse_pool3 for 8s), as ``model``'s forward computes it."""
     from fcn_core.fcn import crop
 
+    if _other_trunk(model):
+        f = model.score_input(x)  # type: ignore[operator]
+        return {name: head.score_fr(f) for name, head in model.heads.items()}
     pool3, pool4, pool5 = run_features(model.features, x)
     fc7 = model.drop7(model.relu7(model.fc7(model.drop6(model.relu6(model.fc6(pool5))))))
     out: dict[str, torch.Tensor] = {}

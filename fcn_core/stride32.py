@@ -17,6 +17,7 @@ from fcn_core.fcn import (
     IDENTITY,
     SINGLE_HEAD,
     Coord,
+    FCNConfig,
     _deconv,
     _score,
     coord_step,
@@ -38,6 +39,7 @@ class Stride32FCN(nn.Module):
     several ``heads``). Subclasses call ``_check`` first and ``_add_heads`` last."""
 
     stride = 32
+    variant = ""  # the fcn_core.models name (checkpoints record it to rebuild the net)
 
     def _check(self, num_classes: int, width: float, in_channels: int,
                heads: Mapping[str, int] | None) -> None:
@@ -50,6 +52,9 @@ class Stride32FCN(nn.Module):
                 raise ValueError(f"num_classes must be an int >= 1, got num_classes={n!r} "
                                  f"(head {name!r})")
         self.width, self.in_channels = float(width), in_channels
+        # What a checkpoint's ``arch`` records (as FCN's config): serving.build_net reads it.
+        self.config = FCNConfig(variant=self.variant, heads=dict(self.heads_spec),
+                                width=self.width, in_channels=in_channels)
 
     def _add_heads(self, channels: int) -> None:
         self.heads = nn.ModuleDict({name: Stride32Head(n, channels)

@@ -55,14 +55,21 @@ def train_flow(config: str, data: str, fingerprint: str, storage: str | None = N
     """The config's stages in order, each from the previous one's final checkpoint."""
     from pipelines.config import load_config
 
-    cfg = load_config(config, **(overrides or {}))
-    run = start_run_task(cfg.to_dict(), data, storage, resume)
+    return train_stages(load_config(config, **(overrides or {})).to_dict(), data, fingerprint,
+                        storage, resume, force)
+
+
+def train_stages(config: dict[str, Any], data: str, fingerprint: str, storage: str | None,
+                 resume: str | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """The tasks of ``train_flow`` for a config dict, in the calling flow: one pipeline run
+    (an MLflow parent), each stage a cached task that starts from the one before."""
+    run = start_run_task(config, data, storage, resume)
     results: list[dict[str, Any]] = []
     init = None
     try:
-        for stage in cfg.stages:
+        for stage in config["stages"]:
             res = train_stage_task.with_options(refresh_cache=force)(
-                cfg.to_dict(), stage.name, data, fingerprint, run, init)
+                config, stage["name"], data, fingerprint, run, init)
             results.append(res)
             init = res["checkpoint"]
     except BaseException:

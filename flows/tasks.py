@@ -133,8 +133,19 @@ def start_run_task(config: dict[str, Any], data: str, storage: str | None,
 
 
 def _stage_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
-    return _digest("stage", params["fingerprint"], params["config"], params["stage"],
+    """What decides a stage's weights: the data, the config up to this stage (not its name,
+    not the stages after it) and the checkpoint it starts from. Two configs that differ only
+    in later stages (an experiment's FCN-32s and FCN-16s rows) share their 32s stage."""
+    return _digest("stage", params["fingerprint"], stage_identity(params["config"],
+                                                                   params["stage"]),
                    params["init_checkpoint"])
+
+
+def stage_identity(config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """``config`` without its run name and with its stages cut after ``stage``."""
+    names = [s["name"] for s in config["stages"]]
+    return {**{k: v for k, v in config.items() if k != "name"},
+            "stages": config["stages"][:names.index(stage) + 1], "stage": stage}
 
 
 @task(name="train-stage", retries=1, retry_delay_seconds=10, cache_key_fn=_stage_key,

@@ -31,6 +31,9 @@ from pipelines.sources.datasets import DEPTH, GEO
 from pipelines.sources.datasets import NAMES as DATASETS
 
 STAGE_VARIANTS = {"32s": "fcn32s", "16s": "fcn16s", "8s": "fcn8s", "8s-atonce": "fcn8s_atonce"}
+# The classifier each FCN adapts (the paper's Table 1). Only VGG16 has the 16s/8s skips; the
+# others are FCN-32s nets (fcn_core.models: fcn32s_alexnet, fcn32s_googlenet).
+BACKBONES = ("vgg16", "alexnet", "googlenet")
 INPUTS = ("rgb", "hha", "rgbd", "rgb-hha")  # NYUD: colour, HHA, 4-channel, late fusion
 SCHEDULES = ("fixed", "poly")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
@@ -284,6 +287,7 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "val_split": _text,
     "width": lambda v: _real(v, gt=0),
     "input": _choice(INPUTS),
+    "backbone": _choice(BACKBONES),
     "backbone_weights": _optional(_location),
     "learn_upsampling": _bool,
     "optimizer": _choice(OPTIMIZERS),
@@ -328,7 +332,9 @@ class TrainConfig:
     width: float = 1.0  # VGG16 channel multiplier (1.0 = the real net)
     input: str = "rgb"  # rgb | hha | rgbd (4-channel conv1_1) | rgb-hha (late fusion)
     heads: dict[str, int] | None = None  # several score heads, e.g. {semantic: 33, geometric: 3}
-    backbone_weights: str | None = None  # local torchvision vgg16 state dict; None = random
+    backbone: str = "vgg16"  # vgg16 | alexnet | googlenet (FCN-32s only): the paper's Table 1
+    # a local torchvision vgg16 (alexnet, googlenet) state dict; None = random
+    backbone_weights: str | None = None
     # rgb-hha: start the first stage from a trained colour and a trained HHA FCN-32s
     fusion_init: dict[str, str] | None = None  # {color: CKPT, hha: CKPT}
     learn_upsampling: bool = True  # paper: intermediate deconvs learn; reference code: fixed
@@ -388,6 +394,15 @@ class TrainConfig:
         if self.fusion_init and self.input != "rgb-hha":
             errors.append(f"fusion_init: starts a late-fusion net (input: rgb-hha), got "
                           f"input={self.input!r}")
+        if self.backbone != "vgg16":
+            names = [st.name for st in self.stages]
+            if names != ["32s"]:
+                errors.append(f"backbone: {self.backbone!r} nets are FCN-32s only (the skips "
+                              f"of 16s and 8s are VGG16's), so stages must be one 32s stage, "
+                              f"got {names}")
+            if self.input not in ("rgb", "hha"):
+                errors.append(f"backbone: {self.backbone!r} reads 3-channel images (input: rgb "
+                              f"or hha), got input={self.input!r}")
         if self.amp == "fp16" and not self.use_gpu:
             errors.append("amp: 'fp16' needs GPUs (use_gpu: true, or --gpu); on CPUs use "
                           "amp: bf16")
@@ -402,6 +417,11 @@ class TrainConfig:
     @property
     def in_channels(self) -> int:
         return {"rgb": 3, "hha": 3, "rgbd": 4, "rgb-hha": 3}[self.input]
+
+    def stage_variant(self, stage: StageConfig) -> str:
+        """The ``fcn_core.build_model`` name a stage trains: VGG16's fcn32s/16s/8s/8s_atonce,
+        or fcn32s_alexnet / fcn32s_googlenet."""
+        return stage.variant if self.backbone == "vgg16" else f"fcn32s_{self.backbone}"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

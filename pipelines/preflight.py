@@ -107,8 +107,8 @@ def check_backbone_weights(cfg: TrainConfig) -> None:
     if cfg.backbone_weights is None:
         return
     loc = cfg.backbone_weights
-    fix = ("give --backbone-weights (backbone_weights) a torchvision vgg16 state dict, or "
-           "leave it out to start from random weights")
+    fix = (f"give --backbone-weights (backbone_weights) a torchvision {cfg.backbone} state "
+           "dict, or leave it out to start from random weights")
     path = storage.redact(storage.as_location(loc))
     info = storage.info(storage.as_location(loc))
     if info.type == FileType.Directory:

@@ -143,12 +143,18 @@ def _signature() -> Any:
                           outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1))]))
 
 
-def pip_requirements() -> list[str]:
-    """Pinned, so MLflow does not spend 8-18 s inferring them."""
+def pip_requirements(variant: str = "") -> list[str]:
+    """Pinned, so MLflow does not spend 8-18 s inferring them. The GoogLeNet FCN builds its
+    inception blocks from torchvision's."""
     import mlflow
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
             f"numpy=={np.__version__}"]
+    if variant == "fcn32s_googlenet":
+        import torchvision
+
+        reqs.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
+    return reqs
 
 
 @dataclass(frozen=True)
@@ -285,7 +291,7 @@ def _log_model(uri: str, run_id: str, state: dict[str, Any],
             name="model", python_model=str(MODEL_FILE), artifacts={"checkpoint": ckpt},
             code_paths=[str(Path(fcn_core.__file__).parent)], signature=_signature(),
             input_example=np.zeros((1, 32, 32, 3), np.uint8),
-            pip_requirements=pip_requirements(), tags=key)
+            pip_requirements=pip_requirements(str(state["arch"].get("variant", ""))), tags=key)
     return str(info.model_id)
 
 
@@ -378,7 +384,10 @@ def _lineage_tags(arch: Mapping[str, Any], manifest: Mapping[str, Any],
                   metrics: Mapping[str, float], split: str, config_digest: str,
                   checkpoint: str, evaluation_run: str, flow_run: str) -> dict[str, str]:
     """What a version is and where it came from (its key tags are set at creation)."""
-    tags = {"variant": arch["variant"], "stage": arch["variant"].removeprefix("fcn"),
+    variant = str(arch["variant"])
+    trunk = variant.split("_")[1] if variant.startswith("fcn32s_") else "vgg16"
+    tags = {"variant": variant, "backbone": trunk,
+            "stage": "32s" if trunk != "vgg16" else variant.removeprefix("fcn"),
             "width": str(arch["width"]), "dataset": manifest["dataset"],
             "dataset_fingerprint": manifest["source"]["fingerprint"],
             "dataset_version": manifest["version"], "config_digest": config_digest,

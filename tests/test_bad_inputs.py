@@ -108,6 +108,9 @@ CASES = [
     Case("MLflow server that does not answer", lambda p: ["models"],
          r"MLflow tracking server at MLFLOW_TRACKING_URI=http://127\.0\.0\.1:\d+ does not "
          r"answer", env=(("MLFLOW_TRACKING_URI", "http://127.0.0.1:{port}"),)),
+    Case("experiment row with a misspelt config key",
+         lambda p: ["experiment", str(p["tmp"] / "exp.yaml")],
+         r"rows\[1\] \(FCN-16s\): unknown key 'widht' \(did you mean 'width'\?\)"),
     Case("fcn run --dataset voc with a config for another dataset",
          lambda p: ["run", "--config", str(ROOT / "configs/demo.yaml"), "--dataset", "voc",
                     "--root", str(p["voc"]), "--project-dir", str(p["tmp"] / "proj")],
@@ -127,6 +130,8 @@ def places(tmp_path_factory) -> dict[str, Path]:
     data = ingest(IngestConfig(dataset="voc", root=voc, out=tmp / "shards"),
                   log=lambda m: None).dataset_dir
     (tmp / "a_file").write_text("not a folder")
+    (tmp / "exp.yaml").write_text(f"name: e\nbase: {ROOT / 'configs/demo.yaml'}\nrows:\n"
+                                  "  - {label: FCN-32s}\n  - {label: FCN-16s, set: {widht: 1}}\n")
     return {"tmp": tmp, "voc": voc, "sbd": sbd, "data": Path(data), "file": tmp / "a_file"}
 
 

@@ -15,7 +15,8 @@ from pipelines.config import ConfigError, StageConfig, TrainConfig, from_dict, l
 from pipelines.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = sorted((ROOT / "configs").rglob("*.yaml"))
+# configs/paper/ holds experiment files (tests/test_experiment.py), not training configs
+PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "paper")
 S32 = {"name": "32s", "steps": 2, "lr": 0.1}
 S16 = {"name": "16s", "steps": 2, "lr": 0.1}
 
@@ -37,6 +38,7 @@ BAD = [
     ("width", float("nan"), "must be a finite number"),
     ("width", float("inf"), "must be a finite number"),
     ("input", "rgbx", "must be one of rgb, hha, rgbd, rgb-hha"),
+    ("backbone", "resnet50", "must be one of vgg16, alexnet, googlenet"),
     ("heads", 5, "must map one or two head names"),
     ("heads", {}, "must map one or two head names"),
     ("heads", {"a": 1, "b": 2, "c": 3}, "must map one or two head names"),
@@ -156,6 +158,16 @@ def test_rules_between_fields():
     with pytest.raises(ConfigError, match=r"heads\.geometric: must be >= 1, got 0"):
         from_dict({"dataset": "siftflow", "heads": {"semantic": 33, "geometric": 0}})
     assert from_dict({"dataset": "nyud", "input": "rgbd"}).in_channels == 4
+    with pytest.raises(ConfigError, match=r"^backbone: 'alexnet' nets are FCN-32s only \(the "
+                                          r"skips of 16s and 8s are VGG16's\), so stages must "
+                                          r"be one 32s stage, got \['32s', '16s'\]$"):
+        from_dict({"backbone": "alexnet", "stages": [S32, S16]})
+    with pytest.raises(ConfigError, match=r"backbone: 'googlenet' reads 3-channel images"):
+        from_dict({"backbone": "googlenet", "dataset": "nyud", "input": "rgbd",
+                   "stages": [S32]})
+    cfg = from_dict({"backbone": "googlenet", "stages": [S32]})
+    assert cfg.stage_variant(cfg.stages[0]) == "fcn32s_googlenet"
+    assert from_dict({"stages": [S32, S16]}).stage_variant(StageConfig(**S16)) == "fcn16s"
 
 
 def test_every_problem_is_reported_on_one_line():

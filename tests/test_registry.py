@@ -184,6 +184,53 @@ def test_registration_aliases_champion_gate_history_and_pyfunc(data, tmp_path, t
     assert history[2]["decision"] == tie.decision and history[1]["mean_iu"] == repr(0.45)
 
 
+@pytest.mark.parametrize("variant", ["fcn32s_alexnet", "fcn32s_googlenet"])
+def test_other_trunks_evaluate_register_and_serve_like_vgg16(data, tmp_path, monkeypatch,
+                                                              variant):
+    """Table 1's nets go the same way as the VGG16 ones: evaluated, registered with their
+    backbone in the lineage, and served by mlflow.pyfunc from the shipped fcn_core."""
+    import mlflow
+    import mlflow.pyfunc
+
+    from fcn_core.inference import predict_labels
+    from fcn_core.models import build_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("FCN_DATA_DIR", str(tmp_path / "data"))
+    from pipelines.tracking import tracking_uri
+
+    torch.manual_seed(0)
+    net = build_model(variant, num_classes=21, width=1 / 8)
+    torch.nn.init.normal_(net.heads["out"].score_fr.weight, std=1.0)
+    ckpt = tmp_path / "c"
+    write_checkpoint(ckpt / CHECKPOINT_FILE, net, config={"dataset": "voc", "input": "rgb"})
+    result = evaluate(str(ckpt), data, "val", log=lambda m: None)
+    assert result.images == 7 and 0 <= result.metrics["mean_iu"] <= 1
+    name = f"fcn-{variant.replace('_', '-')}"
+    reg = register(str(ckpt), name=name, metrics=result.metrics, split="val",
+                   manifest=read_manifest(data).data, config_digest="abc", log=lambda m: None)
+    v = MlflowClient(tracking_uri()).get_model_version(name, reg.version)
+    backbone = variant.split("_")[1]
+    assert (v.tags["variant"], v.tags["backbone"], v.tags["stage"]) == (variant, backbone, "32s")
+    # Big enough for several stride-32 cells, and with dark and bright blocks, so the
+    # classes vary.
+    batch = np.random.default_rng(1).integers(0, 64, (2, 101, 133, 3), dtype=np.uint8)
+    batch[:, :50, :60] += 190
+    batch[1, 60:, 70:, 1] = 255
+    mlflow.set_tracking_uri(tracking_uri())
+    uri = f"models:/{name}/{reg.version}"
+    labels = mlflow.pyfunc.load_model(uri).predict(batch)
+    own = resolve_model(str(ckpt))
+    expected = np.stack(predict_labels(own.net, list(batch), own.mean_bgr)).astype(np.int64)
+    assert labels.shape == (2, 101, 133)
+    # The batch in one forward vs one image at a time: the same up to float ties.
+    assert (labels == expected).mean() > 0.999
+    assert len(np.unique(labels)) > 1
+    reqs = Path(mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt",
+                                                     dst_path=str(tmp_path / "r"))).read_text()
+    assert ("torchvision==" in reqs) == (backbone == "googlenet"), reqs
+
+
 def test_a_retried_registration_reuses_its_version(data, tmp_path, monkeypatch):
     """A registration that failed after its version was created (here: re-scoring the
     champion failed) is retried: the same version, one logged model, one register run, and

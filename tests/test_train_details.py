@@ -276,3 +276,36 @@ def test_jitter_moves_image_and_labels_together_and_pads_what_it_uncovers():
     assert len(seen) > 3  # random, within +-4
     plain = training_batch(batch, seed=0)
     assert np.array_equal(plain["label"][0], label) and not plain["pad"][0].any()
+
+
+@pytest.mark.parametrize("backbone", ["alexnet", "googlenet"])
+def test_other_trunks_start_from_their_torchvision_weights(tmp_path, backbone):
+    """backbone: alexnet | googlenet builds that FCN-32s and loads a local torchvision state
+    dict into all of it (fcn_core's transplant, whose exactness tests/test_core_alexnet.py and
+    test_core_googlenet.py prove), with conv1 re-expressed for the dataset's mean."""
+    import importlib
+
+    import torchvision
+
+    from fcn_core.models import build_model
+    from fcn_core.transforms import MEAN_BGR
+
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, backbone)(
+        **({"aux_logits": False, "init_weights": True} if backbone == "googlenet" else {}))
+    weights = tmp_path / f"{backbone}.pth"
+    torch.save(tv.state_dict(), weights)
+    cfg = TrainConfig(dataset="voc", backbone=backbone, backbone_weights=str(weights),
+                      stages=(StageConfig("32s", 1, 0.1),))
+    said: list[str] = []
+    model = build_stage_model(cfg, cfg.stages[0], 21, None, log=said.append)
+    assert model.config.variant == f"fcn32s_{backbone}"
+    assert "the classifier dropped" in said[0], said
+    expected = build_model(f"fcn32s_{backbone}", num_classes=21)
+    getattr(importlib.import_module(f"fcn_core.{backbone}"), f"transplant_{backbone}")(
+        expected, tv.state_dict(), mean_bgr=MEAN_BGR["voc"])
+    got, want = model.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    trunk = "features.0.weight" if backbone == "alexnet" else "conv1.conv.weight"
+    assert not torch.equal(got[trunk], build_model(f"fcn32s_{backbone}").state_dict()[trunk])

@@ -9,7 +9,7 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 
-from flows.cli import data, errors, models, nets, pipeline, training
+from flows.cli import data, errors, experiment, models, nets, pipeline, training
 from flows.cli.training import stage_table
 
 EPILOG = ("environment: RAY_ADDRESS (a Ray cluster: head:6379, or http://head:8265 to submit "
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Train, track and register models in MLflow, orchestrate with Prefect.",
         epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (nets, data, training, models, pipeline):
+    for group in (nets, data, training, models, pipeline, experiment):
         group.add_parsers(sub)
     return parser
 

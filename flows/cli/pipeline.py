@@ -245,6 +245,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{summary['registration']['name']}@champion {home}/raw/synthetic/VOCdevkit"
           f"/VOC2012/JPEGImages --out {home}/predictions")
     print(f"  models:      {env}.venv/bin/fcn models {summary['registration']['name']}")
+    print(f"  the paper:   {env}.venv/bin/fcn experiment configs/paper/table2.yaml   # Table 2; "
+          "reuses these stages")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s (a second `make demo` reuses the cached "
           "ingest and stages; `fcn demo --force` retrains)")
     return 0

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcn_core.fcn import BUILDERS, FCN, LateFusion
+from fcn_core.fcn import FCN, LateFusion
 from fcn_core.losses import multi_head_loss
 from fcn_core.metrics import ConfusionMatrix
+from fcn_core.models import build_model
 from fcn_core.optim import param_groups
 from fcn_core.precision import autocast, backward_step, unwrap
 from fcn_core.surgery import promote, transplant_vgg16
@@ -71,13 +72,14 @@ def _initial_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
     heads = cfg.heads or None
     if previous is not None or init_checkpoint:
         prev = previous if previous is not None else load_model(str(init_checkpoint))
-        if stage.variant == "fcn8s_atonce" or prev.config.variant == stage.variant:
+        variant = cfg.stage_variant(stage)
+        if variant in ("fcn8s_atonce", prev.config.variant):
             return prev
         return promote(prev)
 
-    def one() -> FCN:
-        return BUILDERS[stage.variant](num_classes=num_classes, width=cfg.width,
-                                       in_channels=cfg.in_channels, heads=heads)
+    def one() -> nn.Module:
+        return build_model(cfg.stage_variant(stage), num_classes=num_classes, width=cfg.width,
+                           in_channels=cfg.in_channels, heads=heads)
 
     if cfg.input == "rgb-hha" and cfg.fusion_init:
         return fusion_from(cfg.fusion_init, stage, log)
@@ -89,16 +91,37 @@ def _initial_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
         # (minus the HHA mean, in file order, as the reference feeds it).
         means = [MEAN_HHA] if cfg.input == "hha" else [MEAN_BGR[cfg.dataset], MEAN_HHA]
         for net, mean in zip(nets, means, strict=False):
-            report = transplant_vgg16(net, state, mean_bgr=mean)
-            log(f"backbone {cfg.backbone_weights}: {str(report).splitlines()[0]}")
+            log(f"backbone {cfg.backbone_weights}: {transplant(cfg.backbone, net, state, mean)}")
     else:
-        log("warning: no backbone_weights given: the VGG16 trunk starts from random weights")
+        log(f"warning: no backbone_weights given: the {BACKBONE_NAMES[cfg.backbone]} trunk "
+            "starts from random weights")
     return model
 
 
+BACKBONE_NAMES = {"vgg16": "VGG16", "alexnet": "AlexNet", "googlenet": "GoogLeNet"}
+
+
+def transplant(backbone: str, net: nn.Module, state: dict[str, torch.Tensor],
+               mean: tuple[float, float, float]) -> str:
+    """Load a torchvision ``backbone`` state dict into ``net`` (conv1 re-expressed for BGR
+    minus ``mean``); one line saying what was copied."""
+    if backbone == "vgg16":
+        return str(transplant_vgg16(net, state, mean_bgr=mean)).splitlines()[0]
+    if backbone == "alexnet":
+        from fcn_core.alexnet import transplant_alexnet
+
+        copied = transplant_alexnet(net, state, mean_bgr=mean)  # type: ignore[arg-type]
+    else:
+        from fcn_core.googlenet import transplant_googlenet
+
+        copied = transplant_googlenet(net, state, mean_bgr=mean)  # type: ignore[arg-type]
+    return f"{len(copied)} {BACKBONE_NAMES[backbone]} tensors copied, the classifier dropped"
+
+
 def read_backbone(location: str) -> dict[str, torch.Tensor]:
-    """A torchvision VGG16 state dict from a local path or a bucket URI (nodes share no disk, so
-    each worker reads it through pipelines.storage); tensors only (``weights_only``)."""
+    """A torchvision VGG16 (AlexNet, GoogLeNet) state dict from a local path or a bucket URI
+    (nodes share no disk, so each worker reads it through pipelines.storage); tensors only
+    (``weights_only``)."""
     return torch.load(storage.open_input(location), map_location="cpu", weights_only=True)
 
 

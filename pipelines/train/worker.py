@@ -249,7 +249,10 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
             ckpt = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
             ray.train.report({**metrics, "stage": stage.name}, checkpoint=ckpt)
 
+    timing = {"val_s": 0.0, "images": 0.0}  # training images/s leaves validations out
+
     def run_validation() -> dict[str, float]:
+        t0 = time.perf_counter()
         seen = [0]
 
         def counted() -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
@@ -259,14 +262,17 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
 
         cms = validate(model, counted(), classes, heads, amp)
         images = _all_reduce_hist(cms, seen[0], device)
+        timing["val_s"] += time.perf_counter() - t0
         return {**_scores(cms, heads), "val_images": float(images)}
 
     def finish() -> None:
         """The stage's final checkpoint and done file, in the stage's folder: the next
         stage (here, or a later attempt of the run) and the driver start from them."""
         nonlocal last_val
+        seconds = time.perf_counter() - loop_t0 - timing["val_s"]
         last_val = run_validation()
-        metrics = {"loss": float(loss) if loss is not None else float("nan"), "step": step,
+        speed = {"train_img_per_s": timing["images"] / seconds} if timing["images"] else {}
+        metrics = {**speed,"loss": float(loss) if loss is not None else float("nan"), "step": step,
                    "resumed_from": resumed_from, **last_val,
                    "replicas_in_sync": float(replicas_in_sync(model)), "world_size": world}
         if rank == 0:
@@ -291,6 +297,7 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
         rows = data.rows()
         if fresh:
             log(f"sampling {cfg.sampling}: {rows.n} rows per worker held in memory")
+    loop_t0, timing["val_s"] = time.perf_counter(), 0.0
     while step < stage.steps:
         if cfg.sampling in IN_MEMORY:
             batches = _sampled_batches(rows, cfg, device, step)
@@ -307,6 +314,7 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
                               amp, scaler, weight)
             step += 1
             window_imgs += x.shape[0] * world
+            timing["images"] += x.shape[0] * world
             metrics = {"loss": loss, "lr": lr, "step": step, "resumed_from": resumed_from}
             val_due = cfg.val_every and step % cfg.val_every == 0 and step < stage.steps
             if val_due:
