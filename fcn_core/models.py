@@ -25,13 +25,28 @@ _TABLE: dict[str, tuple[str, str, str]] = {
                        "AlexNet FCN-32s (torchvision's single-tower AlexNet trunk)"),
     "fcn32s_googlenet": ("fcn_core.googlenet", "fcn32s_googlenet",
                          "GoogLeNet FCN-32s (torchvision's trunk through inception5b)"),
+    # The successors (issue 15): torchvision's builders, no weights downloaded.
+    **{n: ("fcn_core.zoo.torchvision_nets", n, what) for n, what in (
+        ("fcn_resnet50", "torchvision's FCN on ResNet-50 (dilated, stride 8), aux head"),
+        ("fcn_resnet101", "torchvision's FCN on ResNet-101 (dilated, stride 8), aux head"),
+        ("deeplabv3_resnet50", "DeepLabv3 (ASPP) on ResNet-50, torchvision's, aux head"),
+        ("deeplabv3_resnet101", "DeepLabv3 (ASPP) on ResNet-101, torchvision's, aux head"),
+        ("deeplabv3_mobilenet_v3_large", "DeepLabv3 on MobileNetV3-Large, torchvision's"),
+        ("lraspp_mobilenet_v3_large", "LR-ASPP on MobileNetV3-Large, torchvision's"))},
 }
 NAMES: tuple[str, ...] = tuple(_TABLE)
+# The nets with a channel multiplier (``width``); torchvision's are built as torchvision has them.
+SCALABLE: tuple[str, ...] = tuple(n for n, (m, _, _) in _TABLE.items() if ".zoo." not in m)
+
+
+def needs_torchvision(name: str) -> bool:
+    """Whether building ``name`` imports torchvision (a served model's requirements)."""
+    return name == "fcn32s_googlenet" or name not in SCALABLE
 
 
 def describe_names() -> str:
     """``name: what`` lines, for --help."""
-    return "\n".join(f"  {n:<14} {what}" for n, (_, _, what) in _TABLE.items())
+    return "\n".join(f"  {n:<29} {what}" for n, (_, _, what) in _TABLE.items())
 
 
 def build_model(name: str, *, num_classes: int = 21, in_channels: int = 3, width: float = 1.0,

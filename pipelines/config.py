@@ -31,6 +31,11 @@ from pipelines.sources.datasets import DEPTH, GEO
 from pipelines.sources.datasets import NAMES as DATASETS
 
 STAGE_VARIANTS = {"32s": "fcn32s", "16s": "fcn16s", "8s": "fcn8s", "8s-atonce": "fcn8s_atonce"}
+# The one stage of a `model:` net (the successors train in one stage; staging is FCN's).
+MODEL_STAGE = "train"
+# The successors of issue 15 (fcn_core.models names beyond the FCNs; a test keeps them equal).
+MODELS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+          "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
 # The classifier each FCN adapts (the paper's Table 1). Only VGG16 has the 16s/8s skips; the
 # others are FCN-32s nets (fcn_core.models: fcn32s_alexnet, fcn32s_googlenet).
 BACKBONES = ("vgg16", "alexnet", "googlenet")
@@ -213,7 +218,7 @@ def _raise(errors: list[str]) -> None:
 
 STAGE_TRAIN = ("all", "score_only")  # score_only: the paper's FCN-32s-fixed (score_fr only)
 _STAGE_RULES: dict[str, Callable[[Any], Any]] = {
-    "name": _choice(tuple(STAGE_VARIANTS)),
+    "name": _choice((*STAGE_VARIANTS, MODEL_STAGE)),
     "steps": lambda v: _int(v, ge=1),
     "lr": lambda v: _real(v, gt=0),
     "train": _choice(STAGE_TRAIN),
@@ -223,7 +228,7 @@ _STAGE_REQUIRED = ("name", "steps", "lr")
 
 @dataclass(frozen=True)
 class StageConfig:
-    name: str  # "32s" | "16s" | "8s" | "8s-atonce"
+    name: str  # "32s" | "16s" | "8s" | "8s-atonce" | "train" (the one stage of a model: net)
     steps: int  # optimizer steps (global batches) in this stage
     lr: float  # base learning rate (the reference: 1e-10, 1e-12, 1e-14 with a summed loss)
     train: str = "all"  # all | score_only (only score_fr learns: the paper's "FCN-32s-fixed")
@@ -237,7 +242,8 @@ class StageConfig:
 
     @property
     def variant(self) -> str:
-        return STAGE_VARIANTS[self.name]
+        """The FCN this stage trains (a ``train`` stage: the config's ``model``)."""
+        return STAGE_VARIANTS.get(self.name, "")
 
 
 def _stage(value: Any, where: str, errors: list[str]) -> StageConfig | None:
@@ -255,7 +261,10 @@ def _stage(value: Any, where: str, errors: list[str]) -> StageConfig | None:
     return StageConfig(**values) if len(errors) == n else None
 
 
-def _stages(value: Any, errors: list[str]) -> tuple[StageConfig, ...] | None:
+_INVALID = object()  # a model value already reported: its stages are not checked against it
+
+
+def _stages(value: Any, errors: list[str], model: Any = None) -> tuple[StageConfig, ...] | None:
     if not isinstance(value, (list, tuple)):
         errors.append(f"stages: must be a list of {{name, steps, lr}} mappings, got "
                       f"{_show(value)}")
@@ -271,7 +280,14 @@ def _stages(value: Any, errors: list[str]) -> tuple[StageConfig, ...] | None:
     if fixed:
         errors.append(f"stages: train: score_only (a fixed trunk) ends a config, got it on "
                       f"{fixed[0]}, which another stage follows")
-    if "8s-atonce" in names and len(names) > 1:
+    if model is _INVALID:
+        pass
+    elif model is not None or MODEL_STAGE in names:
+        if names != [MODEL_STAGE] or model is None:
+            errors.append(f"stages: a model: net ({', '.join(MODELS[:2])}, ...) trains in one "
+                          f"stage named {MODEL_STAGE!r} and FCNs in 32s, 16s, 8s or 8s-atonce "
+                          f"stages, got {names} with model={model!r}")
+    elif "8s-atonce" in names and len(names) > 1:
         errors.append(f"stages: 8s-atonce trains in one stage on its own, got {names}")
     elif "8s-atonce" not in names and \
             names != list(STAGE_ORDER[STAGE_ORDER.index(names[0]):])[:len(names)]:
@@ -288,6 +304,7 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "width": lambda v: _real(v, gt=0),
     "input": _choice(INPUTS),
     "backbone": _choice(BACKBONES),
+    "model": _optional(_choice(MODELS)),
     "backbone_weights": _optional(_location),
     "learn_upsampling": _bool,
     "optimizer": _choice(OPTIMIZERS),
@@ -333,6 +350,8 @@ class TrainConfig:
     input: str = "rgb"  # rgb | hha | rgbd (4-channel conv1_1) | rgb-hha (late fusion)
     heads: dict[str, int] | None = None  # several score heads, e.g. {semantic: 33, geometric: 3}
     backbone: str = "vgg16"  # vgg16 | alexnet | googlenet (FCN-32s only): the paper's Table 1
+    # A successor instead of an FCN (one of MODELS, e.g. deeplabv3_resnet50): one `train` stage
+    model: str | None = None
     # a local torchvision vgg16 (alexnet, googlenet) state dict; None = random
     backbone_weights: str | None = None
     # rgb-hha: start the first stage from a trained colour and a trained HHA FCN-32s
@@ -384,7 +403,7 @@ class TrainConfig:
                                  for f in dataclasses.fields(self)}, "", errors)
         values["heads"] = _heads(self.heads, errors)
         values["fusion_init"] = _fusion_init(self.fusion_init, errors)
-        values["stages"] = _stages(self.stages, errors)
+        values["stages"] = _stages(self.stages, errors, values.get("model", _INVALID))
         _raise(errors)
         for k, v in values.items():
             object.__setattr__(self, k, v)
@@ -394,7 +413,23 @@ class TrainConfig:
         if self.fusion_init and self.input != "rgb-hha":
             errors.append(f"fusion_init: starts a late-fusion net (input: rgb-hha), got "
                           f"input={self.input!r}")
-        if self.backbone != "vgg16":
+        if self.model is not None:
+            if self.backbone != "vgg16":
+                errors.append(f"model: {self.model!r} is a whole net; backbone: chooses an "
+                              f"FCN's trunk, got backbone={self.backbone!r} too")
+            if self.input != "rgb" or (self.heads and len(self.heads) > 1):
+                errors.append(f"model: {self.model!r} reads RGB images into one score head, "
+                              f"got input={self.input!r}, heads={self.heads!r}")
+            if any(st.train != "all" for st in self.stages):
+                errors.append(f"model: {self.model!r} has no score_fr: train must be 'all'")
+            if self.width != 1.0:
+                errors.append(f"width: {self.model!r} is torchvision's net, which has no width "
+                              f"multiplier: width must be 1.0, got {self.width}")
+            if self.model.startswith("deeplabv3") and self.batch_size < 2:
+                errors.append(f"batch_size: {self.model!r} needs at least 2 images per worker "
+                              f"(ASPP's image pooling batch-normalises one value per image), "
+                              f"got {self.batch_size}")
+        if self.backbone != "vgg16" and self.model is None:
             names = [st.name for st in self.stages]
             if names != ["32s"]:
                 errors.append(f"backbone: {self.backbone!r} nets are FCN-32s only (the skips "
@@ -420,7 +455,9 @@ class TrainConfig:
 
     def stage_variant(self, stage: StageConfig) -> str:
         """The ``fcn_core.build_model`` name a stage trains: VGG16's fcn32s/16s/8s/8s_atonce,
-        or fcn32s_alexnet / fcn32s_googlenet."""
+        fcn32s_alexnet / fcn32s_googlenet, or the config's ``model``."""
+        if self.model is not None:
+            return self.model
         return stage.variant if self.backbone == "vgg16" else f"fcn32s_{self.backbone}"
 
     def to_dict(self) -> dict[str, Any]:

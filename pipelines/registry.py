@@ -144,13 +144,15 @@ def _signature() -> Any:
 
 
 def pip_requirements(variant: str = "") -> list[str]:
-    """Pinned, so MLflow does not spend 8-18 s inferring them. The GoogLeNet FCN builds its
-    inception blocks from torchvision's."""
+    """Pinned, so MLflow does not spend 8-18 s inferring them. The GoogLeNet FCN (its
+    inception blocks) and the successors (DeepLabv3, ...) are built by torchvision."""
     import mlflow
 
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
             f"numpy=={np.__version__}"]
-    if variant == "fcn32s_googlenet":
+    from fcn_core.models import NAMES, needs_torchvision
+
+    if variant in NAMES and needs_torchvision(variant):
         import torchvision
 
         reqs.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
@@ -384,10 +386,16 @@ def _lineage_tags(arch: Mapping[str, Any], manifest: Mapping[str, Any],
                   metrics: Mapping[str, float], split: str, config_digest: str,
                   checkpoint: str, evaluation_run: str, flow_run: str) -> dict[str, str]:
     """What a version is and where it came from (its key tags are set at creation)."""
+    from fcn_core.fcn import VARIANTS
+
     variant = str(arch["variant"])
-    trunk = variant.split("_")[1] if variant.startswith("fcn32s_") else "vgg16"
-    tags = {"variant": variant, "backbone": trunk,
-            "stage": "32s" if trunk != "vgg16" else variant.removeprefix("fcn"),
+    if variant in VARIANTS:
+        trunk, stage = "vgg16", variant.removeprefix("fcn")
+    elif variant.startswith("fcn32s_"):  # the paper's other trunks
+        trunk, stage = variant.split("_", 1)[1], "32s"
+    else:  # a successor: deeplabv3_resnet50 -> resnet50, trained in one stage
+        trunk, stage = variant.split("_", 1)[1], "train"
+    tags = {"variant": variant, "arch": variant, "backbone": trunk, "stage": stage,
             "width": str(arch["width"]), "dataset": manifest["dataset"],
             "dataset_fingerprint": manifest["source"]["fingerprint"],
             "dataset_version": manifest["version"], "config_digest": config_digest,

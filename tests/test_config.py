@@ -39,6 +39,7 @@ BAD = [
     ("width", float("inf"), "must be a finite number"),
     ("input", "rgbx", "must be one of rgb, hha, rgbd, rgb-hha"),
     ("backbone", "resnet50", "must be one of vgg16, alexnet, googlenet"),
+    ("model", "unet", "must be one of fcn_resnet50, fcn_resnet101, deeplabv3_resnet50"),
     ("heads", 5, "must map one or two head names"),
     ("heads", {}, "must map one or two head names"),
     ("heads", {"a": 1, "b": 2, "c": 3}, "must map one or two head names"),
@@ -115,7 +116,7 @@ def test_the_table_covers_every_field():
     ([{**S32, "steps": 0}], "stages[0].steps: must be >= 1, got 0"),
     ([{**S32, "steps": 2.5}], "stages[0].steps: must be a whole number, got 2.5"),
     ([{**S32, "lr": "abc"}], "stages[0].lr: must be a number, got 'abc'"),
-    ([{**S32, "name": "64s"}], "stages[0].name: must be one of 32s, 16s, 8s, 8s-atonce, got "
+    ([{**S32, "name": "64s"}], "stages[0].name: must be one of 32s, 16s, 8s, 8s-atonce, train, got "
                                "'64s'"),
     ([5], "stages[0]: must be a mapping {name, steps, lr}, got 5"),
     ([{"name": "32s", "steps": 2}], "stages[0].lr: missing"),
@@ -165,6 +166,24 @@ def test_rules_between_fields():
     with pytest.raises(ConfigError, match=r"backbone: 'googlenet' reads 3-channel images"):
         from_dict({"backbone": "googlenet", "dataset": "nyud", "input": "rgbd",
                    "stages": [S32]})
+    train = {"name": "train", "steps": 2, "lr": 0.1}
+    with pytest.raises(ConfigError, match=r"^batch_size: 'deeplabv3_resnet50' needs at least 2 "):
+        from_dict({"model": "deeplabv3_resnet50", "stages": [train]})
+    cfg = from_dict({"model": "deeplabv3_resnet50", "batch_size": 2, "stages": [train]})
+    assert cfg.stage_variant(cfg.stages[0]) == "deeplabv3_resnet50"
+    with pytest.raises(ConfigError, match=r"^stages: a model: net .* trains in one stage named "
+                                          r"'train' .* got \['32s'\] with model='fcn_resnet50'"):
+        from_dict({"model": "fcn_resnet50", "stages": [S32]})
+    with pytest.raises(ConfigError, match=r"got \['train'\] with model=None"):
+        from_dict({"stages": [train]})
+    with pytest.raises(ConfigError, match=r"^model: 'fcn_resnet50' reads RGB images"):
+        from_dict({"model": "fcn_resnet50", "dataset": "nyud", "input": "hha",
+                   "stages": [train]})
+    with pytest.raises(ConfigError, match=r"^width: 'fcn_resnet50' is torchvision's net, which "
+                                          r"has no width multiplier: width must be 1.0, got 0.5"):
+        from_dict({"model": "fcn_resnet50", "width": 0.5, "stages": [train]})
+    with pytest.raises(ConfigError, match=r"^model: 'fcn_resnet50' is a whole net; backbone: "):
+        from_dict({"model": "fcn_resnet50", "backbone": "alexnet", "stages": [train]})
     cfg = from_dict({"backbone": "googlenet", "stages": [S32]})
     assert cfg.stage_variant(cfg.stages[0]) == "fcn32s_googlenet"
     assert from_dict({"stages": [S32, S16]}).stage_variant(StageConfig(**S16)) == "fcn16s"
@@ -320,3 +339,11 @@ def test_readme_config_rows_say_what_the_config_check_says(row):
         from_dict(yaml.safe_load(README_ROWS[row]))
     assert re.search(pattern, str(err.value)), (
         f"README row {row!r} shows `{shown.group(1)}`; the check says: {err.value}")
+
+
+def test_the_config_names_every_successor_of_the_model_table():
+    """config.MODELS (no torch import) is fcn_core.models' table beyond the FCNs."""
+    from fcn_core.models import NAMES, SCALABLE
+    from pipelines.config import MODELS
+
+    assert MODELS == tuple(n for n in NAMES if n not in SCALABLE)

@@ -4,12 +4,16 @@ import pytest
 import torch
 
 from fcn_core import build_model
-from fcn_core.models import NAMES
+from fcn_core.models import NAMES, SCALABLE
+
+
+def _width(name: str) -> float:
+    return 1 / 16 if name in SCALABLE else 1.0  # torchvision's nets have no multiplier
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_net_scores_every_pixel_at_odd_sizes(name):
-    net = build_model(name, num_classes=5, width=1 / 16).eval()
+    net = build_model(name, num_classes=5, width=_width(name)).eval()
     for h, w in ((1, 1), (17, 31), (33, 8)):
         with torch.no_grad():
             out = net(torch.zeros(1, 3, h, w))
@@ -31,6 +35,35 @@ def test_heads_in_channels_and_unknown_names():
 def test_fcn_describe_works_for_every_name(name, capsys):
     from flows.cli import main
 
-    assert main(["describe", "--variant", name, "--width", "0.0625", "--size", "64x48"]) == 0
+    w = _width(name)
+    assert main(["describe", "--variant", name, "--width", str(w), "--size", "64x48"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{name}  width=0.0625") and "GMAC per image" in out
+    assert out.startswith(f"{name}  width={w}") and "GMAC per image" in out
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in SCALABLE])
+def test_torchvision_nets_are_built_without_downloading_and_refuse_what_they_lack(
+        name, monkeypatch):
+    """torchvision's builders default to downloading ImageNet backbone weights: the table
+    builds them with none, so nothing is fetched (a fetch would fail here), and their aux
+    classifier is there where torchvision has one."""
+    import torch.hub
+
+    def no_download(*a, **k):
+        raise AssertionError(f"{name} tried to download {a[:1]}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    net = build_model(name, num_classes=4).eval()
+    with torch.no_grad():
+        out, aux = net.scores_and_aux(torch.zeros(1, 3, 21, 19))
+    assert out.shape == (1, 4, 21, 19)
+    assert (aux is None) == (name == "lraspp_mobilenet_v3_large")
+    if aux is not None:
+        assert aux.shape == (1, 4, 21, 19)
+    assert net.config.variant == name
+    with pytest.raises(ValueError, match="has no width multiplier"):
+        build_model(name, width=0.5)
+    with pytest.raises(ValueError, match="reads 3-channel images"):
+        build_model(name, in_channels=4)
+    with pytest.raises(ValueError, match="has one score head"):
+        build_model(name, heads={"semantic": 33, "geometric": 3})

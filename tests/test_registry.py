@@ -184,11 +184,14 @@ def test_registration_aliases_champion_gate_history_and_pyfunc(data, tmp_path, t
     assert history[2]["decision"] == tie.decision and history[1]["mean_iu"] == repr(0.45)
 
 
-@pytest.mark.parametrize("variant", ["fcn32s_alexnet", "fcn32s_googlenet"])
+@pytest.mark.parametrize("variant", ["fcn32s_alexnet", "fcn32s_googlenet",
+                                     "deeplabv3_mobilenet_v3_large"])
 def test_other_trunks_evaluate_register_and_serve_like_vgg16(data, tmp_path, monkeypatch,
                                                               variant):
-    """Table 1's nets go the same way as the VGG16 ones: evaluated, registered with their
-    backbone in the lineage, and served by mlflow.pyfunc from the shipped fcn_core."""
+    """Table 1's nets and the successors go the same way as the VGG16 ones: evaluated,
+    registered with their arch and backbone in the lineage, and served by stock
+    mlflow.pyfunc from the shipped fcn_core (torchvision in the requirements where it builds
+    the net)."""
     import mlflow
     import mlflow.pyfunc
 
@@ -200,8 +203,12 @@ def test_other_trunks_evaluate_register_and_serve_like_vgg16(data, tmp_path, mon
     from pipelines.tracking import tracking_uri
 
     torch.manual_seed(0)
-    net = build_model(variant, num_classes=21, width=1 / 8)
-    torch.nn.init.normal_(net.heads["out"].score_fr.weight, std=1.0)
+    successor = not variant.startswith("fcn32s_")
+    net = build_model(variant, num_classes=21, width=1.0 if successor else 1 / 8)
+    if not successor:  # zero at start: random scores, so the predictions vary
+        torch.nn.init.normal_(net.heads["out"].score_fr.weight, std=1.0)
+    else:  # untrained batch norms (mean 0, var 1) on raw pixels give one class everywhere:
+        calibrate_batch_norms(net)  # statistics of real inputs, as training would give
     ckpt = tmp_path / "c"
     write_checkpoint(ckpt / CHECKPOINT_FILE, net, config={"dataset": "voc", "input": "rgb"})
     result = evaluate(str(ckpt), data, "val", log=lambda m: None)
@@ -210,8 +217,9 @@ def test_other_trunks_evaluate_register_and_serve_like_vgg16(data, tmp_path, mon
     reg = register(str(ckpt), name=name, metrics=result.metrics, split="val",
                    manifest=read_manifest(data).data, config_digest="abc", log=lambda m: None)
     v = MlflowClient(tracking_uri()).get_model_version(name, reg.version)
-    backbone = variant.split("_")[1]
-    assert (v.tags["variant"], v.tags["backbone"], v.tags["stage"]) == (variant, backbone, "32s")
+    backbone = variant.split("_", 1)[1]
+    assert (v.tags["variant"], v.tags["arch"], v.tags["backbone"], v.tags["stage"]) == (
+        variant, variant, backbone, "train" if successor else "32s")
     # Big enough for several stride-32 cells, and with dark and bright blocks, so the
     # classes vary.
     batch = np.random.default_rng(1).integers(0, 64, (2, 101, 133, 3), dtype=np.uint8)
@@ -228,7 +236,20 @@ def test_other_trunks_evaluate_register_and_serve_like_vgg16(data, tmp_path, mon
     assert len(np.unique(labels)) > 1
     reqs = Path(mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt",
                                                      dst_path=str(tmp_path / "r"))).read_text()
-    assert ("torchvision==" in reqs) == (backbone == "googlenet"), reqs
+    assert ("torchvision==" in reqs) == (variant != "fcn32s_alexnet"), reqs
+
+
+def calibrate_batch_norms(net: torch.nn.Module) -> None:
+    """Set every batch norm's running statistics to those of one batch of varied images."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 1.0
+    x = torch.randn(2, 3, 64, 64) * 60
+    x[:, :, :32] += 80
+    net.train()
+    with torch.no_grad():
+        net(x)
+    net.eval()
 
 
 def test_a_retried_registration_reuses_its_version(data, tmp_path, monkeypatch):

@@ -309,3 +309,95 @@ def test_other_trunks_start_from_their_torchvision_weights(tmp_path, backbone):
     assert all(torch.equal(got[k], want[k]) for k in want)
     trunk = "features.0.weight" if backbone == "alexnet" else "conv1.conv.weight"
     assert not torch.equal(got[trunk], build_model(f"fcn32s_{backbone}").state_dict()[trunk])
+
+
+def test_a_fixed_googlenet_trunk_keeps_its_batch_norm_statistics():
+    """train: score_only on FCN-GoogLeNet: the trunk's batch norms normalise with their
+    running statistics and keep them, so only score_fr changes in a training step."""
+    cfg = TrainConfig(dataset="voc", backbone="googlenet", width=1 / 8, optimizer="sgd",
+                      momentum=0.0, stages=(StageConfig("32s", 1, 0.1, train="score_only"),))
+    model = build_stage_model(cfg, cfg.stages[0], 21, None, log=lambda m: None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = make_optimizer(model, cfg, cfg.stages[0])
+    x = torch.randn(2, 3, 64, 64) * 50
+    train_step(model, opt, x, {"label": torch.randint(0, 21, (2, 64, 64))}, ["out"], True)
+    assert not model.conv1.bn.training and model.training
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"heads.out.score_fr.weight", "heads.out.score_fr.bias"}
+
+
+@pytest.mark.parametrize("model_name, classifier", [
+    ("deeplabv3_resnet50", "resnet50"), ("lraspp_mobilenet_v3_large", "mobilenet_v3_large")])
+def test_a_successor_starts_from_its_backbones_torchvision_weights_and_learns_with_aux(
+        tmp_path, model_name, classifier):
+    """model: NAME builds torchvision's net and loads a local classification state dict into
+    its backbone (classifier dropped, first conv re-expressed for BGR minus the mean, exact
+    in eval mode); a training step adds the auxiliary loss where torchvision has one."""
+    import torchvision
+
+    from fcn_core.transforms import MEAN_BGR
+
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, classifier)().eval()
+    weights = tmp_path / "w.pth"
+    torch.save(tv.state_dict(), weights)
+    cfg = TrainConfig(dataset="voc", model=model_name, backbone_weights=str(weights),
+                      optimizer="sgd", momentum=0.0, batch_size=2,
+                      stages=(StageConfig("train", 1, 0.01),))
+    said: list[str] = []
+    model = build_stage_model(cfg, cfg.stages[0], 21, None, log=said.append).eval()
+    assert model.config.variant == model_name and "classifier dropped" in said[0], said
+    rgb = torch.rand(1, 3, 40, 40)
+    bgr = rgb.flip(1) * 255 - torch.tensor(MEAN_BGR["voc"]).view(1, 3, 1, 1)
+    norm = (rgb - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    first = (lambda m: torch.nn.Sequential(m.conv1, m.bn1)) if classifier == "resnet50" else \
+        (lambda m: m.features[0] if hasattr(m, "features") else m["0"])
+    with torch.no_grad():
+        ours = first(model.net.backbone)(bgr)
+        theirs = first(tv)(norm)
+    # Away from the border (zero padding is the mean colour in FCN's input, black in theirs)
+    inner = (..., slice(2, -2), slice(2, -2))
+    assert torch.allclose(ours[inner], theirs[inner], atol=1e-4), (ours - theirs).abs().max()
+
+    has_aux = model_name != "lraspp_mobilenet_v3_large"
+    x, y = torch.randn(2, 3, 48, 48) * 50, {"label": torch.randint(0, 21, (2, 48, 48))}
+    from fcn_core.losses import segmentation_loss
+
+    def loss_of(scores: torch.Tensor) -> torch.Tensor:
+        return segmentation_loss(scores, y["label"], normalize=True)
+
+    model.train()
+    torch.manual_seed(5)  # the same dropout masks in both forwards
+    with torch.no_grad():
+        out = model(x)
+    assert isinstance(out, dict) == has_aux
+    expected = loss_of(out["out"]) + 0.5 * loss_of(out["aux"]) if has_aux else loss_of(out)
+    opt = make_optimizer(model, cfg, cfg.stages[0])
+    torch.manual_seed(5)
+    loss = train_step(model, opt, x, y, ["out"], True)
+    assert loss == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_batch_norms_are_synchronised_across_gpu_workers_only():
+    """Several GPU workers: every batch norm becomes a SyncBatchNorm (the same parameters,
+    so the optimizer's references hold); one worker, a net without batch norm, or CPU
+    workers (PyTorch's SyncBatchNorm refuses non-GPU modules) keep the net as it is."""
+    from fcn_core.models import build_model
+    from pipelines.train.step import sync_batch_norm
+
+    net = build_model("lraspp_mobilenet_v3_large", num_classes=3)
+    params = list(net.parameters())
+    said: list[str] = []
+    synced = sync_batch_norm(net, use_gpu=True, workers=2, log=said.append)
+    kinds = {type(m).__name__ for m in synced.modules()}
+    assert "SyncBatchNorm" in kinds and "BatchNorm2d" not in kinds
+    assert list(synced.parameters()) == params
+    assert said == ["batch norm: SyncBatchNorm across the 2 workers"]
+    for use_gpu, workers in ((True, 1), (False, 2)):
+        plain = build_model("lraspp_mobilenet_v3_large", num_classes=3)
+        assert sync_batch_norm(plain, use_gpu, workers, log=said.append) is plain
+        assert "SyncBatchNorm" not in {type(m).__name__ for m in plain.modules()}
+    assert said[-1].startswith("batch norm: 2 CPU workers keep their own statistics")
+    fcn = build_model("fcn8s", width=1 / 16)
+    assert sync_batch_norm(fcn, True, 4, log=said.append) is fcn

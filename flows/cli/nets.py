@@ -12,17 +12,23 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
     from fcn_core.models import build_model
     from fcn_core.profile import layer_stats
+    from pipelines.errors import UsageError
 
-    model = build_model(args.variant, num_classes=args.classes, width=args.width,
-                        in_channels=args.in_channels).eval()
+    try:
+        model = build_model(args.variant, num_classes=args.classes, width=args.width,
+                            in_channels=args.in_channels).eval()
+    except ValueError as e:  # what this net cannot be (a width, channels): the user's choice
+        raise UsageError(str(e)) from None
     h, w = args.size
     x = torch.zeros(1, args.in_channels, h, w)
     stats = layer_stats(model, x)
     print(f"{args.variant}  width={args.width}  classes={args.classes}  input 1x"
           f"{args.in_channels}x{h}x{w}")
-    print(f"{'layer':<28}{'kind':<17}{'output':<22}{'params':>12}{'MMAC':>12}")
+    n = max([28, *(len(s.name) + 2 for s in stats)])
+    print(f"{'layer':<{n}}{'kind':<17}{'output':<22}{'params':>12}{'MMAC':>12}")
     for s in stats:
-        print(f"{s.name:<28}{s.kind:<17}{str(s.out_shape):<22}{s.params:>12,}{s.macs / 1e6:>12.1f}")
+        print(f"{s.name:<{n}}{s.kind:<17}{str(s.out_shape):<22}{s.params:>12,}"
+              f"{s.macs / 1e6:>12.1f}")
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if hasattr(model, "offsets"):
@@ -44,7 +50,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", choices=NAMES, default="fcn8s",
                    help="which net (default: fcn8s; the list below)")
     p.add_argument("--width", type=positive_float, default=1.0,
-                   help="channel multiplier of VGG16 (1.0 = the real net; default 1.0)")
+                   help="channel multiplier of the FCNs' trunk (1.0 = the real net; default "
+                        "1.0); torchvision's nets (fcn_resnet50, deeplabv3_*, ...) take 1.0 "
+                        "only")
     p.add_argument("--classes", type=positive_int, default=21,
                    help="number of classes (default 21)")
     p.add_argument("--in-channels", type=positive_int, default=3,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcn_core.fcn import FCN, LateFusion
+from fcn_core.fcn import FCN, SINGLE_HEAD, LateFusion
 from fcn_core.losses import multi_head_loss
 from fcn_core.metrics import ConfusionMatrix
 from fcn_core.models import build_model
@@ -18,6 +18,7 @@ from fcn_core.optim import param_groups
 from fcn_core.precision import autocast, backward_step, unwrap
 from fcn_core.surgery import promote, transplant_vgg16
 from fcn_core.transforms import MEAN_BGR, MEAN_HHA
+from fcn_core.zoo.torchvision_nets import AUX, AUX_WEIGHT
 from pipelines import storage
 from pipelines.config import StageConfig, TrainConfig
 from pipelines.train.checkpoint import load_model
@@ -45,16 +46,46 @@ def build_stage_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
     return model
 
 
+def sync_batch_norm(model: nn.Module, use_gpu: bool, workers: int, log: Log = print
+                    ) -> nn.Module:
+    """A net with batch norms trained by several GPU workers normalises over all their
+    batches (SyncBatchNorm, what users who scale out with BN need); on CPU workers (gloo)
+    PyTorch's SyncBatchNorm does not run, so each worker keeps its own statistics."""
+    if workers < 2 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                              for m in model.modules()):
+        return model
+    if not use_gpu:
+        log(f"batch norm: {workers} CPU workers keep their own statistics (SyncBatchNorm "
+            "needs GPUs)")
+        return model
+    log(f"batch norm: SyncBatchNorm across the {workers} workers")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def train_only_scores(model: nn.Module) -> list[str]:
     """Fix every parameter but the score_fr layers' (the last stage of a config: the config
-    check refuses a stage after it); the names of those that still learn."""
+    check refuses a stage after it); the names of those that still learn. Batch-norm layers
+    of the fixed trunk (GoogLeNet's) stay in eval mode: they normalise with their running
+    statistics and do not update them, so the trunk computes the same features throughout."""
     learning = []
     for name, p in model.named_parameters():
         keep = ".score_fr." in f".{name}"
         p.requires_grad_(keep)
         if keep:
             learning.append(name)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            _keep_eval(m)
     return learning
+
+
+def _keep_eval(m: nn.Module) -> None:
+    """``m`` stays in eval mode whatever ``model.train()`` asks of it."""
+    def train(mode: bool = True) -> nn.Module:
+        return nn.Module.train(m, False)
+
+    m.train = train  # type: ignore[method-assign]
+    m.eval()
 
 
 def freeze_upsampling(model: nn.Module) -> list[str]:
@@ -91,10 +122,11 @@ def _initial_model(cfg: TrainConfig, stage: StageConfig, num_classes: int,
         # (minus the HHA mean, in file order, as the reference feeds it).
         means = [MEAN_HHA] if cfg.input == "hha" else [MEAN_BGR[cfg.dataset], MEAN_HHA]
         for net, mean in zip(nets, means, strict=False):
-            log(f"backbone {cfg.backbone_weights}: {transplant(cfg.backbone, net, state, mean)}")
+            log(f"backbone {cfg.backbone_weights}: "
+                f"{transplant(cfg.model or cfg.backbone, net, state, mean)}")
     else:
-        log(f"warning: no backbone_weights given: the {BACKBONE_NAMES[cfg.backbone]} trunk "
-            "starts from random weights")
+        what = f"{cfg.model} backbone" if cfg.model else f"{BACKBONE_NAMES[cfg.backbone]} trunk"
+        log(f"warning: no backbone_weights given: the {what} starts from random weights")
     return model
 
 
@@ -103,10 +135,16 @@ BACKBONE_NAMES = {"vgg16": "VGG16", "alexnet": "AlexNet", "googlenet": "GoogLeNe
 
 def transplant(backbone: str, net: nn.Module, state: dict[str, torch.Tensor],
                mean: tuple[float, float, float]) -> str:
-    """Load a torchvision ``backbone`` state dict into ``net`` (conv1 re-expressed for BGR
-    minus ``mean``); one line saying what was copied."""
+    """Load a torchvision ``backbone`` state dict (or, for a ``model:`` net, its backbone's
+    classification state dict) into ``net`` (conv1 re-expressed for BGR minus ``mean``); one
+    line saying what was copied."""
     if backbone == "vgg16":
         return str(transplant_vgg16(net, state, mean_bgr=mean)).splitlines()[0]
+    if backbone not in BACKBONE_NAMES:  # a model: net of torchvision's
+        from fcn_core.zoo.torchvision_nets import transplant_torchvision_backbone
+
+        copied = transplant_torchvision_backbone(net, state, mean_bgr=mean)  # type: ignore[arg-type]
+        return f"{len(copied)} backbone tensors copied into {backbone}, the classifier dropped"
     if backbone == "alexnet":
         from fcn_core.alexnet import transplant_alexnet
 
@@ -176,12 +214,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     model.train()
     with autocast(amp, x.device):
         scores = model(x)
+        aux = None
+        if isinstance(scores, dict) and AUX in scores:  # torchvision's auxiliary classifier
+            aux, scores = scores[AUX], scores[SINGLE_HEAD]
         if isinstance(scores, dict):
             keys = _label_keys(heads)
             loss = multi_head_loss(scores, {h: labels[keys[h]] for h in scores},
                                    normalize=normalize)
         else:
             loss = multi_head_loss(scores, labels["label"], normalize=normalize, weight=weight)
+        if aux is not None:
+            loss = loss + AUX_WEIGHT * multi_head_loss(aux, labels["label"], normalize=normalize,
+                                                       weight=weight)
     backward_step(loss, optimizer, scaler)
     return float(loss.detach())
 

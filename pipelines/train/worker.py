@@ -32,6 +32,7 @@ from pipelines.train.step import (
     replicas_in_sync,
     sampled_labels,
     set_lr,
+    sync_batch_norm,
     train_step,
     validate,
 )
@@ -207,6 +208,8 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
             print(f"[{stage.name}] {msg}", flush=True)
 
     model = build_stage_model(cfg, stage, loop["num_classes"], init, log, previous=previous)
+    if previous is None:
+        model = sync_batch_norm(model, cfg.use_gpu, world, log)
     heads = list((cfg.heads or {"out": loop["num_classes"]}).keys())
     classes = cfg.heads or {"out": loop["num_classes"]}
     optimizer = make_optimizer(model, cfg, stage)
