@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import nn
 
+TORCHVISION = "fcn_core.zoo.torchvision_nets"
 # name -> (module, builder, one line for --help and `fcn describe`)
 _TABLE: dict[str, tuple[str, str, str]] = {
     "fcn32s": ("fcn_core.fcn", "fcn32s", "VGG16 FCN-32s: score_fr upsampled 32x"),
@@ -25,8 +26,16 @@ _TABLE: dict[str, tuple[str, str, str]] = {
                        "AlexNet FCN-32s (torchvision's single-tower AlexNet trunk)"),
     "fcn32s_googlenet": ("fcn_core.googlenet", "fcn32s_googlenet",
                          "GoogLeNet FCN-32s (torchvision's trunk through inception5b)"),
-    # The successors (issue 15): torchvision's builders, no weights downloaded.
-    **{n: ("fcn_core.zoo.torchvision_nets", n, what) for n, what in (
+    # The successors (issue 15), one stage each: ours, then torchvision's builders (no
+    # weights downloaded).
+    "unet": ("fcn_core.zoo.unet", "unet", "U-Net: contracting + expanding paths, skip concat"),
+    "segnet": ("fcn_core.zoo.segnet", "segnet",
+               "SegNet: VGG16-BN encoder, decoder unpools with its indices"),
+    "deeplab_largefov": ("fcn_core.zoo.deeplab", "deeplab_largefov",
+                         "DeepLab v1 LargeFOV: atrous VGG16, stride 8, fc6 dilated 12"),
+    "pspnet_resnet50": ("fcn_core.zoo.pspnet", "pspnet_resnet50",
+                        "PSPNet: pyramid pooling (1, 2, 3, 6) on dilated ResNet-50, aux head"),
+    **{n: (TORCHVISION, n, what) for n, what in (
         ("fcn_resnet50", "torchvision's FCN on ResNet-50 (dilated, stride 8), aux head"),
         ("fcn_resnet101", "torchvision's FCN on ResNet-101 (dilated, stride 8), aux head"),
         ("deeplabv3_resnet50", "DeepLabv3 (ASPP) on ResNet-50, torchvision's, aux head"),
@@ -35,13 +44,17 @@ _TABLE: dict[str, tuple[str, str, str]] = {
         ("lraspp_mobilenet_v3_large", "LR-ASPP on MobileNetV3-Large, torchvision's"))},
 }
 NAMES: tuple[str, ...] = tuple(_TABLE)
-# The nets with a channel multiplier (``width``); torchvision's are built as torchvision has them.
-SCALABLE: tuple[str, ...] = tuple(n for n, (m, _, _) in _TABLE.items() if ".zoo." not in m)
+# Built on torchvision's classification nets, as torchvision has them (no width multiplier).
+_ON_TORCHVISION = {n for n, (m, _, _) in _TABLE.items() if m == TORCHVISION} | {"pspnet_resnet50"}
+# The nets with a channel multiplier (``width``).
+SCALABLE: tuple[str, ...] = tuple(n for n in _TABLE if n not in _ON_TORCHVISION)
+# The successors: a config's ``model:`` (the FCNs are its stages and ``backbone:``).
+SUCCESSORS: tuple[str, ...] = tuple(n for n, (m, _, _) in _TABLE.items() if ".zoo." in m)
 
 
 def needs_torchvision(name: str) -> bool:
     """Whether building ``name`` imports torchvision (a served model's requirements)."""
-    return name == "fcn32s_googlenet" or name not in SCALABLE
+    return name == "fcn32s_googlenet" or name in _ON_TORCHVISION
 
 
 def describe_names() -> str:

@@ -35,6 +35,7 @@ def layer_stats(model: nn.Module, x: torch.Tensor) -> list[LayerStat]:
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.MaxPool2d)):
             def hook(mod, args, out, name=name):
+                out = out[0] if isinstance(out, tuple) else out  # a pool with its indices
                 stats.append(LayerStat(
                     name, type(mod).__name__, tuple(out.shape),
                     sum(p.numel() for p in mod.parameters(recurse=False)),

@@ -34,8 +34,10 @@ STAGE_VARIANTS = {"32s": "fcn32s", "16s": "fcn16s", "8s": "fcn8s", "8s-atonce": 
 # The one stage of a `model:` net (the successors train in one stage; staging is FCN's).
 MODEL_STAGE = "train"
 # The successors of issue 15 (fcn_core.models names beyond the FCNs; a test keeps them equal).
-MODELS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+MODELS = ("unet", "segnet", "deeplab_largefov", "pspnet_resnet50", "fcn_resnet50",
+          "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
           "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
+FIXED_WIDTH = MODELS[3:]  # on torchvision's nets: no width multiplier
 # The classifier each FCN adapts (the paper's Table 1). Only VGG16 has the 16s/8s skips; the
 # others are FCN-32s nets (fcn_core.models: fcn32s_alexnet, fcn32s_googlenet).
 BACKBONES = ("vgg16", "alexnet", "googlenet")
@@ -284,7 +286,7 @@ def _stages(value: Any, errors: list[str], model: Any = None) -> tuple[StageConf
         pass
     elif model is not None or MODEL_STAGE in names:
         if names != [MODEL_STAGE] or model is None:
-            errors.append(f"stages: a model: net ({', '.join(MODELS[:2])}, ...) trains in one "
+            errors.append(f"stages: a model: net ({', '.join(MODELS[:3])}, ...) trains in one "
                           f"stage named {MODEL_STAGE!r} and FCNs in 32s, 16s, 8s or 8s-atonce "
                           f"stages, got {names} with model={model!r}")
     elif "8s-atonce" in names and len(names) > 1:
@@ -422,12 +424,15 @@ class TrainConfig:
                               f"got input={self.input!r}, heads={self.heads!r}")
             if any(st.train != "all" for st in self.stages):
                 errors.append(f"model: {self.model!r} has no score_fr: train must be 'all'")
-            if self.width != 1.0:
+            if self.model == "unet" and self.backbone_weights:
+                errors.append("backbone_weights: unet has no pretrained backbone to load (it "
+                              "starts from He initialisation): leave it out")
+            if self.width != 1.0 and self.model in FIXED_WIDTH:
                 errors.append(f"width: {self.model!r} is torchvision's net, which has no width "
                               f"multiplier: width must be 1.0, got {self.width}")
-            if self.model.startswith("deeplabv3") and self.batch_size < 2:
+            if self.model.startswith(("deeplabv3", "pspnet")) and self.batch_size < 2:
                 errors.append(f"batch_size: {self.model!r} needs at least 2 images per worker "
-                              f"(ASPP's image pooling batch-normalises one value per image), "
+                              f"(its image-level pooling batch-normalises one value per image), "
                               f"got {self.batch_size}")
         if self.backbone != "vgg16" and self.model is None:
             names = [st.name for st in self.stages]

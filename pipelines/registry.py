@@ -393,8 +393,10 @@ def _lineage_tags(arch: Mapping[str, Any], manifest: Mapping[str, Any],
         trunk, stage = "vgg16", variant.removeprefix("fcn")
     elif variant.startswith("fcn32s_"):  # the paper's other trunks
         trunk, stage = variant.split("_", 1)[1], "32s"
-    else:  # a successor: deeplabv3_resnet50 -> resnet50, trained in one stage
-        trunk, stage = variant.split("_", 1)[1], "train"
+    else:  # a successor, trained in one stage: deeplabv3_resnet50 -> resnet50
+        trunk = {"unet": "none", "segnet": "vgg16_bn", "deeplab_largefov": "vgg16"}.get(
+            variant, variant.split("_", 1)[-1])
+        stage = "train"
     tags = {"variant": variant, "arch": variant, "backbone": trunk, "stage": stage,
             "width": str(arch["width"]), "dataset": manifest["dataset"],
             "dataset_fingerprint": manifest["source"]["fingerprint"],

@@ -39,7 +39,7 @@ BAD = [
     ("width", float("inf"), "must be a finite number"),
     ("input", "rgbx", "must be one of rgb, hha, rgbd, rgb-hha"),
     ("backbone", "resnet50", "must be one of vgg16, alexnet, googlenet"),
-    ("model", "unet", "must be one of fcn_resnet50, fcn_resnet101, deeplabv3_resnet50"),
+    ("model", "pspnet", "must be one of unet, segnet, deeplab_largefov, pspnet_resnet50"),
     ("heads", 5, "must map one or two head names"),
     ("heads", {}, "must map one or two head names"),
     ("heads", {"a": 1, "b": 2, "c": 3}, "must map one or two head names"),
@@ -343,7 +343,8 @@ def test_readme_config_rows_say_what_the_config_check_says(row):
 
 def test_the_config_names_every_successor_of_the_model_table():
     """config.MODELS (no torch import) is fcn_core.models' table beyond the FCNs."""
-    from fcn_core.models import NAMES, SCALABLE
-    from pipelines.config import MODELS
+    from fcn_core.models import SCALABLE, SUCCESSORS
+    from pipelines.config import FIXED_WIDTH, MODELS
 
-    assert MODELS == tuple(n for n in NAMES if n not in SCALABLE)
+    assert MODELS == SUCCESSORS
+    assert FIXED_WIDTH == tuple(n for n in SUCCESSORS if n not in SCALABLE)

@@ -184,7 +184,7 @@ def test_registration_aliases_champion_gate_history_and_pyfunc(data, tmp_path, t
     assert history[2]["decision"] == tie.decision and history[1]["mean_iu"] == repr(0.45)
 
 
-@pytest.mark.parametrize("variant", ["fcn32s_alexnet", "fcn32s_googlenet",
+@pytest.mark.parametrize("variant", ["fcn32s_googlenet", "unet",
                                      "deeplabv3_mobilenet_v3_large"])
 def test_other_trunks_evaluate_register_and_serve_like_vgg16(data, tmp_path, monkeypatch,
                                                               variant):
@@ -203,8 +203,10 @@ def test_other_trunks_evaluate_register_and_serve_like_vgg16(data, tmp_path, mon
     from pipelines.tracking import tracking_uri
 
     torch.manual_seed(0)
+    from fcn_core.models import SCALABLE, needs_torchvision
+
     successor = not variant.startswith("fcn32s_")
-    net = build_model(variant, num_classes=21, width=1.0 if successor else 1 / 8)
+    net = build_model(variant, num_classes=21, width=1 / 8 if variant in SCALABLE else 1.0)
     if not successor:  # zero at start: random scores, so the predictions vary
         torch.nn.init.normal_(net.heads["out"].score_fr.weight, std=1.0)
     else:  # untrained batch norms (mean 0, var 1) on raw pixels give one class everywhere:
@@ -217,7 +219,7 @@ def test_other_trunks_evaluate_register_and_serve_like_vgg16(data, tmp_path, mon
     reg = register(str(ckpt), name=name, metrics=result.metrics, split="val",
                    manifest=read_manifest(data).data, config_digest="abc", log=lambda m: None)
     v = MlflowClient(tracking_uri()).get_model_version(name, reg.version)
-    backbone = variant.split("_", 1)[1]
+    backbone = {"unet": "none"}.get(variant, variant.split("_", 1)[-1])
     assert (v.tags["variant"], v.tags["arch"], v.tags["backbone"], v.tags["stage"]) == (
         variant, variant, backbone, "train" if successor else "32s")
     # Big enough for several stride-32 cells, and with dark and bright blocks, so the
@@ -236,7 +238,7 @@ def test_other_trunks_evaluate_register_and_serve_like_vgg16(data, tmp_path, mon
     assert len(np.unique(labels)) > 1
     reqs = Path(mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt",
                                                      dst_path=str(tmp_path / "r"))).read_text()
-    assert ("torchvision==" in reqs) == (variant != "fcn32s_alexnet"), reqs
+    assert ("torchvision==" in reqs) == needs_torchvision(variant), reqs
 
 
 def calibrate_batch_norms(net: torch.nn.Module) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fcn_core.fcn import SINGLE_HEAD, FCNConfig
+from fcn_core.zoo.checks import as_torchvision_builds_it, check_input, one_head
 
 AUX = "aux"  # in training mode, forward gives {"out": scores, "aux": the auxiliary scores}
 AUX_WEIGHT = 0.5  # torchvision's references/segmentation: loss = out + 0.5 * aux
@@ -44,17 +45,8 @@ class TorchvisionSegmentation(nn.Module):
         super().__init__()
         if name not in BUILDERS:
             raise ValueError(f"name must be one of {', '.join(BUILDERS)}, got name={name!r}")
-        if heads is not None:
-            if list(heads) != [SINGLE_HEAD]:
-                raise ValueError(f"{name} has one score head, got heads={dict(heads)!r}")
-            num_classes = heads[SINGLE_HEAD]
-        if not (isinstance(num_classes, int) and num_classes >= 1):
-            raise ValueError(f"num_classes must be an int >= 1, got num_classes={num_classes!r}")
-        if width != 1.0:
-            raise ValueError(f"{name} is torchvision's net, which has no width multiplier: "
-                             f"width must be 1.0, got width={width!r}")
-        if in_channels != 3:
-            raise ValueError(f"{name} reads 3-channel images, got in_channels={in_channels!r}")
+        num_classes = one_head(name, num_classes, heads, in_channels)
+        as_torchvision_builds_it(name, width, in_channels)
         has_aux = BUILDERS[name]
         aux = has_aux if aux_loss is None else bool(aux_loss)
         if aux and not has_aux:
@@ -68,9 +60,7 @@ class TorchvisionSegmentation(nn.Module):
 
     def scores_and_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The scores and, with an auxiliary classifier, its scores (both input-sized)."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be (N, 3, H, W), got {shape}")
+        check_input(x, 3)
         out = self.net(x)
         return out["out"], out.get("aux")
 

@@ -140,6 +140,17 @@ def transplant(backbone: str, net: nn.Module, state: dict[str, torch.Tensor],
     line saying what was copied."""
     if backbone == "vgg16":
         return str(transplant_vgg16(net, state, mean_bgr=mean)).splitlines()[0]
+    if backbone == "segnet":
+        from fcn_core.zoo.segnet import transplant_vgg16_bn
+
+        copied = transplant_vgg16_bn(net, state, mean_bgr=mean)  # type: ignore[arg-type]
+        return f"{len(copied)} VGG16-BN tensors copied into segnet's encoder"
+    if backbone == "deeplab_largefov":
+        from fcn_core.zoo.deeplab import transplant_vgg16 as transplant_deeplab
+
+        copied = transplant_deeplab(net, state, mean_bgr=mean)  # type: ignore[arg-type]
+        return (f"{len(copied)} VGG16 tensors copied into deeplab_largefov (fc6, fc7 "
+                "decimated from the classifier)")
     if backbone not in BACKBONE_NAMES:  # a model: net of torchvision's
         from fcn_core.zoo.torchvision_nets import transplant_torchvision_backbone
 
@@ -223,9 +234,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
                                    normalize=normalize)
         else:
             loss = multi_head_loss(scores, labels["label"], normalize=normalize, weight=weight)
-        if aux is not None:
-            loss = loss + AUX_WEIGHT * multi_head_loss(aux, labels["label"], normalize=normalize,
-                                                       weight=weight)
+        if aux is not None:  # torchvision's 0.5, PSPNet's 0.4
+            w_aux = getattr(unwrap(model), "aux_weight", AUX_WEIGHT)
+            loss = loss + w_aux * multi_head_loss(aux, labels["label"], normalize=normalize,
+                                                  weight=weight)
     backward_step(loss, optimizer, scaler)
     return float(loss.detach())
 
