@@ -109,3 +109,15 @@ def test_pspnet_pools_into_the_papers_bins_and_has_an_aux_head_in_training():
     both = net(x)
     assert set(both) == {"out", "aux"} and both["aux"].shape == (2, 5, 57, 41)
     assert net.aux_weight == 0.4
+
+
+def test_deeplabv3plus_decodes_aspp_with_the_stride_4_features():
+    net = build_model("deeplabv3plus_resnet50", num_classes=5).eval()
+    seen = {}
+    net.net.low.register_forward_hook(lambda m, a, o: seen.update(low=tuple(o.shape)))
+    net.net.aspp.register_forward_hook(lambda m, a, o: seen.update(aspp=tuple(o.shape)))
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 67, 45))
+    assert seen == {"low": (2, 48, 17, 12), "aspp": (2, 256, 5, 3)}  # strides 4 and 16
+    assert [c[0].dilation for c in net.net.aspp.convs[1:4]] == [(6, 6), (12, 12), (18, 18)]
+    assert out.shape == (2, 5, 67, 45)
