@@ -45,8 +45,8 @@ def test_fcn_describe_works_for_every_name(name, capsys):
 def test_torchvision_nets_are_built_without_downloading_and_refuse_what_they_lack(
         name, monkeypatch):
     """torchvision's builders default to downloading ImageNet backbone weights: the table
-    builds them (and the nets on torchvision's ResNet) with none, so nothing is fetched (a fetch would fail here), and their aux
-    classifier is there where torchvision has one."""
+    builds them (and the nets on torchvision's ResNet) with none, so nothing is fetched (a
+    fetch would fail here), and their aux classifier is there where they have one."""
     import torch.hub
 
     def no_download(*a, **k):

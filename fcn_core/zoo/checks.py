@@ -1,10 +1,13 @@
-"""The argument checks every net of the zoo shares (one head, channels, input shape)."""
+"""What the nets of the zoo share: argument checks (one head, channels, input shape) and the
+pieces the ResNet-based ones build from."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 from fcn_core.fcn import SINGLE_HEAD
 
@@ -37,3 +40,19 @@ def check_input(x: object, channels: int) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be (N, {channels}, H, W), got {shape}")
+
+
+def resnet50_features(dilate: tuple[bool, bool, bool], return_layers: dict[str, str]
+                      ) -> nn.Module:
+    """torchvision's ResNet-50 without weights (nothing downloaded), ``dilate``: which of
+    layer2..4 trade their stride for dilation, returning the named layers' maps (torchvision's
+    IntermediateLayerGetter: ``net.backbone`` of its segmentation nets)."""
+    models = importlib.import_module("torchvision.models")
+    utils = importlib.import_module("torchvision.models._utils")
+    resnet = models.resnet50(weights=None, replace_stride_with_dilation=list(dilate))
+    return utils.IntermediateLayerGetter(resnet, return_layers=return_layers)
+
+
+def conv_bn_relu(c_in: int, c_out: int, k: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True)]

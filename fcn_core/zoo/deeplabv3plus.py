@@ -19,15 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from fcn_core.fcn import SINGLE_HEAD, FCNConfig
-from fcn_core.zoo.checks import as_torchvision_builds_it, check_input, one_head
+from fcn_core.zoo.checks import (
+    as_torchvision_builds_it,
+    check_input,
+    conv_bn_relu,
+    one_head,
+    resnet50_features,
+)
 
 ATROUS_RATES = (6, 12, 18)  # output stride 16
 LOW_LEVEL_CHANNELS = 48
-
-
-def _cbr(c_in: int, c_out: int, k: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True)]
 
 
 class DeepLabV3Plus(nn.Module):
@@ -41,17 +42,15 @@ class DeepLabV3Plus(nn.Module):
         super().__init__()
         num_classes = one_head(self.variant, num_classes, heads, in_channels)
         as_torchvision_builds_it(self.variant, width, in_channels)
-        models = importlib.import_module("torchvision.models")
-        utils = importlib.import_module("torchvision.models._utils")
         aspp = importlib.import_module("torchvision.models.segmentation.deeplabv3").ASPP
-        resnet = models.resnet50(weights=None, replace_stride_with_dilation=[False, False, True])
         self.net = nn.Module()  # torchvision's layout: net.backbone, ...
-        self.net.backbone = utils.IntermediateLayerGetter(
-            resnet, return_layers={"layer1": "low", "layer4": "out"})
+        self.net.backbone = resnet50_features((False, False, True),
+                                              {"layer1": "low", "layer4": "out"})
         self.net.aspp = aspp(2048, list(ATROUS_RATES))
-        self.net.low = nn.Sequential(*_cbr(256, LOW_LEVEL_CHANNELS, 1))
-        self.net.decoder = nn.Sequential(*_cbr(256 + LOW_LEVEL_CHANNELS, 256, 3),
-                                         *_cbr(256, 256, 3), nn.Conv2d(256, num_classes, 1))
+        self.net.low = nn.Sequential(*conv_bn_relu(256, LOW_LEVEL_CHANNELS, 1))
+        self.net.decoder = nn.Sequential(*conv_bn_relu(256 + LOW_LEVEL_CHANNELS, 256, 3),
+                                         *conv_bn_relu(256, 256, 3),
+                                         nn.Conv2d(256, num_classes, 1))
         self.config = FCNConfig(variant=self.variant, heads={SINGLE_HEAD: num_classes},
                                 width=1.0, in_channels=3)
 

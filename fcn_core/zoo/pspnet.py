@@ -12,7 +12,6 @@ ResNet nets' (``fcn_core.zoo.torchvision_nets.transplant_torchvision_backbone``)
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 
 import torch
@@ -20,16 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from fcn_core.fcn import SINGLE_HEAD, FCNConfig
-from fcn_core.zoo.checks import as_torchvision_builds_it, check_input, one_head
+from fcn_core.zoo.checks import (
+    as_torchvision_builds_it,
+    check_input,
+    conv_bn_relu,
+    one_head,
+    resnet50_features,
+)
 from fcn_core.zoo.torchvision_nets import AUX
 
 BINS = (1, 2, 3, 6)
 AUX_WEIGHT = 0.4  # the paper's auxiliary loss weight
-
-
-def _cbr(c_in: int, c_out: int, k: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True)]
 
 
 class PyramidPooling(nn.Module):
@@ -38,8 +38,8 @@ class PyramidPooling(nn.Module):
     def __init__(self, c_in: int, bins: tuple[int, ...] = BINS, c_bin: int = 512) -> None:
         super().__init__()
         self.bins = bins
-        self.stages = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(b), *_cbr(c_in, c_bin, 1))
-                                     for b in bins])
+        self.stages = nn.ModuleList([
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), *conv_bn_relu(c_in, c_bin, 1)) for b in bins])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
@@ -59,16 +59,12 @@ class PSPNet(nn.Module):
         super().__init__()
         num_classes = one_head(self.variant, num_classes, heads, in_channels)
         as_torchvision_builds_it(self.variant, width, in_channels)
-        models = importlib.import_module("torchvision.models")
-        utils = importlib.import_module("torchvision.models._utils")
-        resnet = models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
-        self.net = nn.Module()  # the same layout as torchvision's nets: net.backbone, ...
-        self.net.backbone = utils.IntermediateLayerGetter(
-            resnet, return_layers={"layer3": AUX, "layer4": "out"})
+        self.net = nn.Module()  # torchvision's layout: net.backbone, ...
+        self.net.backbone = resnet50_features((False, True, True), {"layer3": AUX, "layer4": "out"})
         self.net.ppm = PyramidPooling(2048)
-        self.net.classifier = nn.Sequential(*_cbr(2048 + len(BINS) * 512, 512, 3),
+        self.net.classifier = nn.Sequential(*conv_bn_relu(2048 + len(BINS) * 512, 512, 3),
                                             nn.Dropout2d(0.1), nn.Conv2d(512, num_classes, 1))
-        self.net.aux_classifier = nn.Sequential(*_cbr(1024, 256, 3), nn.Dropout2d(0.1),
+        self.net.aux_classifier = nn.Sequential(*conv_bn_relu(1024, 256, 3), nn.Dropout2d(0.1),
                                                 nn.Conv2d(256, num_classes, 1))
         self.config = FCNConfig(variant=self.variant, heads={SINGLE_HEAD: num_classes},
                                 width=1.0, in_channels=3)
