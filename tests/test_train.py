@@ -7,12 +7,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fcn_core.surgery import promote
+from pipelines import storage
 from pipelines.config import StageConfig, TrainConfig
 from pipelines.ingest import IngestConfig, ingest
 from pipelines.shards import read_manifest
 from pipelines.sources import synthetic as synth
 from pipelines.train import CHECKPOINT_FILE, StageFailed, load_model, train_pipeline
 from pipelines.train.step import build_stage_model
+from pipelines.train.worker import DONE_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -70,8 +72,13 @@ def test_staged_training_chains_stages_and_is_tracked(shards, tmp_path, mlflow_u
     run, results = train_pipeline(cfg, shards["voc"], storage=tmp_path / "runs",
                                   log=lambda m: None)
     assert [(r.stage, r.steps) for r in results] == [("32s", 8), ("16s", 4), ("8s", 4)]
-    # One worker group ran the three stages (Ray's state API): 2 workers, not 2 per stage.
-    assert len(_new_train_workers(before)) == 2
+    # One worker group ran the three stages: the same rank-0 worker wrote each done file.
+    # (Ray's state API sees 2 new workers, or 4 when Ray Train restarted a group that was
+    # slow to start on a busy machine: that is Ray's retry, not a group per stage.)
+    workers = {storage.read_json(storage.join(run.storage, run.run_id, s, DONE_FILE))["worker"]
+               for s in ("32s", "16s", "8s")}
+    assert len(workers) == 1 and None not in workers, workers
+    assert len(_new_train_workers(before)) in (2, 4)
     for r in results:  # DDP over 2 workers kept every replica bit-identical
         assert r.metrics["world_size"] == 2 and r.metrics["replicas_in_sync"] == 1.0
         # 5 validation rows on 2 workers: each scored once, none dropped to even the shards.

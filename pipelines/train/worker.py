@@ -284,7 +284,9 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
                              step=step, stage=stage.name, config=cfg.to_dict())
             storage.write_json(storage.join(stage_dir, DONE_FILE), {
                 "checkpoint": final, "steps": step, "mlflow_run": run_ids.get(stage.name),
-                "metrics": {k: float(v) for k, v in metrics.items()}})
+                "metrics": {k: float(v) for k, v in metrics.items()},
+                # which worker (a Ray actor) ran the stage: the same one for a whole chain
+                "worker": ray.get_runtime_context().get_actor_id()})
             print(f"[{stage.name}] checkpoint at step {step}: {final}", flush=True)
         ray.train.report(metrics)  # every rank, after the files: no one runs ahead
 
