@@ -403,3 +403,29 @@ def test_batch_norms_are_synchronised_across_gpu_workers_only():
     assert said[-1].startswith("batch norm: 2 CPU workers keep their own statistics")
     fcn = build_model("fcn8s", width=1 / 16)
     assert sync_batch_norm(fcn, True, 4, log=said.append) is fcn
+
+
+@pytest.mark.parametrize("model_name, module, function", [
+    ("segnet", "fcn_core.zoo.segnet", "transplant_vgg16_bn"),
+    ("deeplab_largefov", "fcn_core.zoo.deeplab", "transplant_vgg16")])
+def test_model_backbone_weights_go_to_that_nets_transplant(tmp_path, monkeypatch, model_name,
+                                                            module, function):
+    """model: segnet | deeplab_largefov with backbone_weights: the stage's net gets them
+    through its own transplant (vgg16_bn; vgg16 with the classifier decimated), with the
+    dataset's mean (the transplants themselves: tests/test_core_zoo.py)."""
+    import importlib
+
+    from fcn_core.transforms import MEAN_BGR
+
+    weights = tmp_path / "w.pth"
+    torch.save({"features.0.weight": torch.zeros(1)}, weights)
+    seen = []
+    monkeypatch.setattr(importlib.import_module(module), function,
+                        lambda net, state, mean_bgr: seen.append((type(net).__name__, mean_bgr))
+                        or ["a", "b"])
+    cfg = TrainConfig(dataset="voc", model=model_name, width=1 / 16, batch_size=2,
+                      backbone_weights=str(weights), stages=(StageConfig("train", 1, 0.01),))
+    said: list[str] = []
+    build_stage_model(cfg, cfg.stages[0], 21, None, log=said.append)
+    assert seen == [({"segnet": "SegNet"}.get(model_name, "DeepLabLargeFOV"), MEAN_BGR["voc"])]
+    assert said and "2 VGG16" in said[0], said
