@@ -1,7 +1,8 @@
 # The image every pod of infra/k8s runs (Ray head/workers, RayJob submitters, MLflow, Prefect).
 # Same install as the Makefile: the pinned stack of constraints.txt with the dev extra (the
-# MLflow server needs its psycopg2-binary and boto3), only not editable. The pinned torch is
-# PyPI's CUDA build: the same image serves the CPU and the GPU workers.
+# MLflow server needs its psycopg2-binary and boto3) and the crf extra (--crf), only not
+# editable. The pinned torch is PyPI's CUDA build: the same image serves the CPU and the GPU
+# workers.
 #   docker build -t REGISTRY/fcn-pipeline:0.1.0 .      (see infra/k8s/README.md)
 FROM python:3.11-slim
 
@@ -22,9 +23,13 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY fcn_core/ fcn_core/
 COPY pipelines/ pipelines/
 COPY flows/ flows/
-RUN python -m pip install --upgrade "pip>=24" \
-    && python -m pip install -c constraints.txt '.[dev]' \
-    && rm -rf build ./*.egg-info
+# g++ only while installing: pydensecrf2 (the crf extra) builds from its sdist.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && python -m pip install --upgrade "pip>=24" \
+    && python -m pip install -c constraints.txt '.[dev,crf]' \
+    && apt-get purge -y --auto-remove g++ \
+    && rm -rf build ./*.egg-info /var/lib/apt/lists/*
 # Presets (relative paths: every entrypoint runs in /app) and the Prefect deployment file.
 COPY configs/ configs/
 COPY prefect.yaml ./

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, got " + sys.version.split()[0]'
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	@echo "installing the project and its pinned stack (first time: ~3 min, ~6.6 GB)"
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,crf]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -25,6 +25,7 @@ class InferenceOptions:
     scales: tuple[float, ...] = (1.0,)  # multi-scale: resize factors whose scores are averaged
     flip: bool = False  # also score the mirrored image and average
     shift_stitch: int = 1  # f > 1: FCNs score by shift-and-stitch at stride s / f (§3.2)
+    crf: bool = False  # DeepLab's dense CRF on the probabilities (fcn_core.crf; RGB input)
 
     def __post_init__(self) -> None:
         if self.window is not None and self.window < 1:
@@ -37,6 +38,8 @@ class InferenceOptions:
                 or self.shift_stitch < 1:
             raise ValueError(f"shift_stitch must be an int >= 1, got "
                              f"shift_stitch={self.shift_stitch!r}")
+        if not isinstance(self.crf, bool):
+            raise ValueError(f"crf must be a bool, got crf={self.crf!r}")
 
 
 def check_shift_stitch(model: nn.Module, f: int) -> None:
@@ -95,12 +98,29 @@ def _windowed(model: Any, x: torch.Tensor, window: int, overlap: float,
     return total / count
 
 
+def crf_refine(probs: torch.Tensor, x: torch.Tensor, mean_bgr: Sequence[float] | None
+               ) -> torch.Tensor:
+    """DeepLab's dense CRF (``fcn_core.crf``, its defaults) on probabilities (N, K, H, W) of
+    the preprocessed RGB batch x (N, 3, H, W), whose images it recovers with ``mean_bgr``."""
+    from fcn_core.crf import dense_crf
+    from fcn_core.transforms import tensor_to_image
+
+    if mean_bgr is None or x.shape[1] != 3:
+        raise ValueError(f"the dense CRF needs RGB input and its mean_bgr, got "
+                         f"{x.shape[1]} channels, mean_bgr={mean_bgr!r}")
+    p = probs.float().cpu().numpy()
+    out = [dense_crf(p[i], tensor_to_image(x[i], mean_bgr)) for i in range(len(p))]
+    return torch.from_numpy(np.stack(out)).to(probs.device)
+
+
 @torch.no_grad()
 def predict_scores(model: nn.Module, x: torch.Tensor,
                    options: InferenceOptions = InferenceOptions(),
-                   head: str | None = None) -> torch.Tensor:
+                   head: str | None = None, mean_bgr: Sequence[float] | None = None
+                   ) -> torch.Tensor:
     """Class scores (N, K, H, W) for a preprocessed batch x (N, C, H, W); with several scales
-    or flips the softmax probabilities are averaged. A multi-head net's ``head`` (by name;
+    or flips the softmax probabilities are averaged; with ``crf`` they are the dense CRF's
+    marginals (``mean_bgr`` recovers the images). A multi-head net's ``head`` (by name;
     None = the first)."""
     model.eval()
     net = model
@@ -125,7 +145,10 @@ def predict_scores(model: nn.Module, x: torch.Tensor,
             if out.shape[-2:] != (h, w):
                 out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
             outs.append(out if plain else out.softmax(1))
-    return outs[0] if plain else torch.stack(outs).mean(0)
+    scores = outs[0] if plain else torch.stack(outs).mean(0)
+    if options.crf:
+        return crf_refine(scores.softmax(1) if plain else scores, x, mean_bgr)
+    return scores
 
 
 @torch.no_grad()
@@ -137,5 +160,6 @@ def predict_labels(model: nn.Module, images: Sequence[np.ndarray], mean_bgr: Seq
     out = []
     for im in images:
         x = image_to_tensor(im, mean_bgr)[None].to(device)
-        out.append(predict_scores(model, x, options).argmax(1)[0].to(torch.uint8).cpu().numpy())
+        scores = predict_scores(model, x, options, mean_bgr=mean_bgr)
+        out.append(scores.argmax(1)[0].to(torch.uint8).cpu().numpy())
     return out

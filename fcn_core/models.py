@@ -37,6 +37,8 @@ _TABLE: dict[str, tuple[str, str, str]] = {
                         "PSPNet: pyramid pooling (1, 2, 3, 6) on dilated ResNet-50, aux head"),
     "deeplabv3plus_resnet50": ("fcn_core.zoo.deeplabv3plus", "deeplabv3plus_resnet50",
                                "DeepLabv3+: ASPP + low-level decoder on ResNet-50 (stride 16)"),
+    "refinenet_resnet50": ("fcn_core.zoo.refinenet", "refinenet_resnet50",
+                           "RefineNet: 4 cascaded blocks (RCU, fusion, CRP) on ResNet-50"),
     **{n: (TORCHVISION, n, what) for n, what in (
         ("fcn_resnet50", "torchvision's FCN on ResNet-50 (dilated, stride 8), aux head"),
         ("fcn_resnet101", "torchvision's FCN on ResNet-101 (dilated, stride 8), aux head"),
@@ -48,7 +50,7 @@ _TABLE: dict[str, tuple[str, str, str]] = {
 NAMES: tuple[str, ...] = tuple(_TABLE)
 # Built on torchvision's classification nets, as torchvision has them (no width multiplier).
 _ON_TORCHVISION = {n for n, (m, _, _) in _TABLE.items() if m == TORCHVISION} | {
-    "pspnet_resnet50", "deeplabv3plus_resnet50"}
+    "pspnet_resnet50", "deeplabv3plus_resnet50", "refinenet_resnet50"}
 # The nets with a channel multiplier (``width``).
 SCALABLE: tuple[str, ...] = tuple(n for n in _TABLE if n not in _ON_TORCHVISION)
 # The successors: a config's ``model:`` (the FCNs are its stages and ``backbone:``).

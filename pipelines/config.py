@@ -35,6 +35,7 @@ STAGE_VARIANTS = {"32s": "fcn32s", "16s": "fcn16s", "8s": "fcn8s", "8s-atonce": 
 MODEL_STAGE = "train"
 # The successors of issue 15 (fcn_core.models names beyond the FCNs; a test keeps them equal).
 MODELS = ("unet", "segnet", "deeplab_largefov", "pspnet_resnet50", "deeplabv3plus_resnet50",
+          "refinenet_resnet50",
           "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
           "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
 FIXED_WIDTH = MODELS[3:]  # on torchvision's nets: no width multiplier

@@ -229,7 +229,7 @@ def predict_heads(loaded: Any, row: dict[str, Any], options: InferenceOptions, d
     x, labels = model_input(b, loaded.mean_bgr, device, loaded.input)
     out = []
     for h in heads:
-        pred = predict_scores(loaded.net, x, options, h.head).argmax(1)
+        pred = predict_scores(loaded.net, x, options, h.head, loaded.mean_bgr).argmax(1)
         out.append((labels[h.column][0].cpu().numpy(), pred[0].cpu().numpy()))
     return out
 

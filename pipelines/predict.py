@@ -165,9 +165,19 @@ def check_rgb_model(loaded: Any, model_uri: str) -> None:
 
 def check_options(loaded: Any, options: InferenceOptions, model_uri: str) -> None:
     """Inference options the model cannot take (shift-and-stitch by a factor that does not
-    divide its output stride, or of a net that is not an FCN): one usage error, up front."""
+    divide its output stride, or of a net that is not an FCN; a CRF on a model that does not
+    read RGB, or without pydensecrf2): one usage error, up front."""
     from fcn_core.inference import check_shift_stitch
 
+    if options.crf:
+        from fcn_core.crf import INSTALL_HINT, available
+
+        if getattr(loaded, "input", "rgb") != "rgb":
+            raise UsageError(f"--crf with model {model_uri}: the dense CRF's bilateral kernel "
+                             f"reads the RGB image, and this model reads "
+                             f"input={loaded.input!r}")
+        if not available():
+            raise UsageError(f"--crf: {INSTALL_HINT}")
     try:
         check_shift_stitch(loaded.net, options.shift_stitch)
     except ValueError as e:

@@ -58,7 +58,8 @@ def test_torchvision_nets_are_built_without_downloading_and_refuse_what_they_lac
         out, aux = net.scores_and_aux(torch.zeros(1, 3, 21, 19)) \
             if hasattr(net, "scores_and_aux") else (net(torch.zeros(1, 3, 21, 19)), None)
     assert out.shape == (1, 4, 21, 19)
-    assert (aux is None) == (name in ("lraspp_mobilenet_v3_large", "deeplabv3plus_resnet50"))
+    assert (aux is None) == (name in ("lraspp_mobilenet_v3_large", "deeplabv3plus_resnet50",
+                                      "refinenet_resnet50"))
     if aux is not None:
         assert aux.shape == (1, 4, 21, 19)
     assert net.config.variant == name

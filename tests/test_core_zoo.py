@@ -121,3 +121,50 @@ def test_deeplabv3plus_decodes_aspp_with_the_stride_4_features():
     assert seen == {"low": (2, 48, 17, 12), "aspp": (2, 256, 5, 3)}  # strides 4 and 16
     assert [c[0].dilation for c in net.net.aspp.convs[1:4]] == [(6, 6), (12, 12), (18, 18)]
     assert out.shape == (2, 5, 67, 45)
+
+
+def test_refinenet_cascades_four_blocks_from_stride_32_to_4():
+    """RefineNet-4 refines layer4 alone (512 channels, no fusion); RefineNet-3..1 fuse their
+    level with the coarser block's output at the finer size (256 channels); each chained
+    residual pooling has the paper's two 5x5 pool + 3x3 conv blocks; scores at stride 4."""
+    from fcn_core.zoo.refinenet import ChainedResidualPooling, ResidualConvUnit
+
+    net = build_model("refinenet_resnet50", num_classes=5).eval()
+    seen = []
+    for block in net.net.refine:
+        block.register_forward_hook(lambda m, a, o: seen.append(
+            ([tuple(t.shape[1:]) for t in a], tuple(o.shape[1:]))))
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 67, 45))
+    # Ceil sizes at strides 4, 8, 16, 32: (17, 12), (9, 6), (5, 3), (3, 2); called 4, 3, 2, 1
+    assert seen == [([(512, 3, 2)], (512, 3, 2)),
+                    ([(256, 5, 3), (512, 3, 2)], (256, 5, 3)),
+                    ([(256, 9, 6), (256, 5, 3)], (256, 9, 6)),
+                    ([(256, 17, 12), (256, 9, 6)], (256, 17, 12))]
+    assert out.shape == (1, 5, 67, 45)
+    assert len(net.net.refine[3].fuse) == 0 and len(net.net.refine[0].fuse) == 2
+    crp = net.net.refine[0].crp
+    assert isinstance(crp, ChainedResidualPooling) and len(crp.convs) == 2
+    assert (crp.pool.kernel_size, crp.pool.stride) == (5, 1)
+    assert [type(m) for m in net.net.refine[0].rcus[1]] == [ResidualConvUnit] * 2
+
+
+def test_refinenet_units_are_residual_and_pooling_is_chained():
+    """An RCU with zeroed convolutions is the identity; the CRP sums the ReLU'd input and
+    every block of the chain, each block pooling the previous block's output."""
+    from fcn_core.zoo.refinenet import ChainedResidualPooling, ResidualConvUnit
+
+    rcu = ResidualConvUnit(4)
+    for p in rcu.parameters():
+        torch.nn.init.zeros_(p)
+    x = torch.randn(1, 4, 7, 9)
+    assert torch.equal(rcu(x), x)
+    crp = ChainedResidualPooling(2)
+    for conv in crp.convs:  # identity convolutions: each block is a 5x5 max pool
+        torch.nn.init.zeros_(conv.weight)
+        conv.weight.data[0, 0, 1, 1] = conv.weight.data[1, 1, 1, 1] = 1
+    x = torch.randn(1, 2, 11, 13)
+    r = x.relu()
+    p1 = torch.nn.functional.max_pool2d(r, 5, 1, 2)
+    p2 = torch.nn.functional.max_pool2d(p1, 5, 1, 2)
+    assert torch.allclose(crp(x), r + p1 + p2)

@@ -328,7 +328,7 @@ def test_a_fixed_googlenet_trunk_keeps_its_batch_norm_statistics():
 
 @pytest.mark.parametrize("model_name, classifier", [
     ("deeplabv3_resnet50", "resnet50"), ("lraspp_mobilenet_v3_large", "mobilenet_v3_large"),
-    ("pspnet_resnet50", "resnet50")])
+    ("pspnet_resnet50", "resnet50"), ("refinenet_resnet50", "resnet50")])
 def test_a_successor_starts_from_its_backbones_torchvision_weights_and_learns_with_aux(
         tmp_path, model_name, classifier):
     """model: NAME builds torchvision's net and loads a local classification state dict into
@@ -361,7 +361,7 @@ def test_a_successor_starts_from_its_backbones_torchvision_weights_and_learns_wi
     inner = (..., slice(2, -2), slice(2, -2))
     assert torch.allclose(ours[inner], theirs[inner], atol=1e-4), (ours - theirs).abs().max()
 
-    has_aux = model_name != "lraspp_mobilenet_v3_large"
+    has_aux = model_name not in ("lraspp_mobilenet_v3_large", "refinenet_resnet50")
     x, y = torch.randn(2, 3, 48, 48) * 50, {"label": torch.randint(0, 21, (2, 48, 48))}
     from fcn_core.losses import segmentation_loss
 

@@ -90,10 +90,14 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
                         "image shifted by stride/F pixels and interlace them into a map F "
                         "times finer before upsampling; F must divide the FCN's output stride "
                         "(32, 16 or 8). Default 1: off")
+    p.add_argument("--crf", action="store_true",
+                   help="refine the probabilities with DeepLab's fully connected CRF (10 "
+                        "mean-field iterations, DeepLab-LargeFOV's kernels; pydensecrf2, "
+                        "the 'crf' extra). RGB models only")
 
 
 def inference_options(args: argparse.Namespace) -> Any:
     from fcn_core.inference import InferenceOptions
 
     return InferenceOptions(window=args.window, scales=args.scales or (1.0,), flip=args.flip,
-                            shift_stitch=args.shift_stitch)
+                            shift_stitch=args.shift_stitch, crf=args.crf)
