@@ -154,6 +154,16 @@ def _location(value: Any) -> str:
     return value
 
 
+def _scale_range(value: Any) -> tuple[float, float]:
+    """``random_scale``: [low, high], each image resized by a factor drawn uniformly in it."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise _Invalid("must be [low, high], e.g. [0.5, 2.0]")
+    low, high = (_real(v, gt=0, le=8) for v in value)
+    if low > high:
+        raise _Invalid("must be [low, high] with low <= high")
+    return (low, high)
+
+
 def _heads(value: Any, errors: list[str]) -> dict[str, int] | None:
     """``heads``: None, or {name: classes} with one or two entries (label, then label_geo)."""
     if value is None:
@@ -320,6 +330,8 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "poly_power": lambda v: _real(v, gt=0),
     "mirror": _bool,
     "jitter": lambda v: _int(v, ge=0),
+    "random_scale": _optional(_scale_range),
+    "crop_size": lambda v: _int(v, ge=0),
     "loss_sampling": lambda v: _real(v, gt=0, le=1),
     "class_weights": _choice(CLASS_WEIGHTS),
     "sampling": _choice(SAMPLING),
@@ -374,6 +386,11 @@ class TrainConfig:
     poly_power: float = 0.9
     mirror: bool = True  # random left-right flips
     jitter: int = 0  # random translation up to this many pixels each way (the paper: 32)
+    # DeepLab's / PSPNet's recipe: each image resized by a random factor in [low, high]
+    # (labels nearest), then a random crop_size x crop_size crop (padded with the mean and
+    # ignored labels where the image is smaller). None / 0: whole images, as FCN trains.
+    random_scale: tuple[float, float] | None = None
+    crop_size: int = 0
     loss_sampling: float = 1.0  # keep each score-grid cell's loss with this probability
     class_weights: str = "none"  # none | inverse_frequency | median_frequency (train split)
     # random: a uniformly random row every step, with replacement (the reference layers);

@@ -213,8 +213,31 @@ def _shifted(a: np.ndarray, dy: int, dx: int, fill: Any) -> np.ndarray:
     return out
 
 
+def _resized(a: np.ndarray, h: int, w: int, nearest: bool) -> np.ndarray:
+    """(H, W) or (H, W, C) resized to (h, w): bilinear for images (uint8, 3 channels at a
+    time through PIL), nearest for label and depth maps (exact values, numpy indexing)."""
+    if nearest:
+        rows = np.minimum((np.arange(h) + 0.5) * a.shape[0] / h, a.shape[0] - 1).astype(int)
+        cols = np.minimum((np.arange(w) + 0.5) * a.shape[1] / w, a.shape[1] - 1).astype(int)
+        return a[rows[:, None], cols]
+    from PIL import Image
+
+    parts = [np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c : c + 3])).resize(
+        (w, h), Image.Resampling.BILINEAR)) for c in range(0, a.shape[2], 3)]
+    return np.concatenate(parts, axis=2)
+
+
+def _cropped(a: np.ndarray, y0: int, x0: int, size: int, fill: Any) -> np.ndarray:
+    """The size x size window of ``a`` at (y0, x0), ``fill`` where it runs past ``a``."""
+    out = np.full((size, size, *a.shape[2:]), fill, a.dtype)
+    part = a[y0 : y0 + size, x0 : x0 + size]
+    out[: part.shape[0], : part.shape[1]] = part
+    return out
+
+
 def training_batch(batch: dict[str, Any], mirror: bool = False, seed: int | None = None,
-                   multiple: int = 1, jitter: int = 0) -> dict[str, np.ndarray]:
+                   multiple: int = 1, jitter: int = 0, scale: tuple[float, float] | None = None,
+                   crop: int = 0) -> dict[str, np.ndarray]:
     """Ray Data UDF (batch_format="numpy"): shard rows -> one padded uint8 batch.
 
     ``image`` uint8 RGB (N, H, W, 3), or RGB + HHA (N, H, W, 6) for NYUD rows that carry
@@ -226,6 +249,9 @@ def training_batch(batch: dict[str, Any], mirror: bool = False, seed: int | None
     ``jitter`` > 0: each image (and its labels) moves by a random translation of up to that
     many pixels in each axis (the paper's jittering); what it uncovers is padding (the mean
     after ``model_input``, 255 in the labels, 0 in depth).
+    ``scale`` (low, high): each image is resized by a factor drawn uniformly in it (labels
+    and depth nearest); ``crop`` > 0: then a random crop x crop window of each, padded where
+    the image is smaller (DeepLab's and PSPNet's training recipe).
     Staying in uint8 until the trainer moves 4x fewer bytes through Ray's object store;
     ``model_input`` does the float conversion (on the GPU when there is one).
     """
@@ -236,12 +262,28 @@ def training_batch(batch: dict[str, Any], mirror: bool = False, seed: int | None
     if "hha" in batch and batch["hha"][0] is not None:
         hha = [decode_rgb(b) for b in batch["hha"]]
         images = [np.concatenate([im, h], axis=2) for im, h in zip(images, hha, strict=True)]
+    if scale is not None:
+        factors = rng.uniform(scale[0], scale[1], size=len(images))
+        sizes = [(max(1, round(im.shape[0] * f)), max(1, round(im.shape[1] * f)))
+                 for im, f in zip(images, factors, strict=True)]
+        images = [_resized(im, h, w, False) for im, (h, w) in zip(images, sizes, strict=True)]
+        labels = {k: [_resized(la, h, w, True) for la, (h, w) in zip(v, sizes, strict=True)]
+                  for k, v in labels.items()}
+    moved = [np.zeros(im.shape[:2], bool) for im in images]  # padding: jitter, crop
+    if crop:
+        corners = [(int(rng.integers(0, max(0, im.shape[0] - crop) + 1)),
+                    int(rng.integers(0, max(0, im.shape[1] - crop) + 1))) for im in images]
+        images = [_cropped(im, y, x, crop, 0) for im, (y, x) in zip(images, corners, strict=True)]
+        moved = [_cropped(m, y, x, crop, True) for m, (y, x) in zip(moved, corners, strict=True)]
+        labels = {k: [_cropped(la, y, x, crop, 255 if k != "depth" else 0)
+                      for la, (y, x) in zip(v, corners, strict=True)]
+                  for k, v in labels.items()}
     if mirror:
         flips = rng.random(len(images)) < 0.5
         images = [im[:, ::-1] if f else im for im, f in zip(images, flips, strict=True)]
         labels = {k: [la[:, ::-1] if f else la for la, f in zip(v, flips, strict=True)]
                   for k, v in labels.items()}
-    moved = [np.zeros(im.shape[:2], bool) for im in images]  # pixels jitter uncovered
+        moved = [m[:, ::-1] if f else m for m, f in zip(moved, flips, strict=True)]
     if jitter:
         shifts = rng.integers(-jitter, jitter + 1, size=(len(images), 2))
         images = [_shifted(im, int(dy), int(dx), 0)

@@ -15,8 +15,9 @@ from pipelines.config import ConfigError, StageConfig, TrainConfig, from_dict, l
 from pipelines.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-# configs/paper/ holds experiment files (tests/test_experiment.py), not training configs
-PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "paper")
+# configs/paper/ and configs/zoo/ hold experiment files (tests/test_experiment.py), not training configs
+PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
+                 if p.parent.name not in ("paper", "zoo"))
 S32 = {"name": "32s", "steps": 2, "lr": 0.1}
 S16 = {"name": "16s", "steps": 2, "lr": 0.1}
 
@@ -64,6 +65,11 @@ BAD = [
     ("poly_power", 0, "must be > 0"),
     ("mirror", 0, "must be true or false"),
     ("jitter", -1, "must be >= 0"),
+    ("random_scale", [2.0, 1.0], "must be [low, high] with low <= high"),
+    ("random_scale", [0, 1.0], "must be > 0"),
+    ("random_scale", 1.5, "must be [low, high], e.g. [0.5, 2.0]"),
+    ("crop_size", -1, "must be >= 0"),
+    ("crop_size", 32.5, "must be a whole number"),
     ("jitter", 2.5, "must be a whole number"),
     ("loss_sampling", 0, "must be > 0"),
     ("loss_sampling", 1.5, "must be <= 1"),

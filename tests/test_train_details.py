@@ -278,6 +278,58 @@ def test_jitter_moves_image_and_labels_together_and_pads_what_it_uncovers():
     assert np.array_equal(plain["label"][0], label) and not plain["pad"][0].any()
 
 
+def _encoded(image: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
+    import io
+
+    from PIL import Image
+
+    from pipelines.shards import encode_png
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return {"image": np.array([buf.getvalue()], object),
+            "label": np.array([encode_png(label)], object)}
+
+
+def test_random_scale_and_crop_keep_image_and_labels_aligned():
+    """random_scale resizes image (bilinear) and labels (nearest) by one factor per image;
+    crop_size cuts the same window from both, padding (mean, label 255) where the scaled
+    image is smaller."""
+    from pipelines.shards import training_batch
+
+    palette = np.array([[0, 0, 0], [250, 10, 10], [10, 250, 10], [10, 10, 250]], np.uint8)
+    label = np.kron(np.arange(12, dtype=np.uint8).reshape(3, 4) % 4,
+                    np.ones((8, 8), np.uint8))  # 24 x 32, blocks of 8
+    batch = _encoded(palette[label], label)
+    doubled = training_batch(batch, seed=0, scale=(2.0, 2.0))
+    assert np.array_equal(doubled["label"][0], np.kron(label, np.ones((2, 2), np.uint8)))
+    assert doubled["image"].shape == (1, 48, 64, 3)
+    sizes = set()
+    for seed in range(10):
+        b = training_batch(batch, seed=seed, scale=(0.5, 2.0), crop=20)
+        img, lab, pad = b["image"][0], b["label"][0], b["pad"][0]
+        assert img.shape == (20, 20, 3) and lab.shape == (20, 20)
+        assert ((lab == 255) == pad).all()  # padding is where the scaled image ran out
+        # Two pixels away from block edges (the bilinear filter's reach when shrinking by
+        # 2), every pixel's colour is its label's.
+        t = torch.from_numpy(lab.astype(np.float32))[None, None]
+        uniform = (torch.nn.functional.max_pool2d(t, 5, 1, 2) ==
+                   -torch.nn.functional.max_pool2d(-t, 5, 1, 2))[0, 0].numpy() & ~pad
+        uniform[:2], uniform[-2:], uniform[:, :2], uniform[:, -2:] = (False,) * 4  # unseen
+        assert uniform.sum() > 20
+        assert (np.abs(img[uniform].astype(int) - palette[lab[uniform]]) <= 2).all()
+        rows = int((~pad).any(1).sum())
+        sizes.add(rows)
+    assert min(sizes) < 20 and 20 in sizes  # the scale varies: some come out shorter than the crop
+    whole = training_batch(batch, seed=0, crop=40)  # bigger than the image: all of it
+    assert np.array_equal(whole["label"][0][:24, :32], label)
+    assert whole["pad"][0][24:].all() and whole["pad"][0][:, 32:].all()
+    assert not whole["pad"][0][:24, :32].any()
+    window = training_batch(batch, seed=3, crop=16)["label"][0]
+    assert any(np.array_equal(window, label[y:y + 16, x:x + 16])
+               for y in range(9) for x in range(17))
+
+
 @pytest.mark.parametrize("backbone", ["alexnet", "googlenet"])
 def test_other_trunks_start_from_their_torchvision_weights(tmp_path, backbone):
     """backbone: alexnet | googlenet builds that FCN-32s and loads a local torchvision state

@@ -57,7 +57,9 @@ def _batches(shard: Any, cfg: TrainConfig, device: Any, train: bool, seed: int
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
             self.calls += 1
             b = training_batch(batch, mirror=train and cfg.mirror, seed=seed + self.calls,
-                               multiple=cfg.pad_multiple, jitter=cfg.jitter if train else 0)
+                               multiple=cfg.pad_multiple, jitter=cfg.jitter if train else 0,
+                               scale=cfg.random_scale if train else None,
+                               crop=cfg.crop_size if train else 0)
             return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
 
     it = shard.iter_torch_batches(
@@ -81,7 +83,8 @@ def _sampled_batches(rows: RowSampler, cfg: TrainConfig, device: Any, start: int
 
     def prepare(step: int) -> dict[str, np.ndarray]:
         return training_batch(rows.batch(step), mirror=cfg.mirror, seed=cfg.seed + step,
-                              multiple=cfg.pad_multiple, jitter=cfg.jitter)
+                              multiple=cfg.pad_multiple, jitter=cfg.jitter,
+                              scale=cfg.random_scale, crop=cfg.crop_size)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         ahead = [pool.submit(prepare, start), pool.submit(prepare, start + 1)]
