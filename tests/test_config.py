@@ -15,7 +15,7 @@ from pipelines.config import ConfigError, StageConfig, TrainConfig, from_dict, l
 from pipelines.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-# configs/paper/ and configs/zoo/ hold experiment files (tests/test_experiment.py), not training configs
+# configs/paper/ and configs/zoo/ hold experiment files (tests/test_experiment.py)
 PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
                  if p.parent.name not in ("paper", "zoo"))
 S32 = {"name": "32s", "steps": 2, "lr": 0.1}
