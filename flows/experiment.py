@@ -20,17 +20,20 @@ from prefect.context import TaskRunContext
 from flows.pipeline import ingest_flow, train_stages
 from flows.results import result_storage
 from flows.tasks import SHORT, _digest, _hours, _job, _on_cluster, retry_transient, run_link
+from pipelines.experiment import GMAC_SIZE
 
 
 def _measure_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
-    return _digest("measure", params["checkpoint"], params["fingerprint"], params["split"])
+    size = params.get("size", GMAC_SIZE)  # the key before sizes other than 500 existed
+    return _digest("measure", params["checkpoint"], params["fingerprint"], params["split"],
+                   *([] if size == GMAC_SIZE else [str(size)]))
 
 
 @task(name="measure", retries=1, retry_delay_seconds=10, cache_key_fn=_measure_key,
       persist_result=True, task_run_name="measure-{label}", retry_condition_fn=retry_transient,
       timeout_seconds=_hours(6))
 def measure_task(checkpoint: str, data: str, fingerprint: str, split: str,
-                 label: str) -> dict[str, Any]:
+                 label: str, size: int = GMAC_SIZE) -> dict[str, Any]:
     """The row's final net: scored on the split (an MLflow evaluation run), its size, GMAC
     and inference speed."""
     from pipelines import storage
@@ -45,7 +48,7 @@ def measure_task(checkpoint: str, data: str, fingerprint: str, split: str,
         summary = evaluate(checkpoint, data, split, run_name=f"evaluate-{label}",
                            log=logger.info).summary()
     return {"metrics": summary["metrics"], "evaluation_run": summary["mlflow_run"],
-            "net": measure_net(checkpoint, data, split, log=logger.info)}
+            "net": measure_net(checkpoint, data, split, size=size, log=logger.info)}
 
 
 @task(name="start-experiment-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
@@ -98,14 +101,14 @@ def log_row_task(parent: str, row: dict[str, Any], config: dict[str, Any]) -> st
 @flow(name="experiment-row", log_prints=True)
 def experiment_row(config: dict[str, Any], label: str, data: str, fingerprint: str,
                    split: str, storage: str | None = None, parent: str | None = None,
-                   force: bool = False) -> dict[str, Any]:
+                   force: bool = False, size: int = GMAC_SIZE) -> dict[str, Any]:
     """One row: its stages (cached), then its final net measured (cached)."""
     from pipelines.experiment import train_speed
 
     stages = train_stages(config, data, fingerprint, storage, None, force)
     final = stages[-1]
     m = measure_task.with_options(refresh_cache=force)(final["checkpoint"], data, fingerprint,
-                                                       split, label)
+                                                       split, label, size)
     row = {"label": label, **m["metrics"], **m["net"], "train_img_s": train_speed(stages),
            "checkpoint": final["checkpoint"], "evaluation_run": m["evaluation_run"],
            "stages": [{"stage": s["stage"], "steps": s["steps"], "mlflow_run": s["mlflow_run"]}
@@ -161,7 +164,7 @@ def experiment_flow(spec: str, root: str, out: str | None = None, storage: str |
             flow_run_name=f"{exp.name}-{row.slug}",
             result_storage=results_at)(
             row.config.to_dict(), row.label, shards["data"], shards["fingerprint"], exp.split,
-            storage, parent, force, return_state=True)
+            storage, parent, force, exp.size, return_state=True)
         if state.is_completed():
             results.append(state.result())
         else:

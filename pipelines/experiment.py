@@ -26,13 +26,18 @@ from pipelines.config import ConfigError, TrainConfig, from_dict
 Log = Callable[[str], None]
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+()-]{0,63}")
 GMAC_SIZE = 500  # the paper's forward-time size (Table 1: 500 x 500 inputs)
-_KEYS = ("name", "title", "base", "dataset", "set", "split", "note", "rows")
+_KEYS = ("name", "title", "base", "dataset", "set", "split", "size", "note", "rows")
 _ROW_KEYS = ("label", "set", "paper")
 # The columns of the table: key, header, format; the scores in % as the paper prints them
 COLUMNS = (("mean_iu", "mean IU %", "%"), ("pixel_acc", "pixel acc %", "%"),
            ("mean_acc", "mean acc %", "%"), ("fw_iu", "f.w. IU %", "%"),
            ("params_m", "params (M)", ".2f"), ("gmac", "GMAC@500", ".1f"),
            ("train_img_s", "train img/s", ".1f"), ("infer_img_s", "infer img/s", ".1f"))
+
+
+def columns(size: int = GMAC_SIZE) -> tuple[tuple[str, str, str], ...]:
+    """COLUMNS with the GMAC header naming the experiment's ``size``."""
+    return tuple((k, f"GMAC@{size}" if k == "gmac" else h, f) for k, h, f in COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class Experiment:
     rows: tuple[Row, ...]
     note: str = ""  # printed under the table (e.g. "synthetic data: ...")
     source: str = ""  # the file it was read from
+    size: int = GMAC_SIZE  # GMAC are counted for one size x size image
 
     def only(self, labels: list[str]) -> Experiment:
         """The same experiment restricted to some rows (``--rows``)."""
@@ -114,10 +120,14 @@ def load_experiment(path: str | Path) -> Experiment:
     if spec.get("dataset") not in (None, dataset):
         raise ConfigError(f"{where}: dataset {spec['dataset']!r} but the rows' configs are "
                           f"for {dataset!r}")
+    size = spec.get("size", GMAC_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096:
+        raise ConfigError(f"{where}: size (the GMAC input, pixels) must be an int in "
+                          f"[1, 4096], got {size!r}")
     return Experiment(name=name, title=str(spec.get("title") or name), dataset=dataset,
                       split=str(spec.get("split") or rows[0].config.val_split),
                       rows=tuple(rows), note=str(spec.get("note") or "").strip(),
-                      source=str(p))
+                      source=str(p), size=size)
 
 
 def _row(r: Any, i: int, name: str, base: Mapping[str, Any], where: str) -> Row:
@@ -163,8 +173,8 @@ def train_speed(stages: list[Mapping[str, Any]]) -> float:
 
 
 def measure_net(checkpoint: str, data: str, split: str, *, images: int = 8, repeats: int = 3,
-                log: Log = print) -> dict[str, float]:
-    """Parameters, GMAC of one forward at 500x500, and inference images/s: up to ``images``
+                size: int = GMAC_SIZE, log: Log = print) -> dict[str, float]:
+    """Parameters, GMAC of one forward at size x size, and inference images/s: up to ``images``
     rows of ``split`` predicted one at a time as evaluation does (decode, forward, argmax),
     ``repeats`` times; the median time of the repeats."""
     import torch
@@ -179,7 +189,7 @@ def measure_net(checkpoint: str, data: str, split: str, *, images: int = 8, repe
     net = loaded.net.eval()
     params = sum(p.numel() for p in net.parameters())
     c = int(getattr(getattr(net, "config", None), "in_channels", 3))
-    macs = total_macs(net, torch.zeros(1, c, GMAC_SIZE, GMAC_SIZE))
+    macs = total_macs(net, torch.zeros(1, c, size, size))
     table = read_split_table(data, split).slice(0, images)
     rows = table.to_pylist()
     device, options = torch.device("cpu"), InferenceOptions()
@@ -192,7 +202,7 @@ def measure_net(checkpoint: str, data: str, split: str, *, images: int = 8, repe
                 predict_row(loaded, row, options, device)
             times.append(time.perf_counter() - t0)
     speed = len(rows) / statistics.median(times) if rows else math.nan
-    log(f"{params / 1e6:.2f} M parameters, {macs / 1e9:.2f} GMAC at {GMAC_SIZE}x{GMAC_SIZE}, "
+    log(f"{params / 1e6:.2f} M parameters, {macs / 1e9:.2f} GMAC at {size}x{size}, "
         f"{speed:.1f} images/s ({len(rows)} {split} images, median of {repeats})")
     return {"params_m": params / 1e6, "gmac": macs / 1e9, "infer_img_s": speed}
 
@@ -203,7 +213,8 @@ def measure_net(checkpoint: str, data: str, split: str, *, images: int = 8, repe
 def markdown(exp: Experiment, results: list[dict[str, Any]]) -> str:
     """The comparison table: one line per row (in the file's order), a failed row says so."""
     paper = any(r.paper is not None for r in exp.rows)
-    head = ["row", *(h for _, h, _ in COLUMNS), *(["paper mean IU %"] if paper else [])]
+    head = ["row", *(h for _, h, _ in columns(exp.size)),
+            *(["paper mean IU %"] if paper else [])]
     lines = [f"### {exp.title}", "", "| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     by_label = {r["label"]: r for r in results}

@@ -48,6 +48,39 @@ def test_the_presets_load_with_the_paper_rows():
     assert [r.config.name for r in t2.rows][:2] == ["table2-fcn-32s-fixed", "table2-fcn-32s"]
 
 
+def test_the_zoo_comparison_trains_every_successor_and_quotes_torchvisions_numbers():
+    """configs/zoo/compare.yaml: FCN-8s and every net of fcn_core/zoo (a test keeps the file
+    in step with the table), GMAC at 512 x 512; its paper column for torchvision's nets is
+    their weights' published mean IU, read here from torchvision's own metadata."""
+    import torchvision.models.segmentation as seg
+
+    from fcn_core.models import _TABLE, SUCCESSORS, TORCHVISION
+
+    exp = load_experiment(ROOT / "configs/zoo/compare.yaml")
+    models = [r.config.model for r in exp.rows]
+    assert models[0] is None and [s.name for s in exp.rows[0].config.stages] == ["8s-atonce"]
+    assert sorted(models[1:]) == sorted(SUCCESSORS)
+    assert exp.size == 512 and "| GMAC@512 |" in markdown(exp, [])
+    assert {(r.config.stages[-1].steps, r.config.crop_size) for r in exp.rows} == {(150, 64)}
+    weights = {"fcn_resnet50": seg.FCN_ResNet50_Weights,
+               "fcn_resnet101": seg.FCN_ResNet101_Weights,
+               "deeplabv3_resnet50": seg.DeepLabV3_ResNet50_Weights,
+               "deeplabv3_resnet101": seg.DeepLabV3_ResNet101_Weights,
+               "deeplabv3_mobilenet_v3_large": seg.DeepLabV3_MobileNet_V3_Large_Weights,
+               "lraspp_mobilenet_v3_large": seg.LRASPP_MobileNet_V3_Large_Weights}
+    assert set(weights) == {n for n, (m, _, _) in _TABLE.items() if m == TORCHVISION}
+    for row in exp.rows:
+        if row.config.model in weights:
+            meta = weights[row.config.model].DEFAULT.meta["_metrics"]
+            assert row.paper == meta["COCO-val2017-VOC-labels"]["miou"], row.label
+
+
+def test_an_experiment_size_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"size \(the GMAC input, pixels\) must be an int"):
+        load_experiment(write(tmp_path, "name: e\nbase: base.yaml\nsize: 0\n"
+                                        "rows: [{label: a}]\n"))
+
+
 def test_rows_are_the_base_with_the_common_and_their_own_keys(tmp_path):
     exp = load_experiment(write(tmp_path, (
         "name: e\nbase: base.yaml\nset: {batch_size: 3}\n"

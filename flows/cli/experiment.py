@@ -69,7 +69,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run every row of an experiment file through the pipeline (ingest once, "
                     "then per row: train its stages, evaluate the final net, measure its size, "
-                    "GMAC at 500x500 and speed), each row its own Prefect subflow and MLflow "
+                    "GMAC (at 500x500, or the file's size) and speed), each row its own "
+                    "Prefect subflow and MLflow "
                     "child run, and write the comparison table as markdown, an MLflow table "
                     "and a bar chart. Finished rows are cached: a second run trains nothing, "
                     "and a rerun after a failure runs only the failed rows.",
@@ -79,8 +80,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                "at-once FCN-8s\n"
                "  configs/paper/sec4.4.yaml   loss sampling 1.0 vs 0.5, class balancing, "
                "jitter\n"
+               "  configs/zoo/compare.yaml    FCN-8s against U-Net, SegNet, DeepLab v1/v3/v3+, "
+               "PSPNet, RefineNet\n"
+               "                              and torchvision's nets (~30 min on 2 CPUs)\n"
                "an experiment file: name, title, base (a config, relative to the file), set "
-               "(keys for every row), rows: [{label, set: {config keys}, paper: mean IU}]")
+               "(keys for every row), size (GMAC input, default 500), rows: [{label, set: "
+               "{config keys}, paper: mean IU}]")
     p.add_argument("file", help="an experiment file, e.g. configs/paper/table2.yaml")
     p.add_argument("--root", default=None,
                    help="the dataset folder as downloaded, a path or a URI (default for "
