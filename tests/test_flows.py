@@ -252,7 +252,8 @@ def test_an_experiment_runs_its_rows_isolates_a_failure_and_reruns_only_it(
     (LR-ASPP): each row trains through Ray Train and is measured; a row that fails (here:
     more workers than rows) is marked in the table while the others finish; the same file
     again, fixed, trains only that row, the others come from the cache; the table is in
-    MLflow with a child run per row."""
+    MLflow with a child run per row; the two nets then register under one name, the
+    champion gate picks between the architectures, and stock MLflow serves the champion."""
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
@@ -319,3 +320,27 @@ def test_an_experiment_runs_its_rows_isolates_a_failure_and_reruns_only_it(
     assert child.data.metrics["mean_iu"] == by["LR-ASPP"]["mean_iu"]
     arts = {a.path for a in mlflow.list_artifacts(parent.info.run_id)}
     assert {"table.md", "chart.png", "table.json"} <= arts
+
+    # Both rows' nets go on as the pipeline's do: `fcn register` (with each row's evaluation
+    # run) under one name, where the champion gate compares the two architectures on the
+    # same split; stock MLflow serves the champion, whichever net it is.
+    import mlflow.pyfunc as pyfunc
+    import numpy as np
+
+    from fcn_core.inference import predict_labels
+    from flows.cli import main
+    from pipelines.registry import resolve_model
+
+    data = str(tmp_path / "shards" / "synthetic")
+    for label in ("FCN-GoogLeNet", "LR-ASPP"):
+        assert main(["register", "--checkpoint", again[label]["checkpoint"], "--data", data,
+                     "--name", "fcn-zoo", "--metrics-from-run",
+                     again[label]["evaluation_run"]]) == 0
+    best = max(("LR-ASPP", "FCN-GoogLeNet"), key=lambda k: again[k]["mean_iu"])  # ties: LR-ASPP
+    champion = mlflow.get_model_version_by_alias("fcn-zoo", "champion")  # (the client)
+    assert champion.tags["arch"] == {"LR-ASPP": "lraspp_mobilenet_v3_large",
+                                     "FCN-GoogLeNet": "fcn32s_googlenet"}[best]
+    image = np.random.default_rng(0).integers(0, 255, (1, 40, 36, 3), dtype=np.uint8)
+    served = pyfunc.load_model("models:/fcn-zoo@champion").predict(image)
+    own = resolve_model(again[best]["checkpoint"])
+    assert np.array_equal(served[0], predict_labels(own.net, [image[0]], own.mean_bgr)[0])

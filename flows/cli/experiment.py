@@ -82,7 +82,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                "jitter\n"
                "  configs/zoo/compare.yaml    FCN-8s against U-Net, SegNet, DeepLab v1/v3/v3+, "
                "PSPNet, RefineNet\n"
-               "                              and torchvision's nets (~30 min on 2 CPUs)\n"
+               "                              and torchvision's nets (~45 min on 2 CPUs)\n"
                "an experiment file: name, title, base (a config, relative to the file), set "
                "(keys for every row), size (GMAC input, default 500), rows: [{label, set: "
                "{config keys}, paper: mean IU}]")
