@@ -1,8 +1,9 @@
 """Inference on image files and folders: class-id PNGs and colour overlays.
 
 The model is resolved once, in this process (the driver), against the project's tracking
-URI, and refused before any work starts unless it reads RGB images. Small inputs then run in
-this process; large folders go through Ray Data, whose actors receive that resolved model
+URI, and refused before any work starts unless it reads RGB images. Inputs are predicted in
+this process while that is quick; a large folder (or the rest of one, once the rate so far
+says it would take long here) goes through Ray Data, whose actors receive that resolved model
 (one copy in the object store), never a URI to resolve again.
 
 Images are read with ``pipelines.images`` (16-bit, alpha, palette, CMYK, grayscale, EXIF
@@ -285,6 +286,40 @@ def _resolve(model_uri: str) -> Any:
     return loaded
 
 
+def _predict_here(loaded: Any, files: list[StoragePath], names: list[str], out_dir: str,
+                  options: InferenceOptions, limit: int, log: Log, result: PredictResult,
+                  fmt: str, use_gpu: bool, handoff_s: float) -> int:
+    """Predict ``files`` in this process until the rest would take over ``handoff_s`` seconds
+    at the rate so far (judged from the second image on: the first pays the warm-up); the
+    number predicted here."""
+    import time
+
+    from fcn_core.precision import pick_device
+
+    try:
+        device = pick_device(use_gpu)
+    except RuntimeError as e:
+        raise UsageError(f"--gpu: {e}; leave --gpu out to predict on the CPU") from None
+    loaded.net.to(device)
+    start = time.monotonic()
+    for i, (f, name) in enumerate(zip(files, names, strict=True), 1):
+        written, why = predict_one(loaded, str(f), out_dir, name, options, device=device,
+                                   max_pixels=limit, fmt=fmt)
+        if written:
+            result.written.append(written)
+        else:
+            result.skipped.append((str(f), why or "unknown"))
+        left = len(files) - i
+        rest_s = (time.monotonic() - start) / i * left
+        if i >= 2 and left and rest_s > handoff_s:
+            log(f"predicted {i}/{len(files)} here; the other {left} (~{rest_s:.0f} s more "
+                f"here) go to Ray Data")
+            return i
+        if i % 10 == 0 or not left:
+            log(f"predicted {i}/{len(files)}")
+    return len(files)
+
+
 def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], out_dir: str,
                       options: InferenceOptions, actors: int, limit: int, log: Log,
                       result: PredictResult, fmt: str = "default", use_gpu: bool = False
@@ -299,9 +334,10 @@ def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], o
     quiet_ray_data()
     log(init_ray())
     model_ref = ray.put(loaded)
+    actors = max(1, min(actors, len(files)))  # an actor per block at least (Ray Data warns)
     ds = ray.data.from_items([{"path": str(f), "name": n} for f, n in
                               zip(files, names, strict=True)],
-                             override_num_blocks=max(1, len(files) // 16))
+                             override_num_blocks=max(actors, len(files) // 16))
     with remote_args_allowed():
         done = ds.map_batches(_FolderPredictor, batch_size=16, batch_format="numpy",
                               compute=ActorPoolStrategy(size=actors),
@@ -322,14 +358,26 @@ def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], o
                 result.skipped.append((str(path), str(why)))
 
 
+# A folder is predicted here until what is left would take longer than this; the rest then
+# goes to Ray Data (its start on 2 CPUs: ~10 s, then the actors' imports and model copies).
+HANDOFF_S = 20.0
+
+
 def predict(model_uri: str, inputs: Sequence[str], out: str, *,
             options: InferenceOptions | None = None, ray_threshold: int = 64,
-            actors: int = 2, max_pixels: int | None = None, log: Log = print,
+            actors: int | None = None, handoff_s: float = HANDOFF_S,
+            max_pixels: int | None = None, log: Log = print,
             fmt: str = "default", use_gpu: bool = False) -> PredictResult:
     """Predict every image in ``inputs`` into ``out``: <name>.png (uint8 class ids, the
     size of the image as shown, EXIF orientation applied) and <name>_color.png (overlay).
     ``fmt="voc"``: the PASCAL VOC server's layout instead (``VOC_RESULTS``/<id>.png, 'P' mode
     with the VOC colour map) and ``OUT/results.tgz`` of it.
+
+    Where it runs: fewer than ``ray_threshold`` files, in this process. More: with
+    ``actors`` given (or ``use_gpu``, whose GPUs are the actors'), all on that many Ray Data
+    actors; otherwise here, image by image, until the rest would take more than ``handoff_s``
+    seconds at the rate so far, when the rest goes to 2 Ray actors (a folder of small images
+    never pays Ray's start-up).
 
     ``max_pixels``: the largest image accepted (``pipelines.images.pixel_limit``). Unusable
     inputs are logged (``skipped PATH: reason``) and listed in the result; a ``UserError``
@@ -354,26 +402,15 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
     names = _output_names(files)
     if files:
         storage.makedirs(out_dir)
-    if len(files) < ray_threshold:
-        from fcn_core.precision import pick_device
-
-        try:
-            device = pick_device(use_gpu)
-        except RuntimeError as e:
-            raise UsageError(f"--gpu: {e}; leave --gpu out to predict on the CPU") from None
-        loaded.net.to(device)
-        for i, (f, name) in enumerate(zip(files, names, strict=True), 1):
-            written, why = predict_one(loaded, str(f), out_dir, name, options, device=device,
-                                       max_pixels=limit, fmt=fmt)
-            if written:
-                result.written.append(written)
-            else:
-                result.skipped.append((str(f), why or "unknown"))
-            if i % 10 == 0 or i == len(files):
-                log(f"predicted {i}/{len(files)}")
-    else:
-        _predict_with_ray(loaded, files, names, out_dir, options, actors, limit, log, result,
-                          fmt, use_gpu)
+    large = len(files) >= ray_threshold
+    done = 0
+    if not (large and (actors is not None or use_gpu)):
+        done = _predict_here(loaded, files, names, out_dir, options, limit, log, result, fmt,
+                             use_gpu, handoff_s if large else float("inf"))
+    if done < len(files):
+        loaded.net.to("cpu")  # one device-free copy in the object store
+        _predict_with_ray(loaded, files[done:], names[done:], out_dir, options, actors or 2,
+                          limit, log, result, fmt, use_gpu)
     for path, why in result.skipped:
         log(f"skipped {storage.redact(path)}: {why}")
     if not result.written:

@@ -544,6 +544,30 @@ def test_predict_on_ray_uses_the_model_resolved_on_the_driver(tmp_path, monkeypa
     assert len(here.written) == len(result.written) == len(good)
 
 
+
+def test_a_large_folder_starts_here_and_hands_the_rest_to_ray(tmp_path, ray_local):
+    """No --actors: a folder at or over the threshold is predicted in this process while
+    that is quick (no Ray line); once the rate says the rest would take longer than the
+    hand-off time, the rest goes to Ray Data, and the outputs are the same either way."""
+    from pipelines.predict import predict
+
+    good, bad = mixed_folder(tmp_path / "in")
+    ck = str(checkpoint(tmp_path / "ck"))
+    quick: list[str] = []
+    here = predict(ck, [str(tmp_path / "in")], str(tmp_path / "here"), ray_threshold=2,
+                   max_pixels=LIMIT, log=quick.append)
+    assert not any(ln.startswith("Ray: ") or "Ray Data" in ln for ln in quick), quick
+    lines: list[str] = []
+    split = predict(ck, [str(tmp_path / "in")], str(tmp_path / "split"), ray_threshold=2,
+                    handoff_s=0.0, max_pixels=LIMIT, log=lines.append)
+    n = len(good) + len(bad)
+    assert f"predicted 2/{n} here; the other {n - 2} (" in "\n".join(lines), lines
+    assert any(ln.startswith("Ray: ") for ln in lines), lines
+    a, b = check_outputs(tmp_path / "here", good), check_outputs(tmp_path / "split", good)
+    assert all(np.array_equal(a[k], b[k]) for k in good)
+    assert sorted(here.written) != [] and len(split.written) == len(here.written)
+    assert sorted(Path(p).name for p, _ in split.skipped) == sorted(bad)
+
 def test_fcn_predict_exit_codes(tmp_path):
     """The CLI: good and bad files -> exit 0 with one line per skipped file and the count;
     nothing usable -> exit 2 with one error line."""

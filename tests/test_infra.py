@@ -1016,7 +1016,7 @@ def _pipeline_on_the_stack(tmp_path: Path, stack: dict[str, str], client_env: di
     assert "Ray: a local Ray" not in out
     # Quiet: our progress and tables, not Ray's internals (they stay in the session logs).
     for noise in ("Reporting training result", "PreemptionWatcher", "DeprecationWarning",
-                  "Progress bars disabled", "Started a local Ray"):
+                  "Progress bars disabled", "Started a local Ray", "Downloading artifacts"):
         assert noise not in out, noise
     assert "[32s] step" in out  # the workers' own progress lines still reach the user
     # Nothing fell back to the local stores `fcn run` uses without the servers.

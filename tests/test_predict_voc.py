@@ -49,7 +49,8 @@ def test_voc_format_writes_the_server_layout_and_tarball(tmp_path, images, ray_t
     model = _model(tmp_path)
     predict(model, [str(images)], str(tmp_path / "plain"), log=lambda m: None)
     res = predict(model, [str(images)], str(tmp_path / "out"), fmt="voc",
-                  ray_threshold=ray_threshold, log=lambda m: None)
+                  ray_threshold=ray_threshold, actors=1 if ray_threshold < len(IDS) else None,
+                  log=lambda m: None)
     folder = tmp_path / "out" / VOC_RESULTS
     assert sorted(p.name for p in folder.iterdir()) == [f"{i}.png" for i in IDS]
     assert len(res.written) == 3 and not res.skipped

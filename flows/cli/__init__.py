@@ -43,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["FCN_VERBOSE"] = "1"  # pipelines.ray_env: Ray's own logs too
     else:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        # (the champion gate and `fcn register` read models back: no tqdm bar per read)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
