@@ -373,11 +373,11 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
     ``fmt="voc"``: the PASCAL VOC server's layout instead (``VOC_RESULTS``/<id>.png, 'P' mode
     with the VOC colour map) and ``OUT/results.tgz`` of it.
 
-    Where it runs: fewer than ``ray_threshold`` files, in this process. More: with
-    ``actors`` given (or ``use_gpu``, whose GPUs are the actors'), all on that many Ray Data
-    actors; otherwise here, image by image, until the rest would take more than ``handoff_s``
-    seconds at the rate so far, when the rest goes to 2 Ray actors (a folder of small images
-    never pays Ray's start-up).
+    Where it runs: with ``actors`` given, all on that many Ray Data actors (so too with
+    ``use_gpu`` and at least ``ray_threshold`` files: the GPUs are the actors'). Otherwise in
+    this process, image by image; with at least ``ray_threshold`` files, only until the rest
+    would take more than ``handoff_s`` seconds at the rate so far, when the rest goes to 2 Ray
+    actors (a folder of small images never pays Ray's start-up).
 
     ``max_pixels``: the largest image accepted (``pipelines.images.pixel_limit``). Unusable
     inputs are logged (``skipped PATH: reason``) and listed in the result; a ``UserError``
@@ -404,7 +404,7 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
         storage.makedirs(out_dir)
     large = len(files) >= ray_threshold
     done = 0
-    if not (large and (actors is not None or use_gpu)):
+    if not (actors is not None or (large and use_gpu)):
         done = _predict_here(loaded, files, names, out_dir, options, limit, log, result, fmt,
                              use_gpu, handoff_s if large else float("inf"))
     if done < len(files):

@@ -52,3 +52,14 @@ def test_bench_pipeline_splits_a_run_into_its_phases():
                          "stage 16s: in the same worker group, from CKPT"))
                for t, text in lines]
     assert phases(chained, total=75.0) == got
+
+
+def test_bench_predict_times_each_case_and_prints_the_ratio():
+    out = subprocess.run([sys.executable, "bench/bench_predict.py", "--images", "3", "--size",
+                          "32", "--runs", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, check=True).stdout
+    rows = {line[:28].strip(): float(line[28:].split()[0]) for line in out.splitlines()
+            if line.startswith(("one image", "folder, "))}
+    assert sorted(rows) == ["folder, Ray from the start", "folder, registry",
+                            "one image, checkpoint", "one image, registry"], out
+    assert all(v > 0 for v in rows.values()) and "from the start = " in out

@@ -174,7 +174,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "EXIF orientation applied) and <name>_color.png (overlay) for every image; "
                     "folders are searched recursively. Images are predicted in this process; "
                     "a folder of 64 or more goes on through Ray Data once the rest would take "
-                    "over 20 s here (--actors N: all of it on N Ray actors at once). "
+                    "over 20 s here (--actors N: all of it on N Ray actors from the start). "
                     "16-bit images are scaled to 8 bits, transparency is composited on black. "
                     "Unreadable or oversized inputs are reported and skipped (exit 2 only when "
                     "none could be used). Only models that read RGB images are accepted.")
@@ -188,9 +188,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", action="store_true",
                    help="predict on a GPU (CUDA): this process's, or one per Ray actor")
     p.add_argument("--actors", type=positive_int, default=None, metavar="N",
-                   help="predict a folder of 64 or more images on N Ray Data actors from the "
-                        "start (default: here, handing the rest to 2 actors when it would take "
-                        "over 20 s)")
+                   help="predict on N Ray Data actors from the start (default: in this "
+                        "process, handing the rest of a folder of 64 or more to 2 actors when it "
+                        "would take over 20 s here)")
     p.add_argument("--format", choices=["default", "voc"], default="default",
                    help="default: <name>.png class ids + <name>_color.png overlay; voc: the "
                         "PASCAL VOC evaluation server's layout, OUT/results/VOC2012/"
