@@ -15,7 +15,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from fcn_core.bilinear import bilinear_weight
+from fcn_core.bilinear import Deconvolution, bilinear_weight
 from fcn_core.vgg import block_channels, check_width, run_features, vgg16_features
 
 VARIANTS: tuple[str, ...] = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
@@ -90,8 +90,8 @@ def crop(x: torch.Tensor, offset: int, h: int, w: int) -> torch.Tensor:
     return x[:, :, offset : offset + h, offset : offset + w]
 
 
-def _deconv(channels: int, kernel: int, stride: int, learnable: bool) -> nn.ConvTranspose2d:
-    up = nn.ConvTranspose2d(channels, channels, kernel, stride=stride, bias=False)
+def _deconv(channels: int, kernel: int, stride: int, learnable: bool) -> Deconvolution:
+    up = Deconvolution(channels, channels, kernel, stride=stride, bias=False)
     with torch.no_grad():
         up.weight.copy_(bilinear_weight(channels, kernel))
     up.weight.requires_grad_(learnable)

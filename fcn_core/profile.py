@@ -21,9 +21,9 @@ def _macs(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
     if isinstance(m, nn.Conv2d):
         kh, kw = m.kernel_size
         return out.numel() * (m.in_channels // m.groups) * kh * kw
-    if isinstance(m, nn.ConvTranspose2d):
+    if isinstance(m, nn.ConvTranspose2d):  # a fixed diagonal Deconvolution runs per class
         kh, kw = m.kernel_size
-        return inp.numel() * (m.out_channels // m.groups) * kh * kw
+        return inp.numel() * (m.out_channels // getattr(m, "ran_groups", m.groups)) * kh * kw
     return 0
 
 

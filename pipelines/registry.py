@@ -103,6 +103,15 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
 
 
 def _resolve_logged_model(uri: str, tracking_uri: str) -> LoadedModel:
+    from pipelines import model_cache
+
+    model_id = model_cache.logged_model_id(uri, tracking_uri)  # no MLflow import
+    hit = model_cache.cached(model_id) if model_id else None
+    if hit is not None:
+        state = read_checkpoint(hit)
+        return LoadedModel(net_from_checkpoint(state).eval(), checkpoint_mean_bgr(state),
+                           checkpoint_input(state), uri)
+
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
@@ -118,10 +127,14 @@ def _resolve_logged_model(uri: str, tracking_uri: str) -> LoadedModel:
                 f"cannot load {uri}: {e.message.strip().splitlines()[0]}")) from None
         if not os.path.isfile(os.path.join(local, "MLmodel")):
             raise ModelLookupError(f"cannot load {uri}: it is not an MLflow model (no MLmodel)")
-        flavors = Model.load(local).flavors
+        mlmodel = Model.load(local)
+        flavors = mlmodel.flavors
         ckpt = flavors.get("python_function", {}).get("artifacts", {}).get("checkpoint")
         if ckpt:
-            state = read_checkpoint(os.path.join(local, ckpt["path"]))
+            path = os.path.join(local, ckpt["path"])
+            state = read_checkpoint(path)
+            if mlmodel.model_id:
+                model_cache.store(str(mlmodel.model_id), path)
             return LoadedModel(net_from_checkpoint(state).eval(), checkpoint_mean_bgr(state),
                                checkpoint_input(state), uri)
         if "pytorch" in flavors:  # registered before models-from-code: a pickle
@@ -284,6 +297,7 @@ def _log_model(uri: str, run_id: str, state: dict[str, Any],
     import mlflow
     import mlflow.pyfunc
 
+    from pipelines import model_cache
     from pipelines.train.checkpoint import write_serving_checkpoint
 
     with tempfile.TemporaryDirectory() as d, _fluent_tracking(uri), \
@@ -294,6 +308,7 @@ def _log_model(uri: str, run_id: str, state: dict[str, Any],
             code_paths=[str(Path(fcn_core.__file__).parent)], signature=_signature(),
             input_example=np.zeros((1, 32, 32, 3), np.uint8),
             pip_requirements=pip_requirements(str(state["arch"].get("variant", ""))), tags=key)
+        model_cache.store(str(info.model_id), ckpt)  # predicting from it needs no download
     return str(info.model_id)
 
 

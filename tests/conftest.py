@@ -44,6 +44,15 @@ def realdata() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """Registered models' checkpoints are cached in the session's temp folder, not in the
+    checkout's ./data (commands the tests run inherit it)."""
+    os.environ["FCN_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    yield
+    os.environ.pop("FCN_MODEL_CACHE", None)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (ray.init costs ~5 s)."""

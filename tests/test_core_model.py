@@ -199,5 +199,38 @@ def test_training_flops_are_counted_as_the_backward_runs(builder):
     with FlopCounterMode(display=False) as fc:
         segmentation_loss(net(x), torch.zeros(1, 64, 64, dtype=torch.long)).backward()
     assert counted.total == fc.get_total_flops()
-    assert counted.forward == 2 * total_macs(net.eval(), x)
     assert counted.total < 3 * counted.forward  # the naive count overstates it
+    # Inference runs every diagonal deconvolution per class; training too, once they are
+    # fixed as the reference fixes them: then both count the same forward.
+    assert 2 * total_macs(net.eval(), x) <= counted.forward
+    for name, p in net.named_parameters():
+        p.requires_grad_("upscore" not in name)
+    assert train_flops(net.train(), x).forward == 2 * total_macs(net.eval(), x)
+
+
+def test_a_fixed_diagonal_deconvolution_runs_per_class_with_the_same_output():
+    """FCN's bilinear upsampling (C x C kernels, only the diagonal non-zero, fixed) runs as C
+    per-class transposed convolutions; a learned or non-diagonal weight as the full layer."""
+    from fcn_core.bilinear import Deconvolution, bilinear_weight
+
+    up = Deconvolution(21, 21, 16, stride=8, bias=False)
+    with torch.no_grad():
+        up.weight.copy_(bilinear_weight(21, 16))
+    x = torch.randn(2, 21, 7, 9)
+    full = torch.nn.functional.conv_transpose2d(x, up.weight.detach(), None, 8)
+    with torch.no_grad():
+        got = up(x)
+    assert up.ran_groups == 21 and got.shape == full.shape
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the demo's amp
+        assert torch.equal(up(x), torch.nn.functional.conv_transpose2d(
+            x, up.weight.detach(), None, 8))
+    up(x.requires_grad_()).sum().backward()  # the weight learns: the full layer, its gradient
+    assert up.ran_groups == 1 and up.weight.grad is not None
+    up.weight.requires_grad_(False)
+    with torch.no_grad():  # a weight changed in place (a learned one loaded) is seen at once
+        up.weight[0, 1] = 0.5
+    out = up(x.detach())
+    assert up.ran_groups == 1
+    torch.testing.assert_close(out, torch.nn.functional.conv_transpose2d(
+        x.detach(), up.weight, None, 8))

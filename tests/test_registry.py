@@ -168,9 +168,44 @@ def test_registration_aliases_champion_gate_history_and_pyfunc(data, tmp_path, t
         got = np.stack(predict_labels(loaded.net, list(batch), loaded.mean_bgr))
         assert np.array_equal(got, expected), uri
 
+    # Registration cached each version's checkpoint under its logged-model id, and the
+    # alias -> version -> logged model answer is read without MLflow (SQLite or REST).
+    from pipelines import model_cache
+
+    ids = {v: client.get_model_version(name, v).source.removeprefix("models:/")
+           for v in ("1", "2", "3")}
+    assert all(model_cache.cached(i) is not None for i in ids.values())
+    uri = tracking_uri()
+    assert model_cache.logged_model_id(f"models:/{name}@champion", uri) == ids["2"]
+    assert model_cache.logged_model_id(f"models:/{name}@candidate", uri) == ids["3"]
+    assert model_cache.logged_model_id(f"models:/{name}/1", uri) == ids["1"]
+    for unknown in (f"models:/{name}@nope", f"models:/{name}/99", "models:/no-such@champion"):
+        assert model_cache.logged_model_id(unknown, uri) is None, unknown
+    # A cached model is loaded without importing MLflow (the one-image `fcn predict`).
+    probe = subprocess.run([sys.executable, "-c", (
+        "import sys; from pipelines.registry import resolve_model; "
+        f"m = resolve_model('models:/{name}@champion'); "
+        "print(m.source, sorted(k for k in sys.modules if k.split('.')[0] == 'mlflow'))")],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert probe.stdout.split() == [f"models:/{name}@champion", "[]"], probe.stderr[-2000:]
+    # A miss (an empty cache) takes MLflow's path and fills the cache again.
+    for f in model_cache.cache_dir().glob("m-*.pt"):
+        f.unlink()
+    got = resolve_model(f"models:/{name}@champion")
+    assert np.array_equal(np.stack(predict_labels(got.net, list(batch), got.mean_bgr)),
+                          expected)
+    assert model_cache.cached(ids["2"]) is not None and model_cache.cached(ids["1"]) is None
+
     # "At least as good": an equal mean IU (recorded at full precision) takes the alias.
     tie = reg(3, 0.45)
     assert tie.champion and "0.4500 >= 0.4500 of version 2" in tie.decision
+    # The moved alias is followed at once: the champion now predicts as checkpoint 3 does.
+    moved = resolve_model(f"models:/{name}@champion")
+    new = resolve_model(str(ckpts[3]))
+    assert np.array_equal(np.stack(predict_labels(moved.net, list(batch), moved.mean_bgr)),
+                          np.stack(predict_labels(new.net, list(batch), new.mean_bgr)))
+    client.delete_model_version(name, "3")  # a deleted version is not served from the cache
+    assert model_cache.logged_model_id(f"models:/{name}/3", uri) is None
 
     # Who was champion when: 1, then 2, then 4 (3 never was).
     history = model_history(name)
