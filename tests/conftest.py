@@ -15,10 +15,23 @@ os.environ.pop("RAY_ADDRESS", None)
 ENGINE_FIXTURES = {"ray_local", "s3_server", "postgres", "mlflow_server"}
 
 
+# `make test` runs two pytest sessions side by side (pytest-xdist, -n 2 --dist loadgroup):
+# these modules and tests, which start Ray clusters and servers of their own, in one; the
+# rest, with the session's local Ray and servers, in the other. Each session starts only the
+# engines its own tests use.
+OWN_ENGINES = ("test_cluster.py", "test_servers.py",
+               "test_infra.py::test_local_stack_up_and_down",
+               "test_bench.py::test_bench_predict")
+
+
 def pytest_collection_modifyitems(config, items):
+    parallel = config.pluginmanager.hasplugin("xdist")
     for item in items:
         if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if parallel:
+            own = any(k in item.nodeid for k in OWN_ENGINES)
+            item.add_marker(pytest.mark.xdist_group("own-engines" if own else "shared"))
 
 
 _REALDATA_CANDIDATES = [

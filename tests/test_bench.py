@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,6 +56,7 @@ def test_bench_pipeline_splits_a_run_into_its_phases():
     assert phases(chained, total=75.0) == got
 
 
+@pytest.mark.slow  # starts Ray and an MLflow store
 def test_bench_predict_times_each_case_and_prints_the_ratio():
     out = subprocess.run([sys.executable, "bench/bench_predict.py", "--images", "3", "--size",
                           "32", "--runs", "1"], cwd=ROOT, capture_output=True, text=True,
