@@ -61,8 +61,9 @@ def test_bench_predict_times_each_case_and_prints_the_ratio():
     out = subprocess.run([sys.executable, "bench/bench_predict.py", "--images", "3", "--size",
                           "32", "--runs", "1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, check=True).stdout
-    rows = {line[:28].strip(): float(line[28:].split()[0]) for line in out.splitlines()
+    rows = {line[:30].strip(): float(line[30:].split()[0]) for line in out.splitlines()
             if line.startswith(("one image", "folder, "))}
     assert sorted(rows) == ["folder, Ray from the start", "folder, registry",
-                            "one image, checkpoint", "one image, registry"], out
+                            "one image, checkpoint", "one image, registry",
+                            "one image, registry, no cache"], out
     assert all(v > 0 for v in rows.values()) and "from the start = " in out

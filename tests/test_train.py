@@ -44,10 +44,14 @@ def mlflow_uri(tmp_path, monkeypatch):
 
 def _train_workers() -> set[str]:
     """Every Ray Train worker actor this Ray has seen (alive or dead)."""
+    import ray
     from ray.util.state import list_actors
 
-    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")],
-                                            limit=10_000)}
+    # This session's Ray by its address: `make test` runs another session beside this one,
+    # whose Ray clusters the state API would otherwise also find (and refuse to choose).
+    return {a.actor_id for a in list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)}
 
 
 def _new_train_workers(before: set[str], wait_s: float = 10.0) -> set[str]:
