@@ -53,6 +53,7 @@ def prepare(work: Path, images: int, size: int) -> dict[str, str]:
                      config={"dataset": "voc", "input": "rgb"})
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     os.environ["FCN_DATA_DIR"] = str(work / "project")  # registration fills its model cache
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     manifest = {"dataset": "voc", "source": {"fingerprint": "f" * 8}, "version": "v1"}
     register(str(ck), name="bench", metrics={"mean_iu": 0.5}, split="val", manifest=manifest,
              config_digest="d", log=lambda m: None)
