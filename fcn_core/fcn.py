@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fcn_core.bilinear import Deconvolution, bilinear_weight
+from fcn_core.fc_conv import FullyConvolutional
 from fcn_core.vgg import block_channels, check_width, run_features, vgg16_features
 
 VARIANTS: tuple[str, ...] = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
@@ -148,10 +149,10 @@ class FCN(nn.Module):
         self.stride = STRIDES[config.variant]
         c1, c2, c3, c4, c5, cfc = block_channels(config.width)
         self.features = vgg16_features(width=config.width, in_channels=config.in_channels)
-        self.fc6 = nn.Conv2d(c5, cfc, kernel_size=7)
+        self.fc6 = FullyConvolutional(c5, cfc, kernel_size=7)
         self.relu6 = nn.ReLU(inplace=True)
         self.drop6 = nn.Dropout(0.5)
-        self.fc7 = nn.Conv2d(cfc, cfc, kernel_size=1)
+        self.fc7 = FullyConvolutional(cfc, cfc, kernel_size=1)
         self.relu7 = nn.ReLU(inplace=True)
         self.drop7 = nn.Dropout(0.5)
         self.heads = nn.ModuleDict(

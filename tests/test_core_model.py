@@ -238,3 +238,42 @@ def test_a_fixed_diagonal_deconvolution_runs_per_class_with_the_same_output():
     assert up.ran_groups == 1
     torch.testing.assert_close(out, torch.nn.functional.conv_transpose2d(
         x.detach(), up.weight, None, 8))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fc6_and_fc7_as_matrix_products_are_the_convolutions(channels_last):
+    """fc6 (7x7) and fc7 (1x1) computed as patches x weight: the convolution's output and
+    gradients; under bf16 inference autocast a cast weight is kept, and a changed weight is
+    seen at once; a dilated one (shift-and-stitch's densify) runs the convolution."""
+    from fcn_core.fc_conv import FullyConvolutional
+
+    torch.manual_seed(0)
+    for k, c_in, c_out in ((7, 16, 24), (1, 24, 24)):
+        layer = FullyConvolutional(c_in, c_out, k)
+        x = torch.randn(2, c_in, 11, 13)
+        if channels_last:
+            layer = layer.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        conv = torch.nn.functional.conv2d(x, layer.weight, layer.bias)
+        xg = x.clone().requires_grad_()
+        out = layer(xg)
+        torch.testing.assert_close(out, conv, rtol=1e-5, atol=1e-5)
+        out.square().sum().backward()
+        wg, xgrad = layer.weight.grad.clone(), xg.grad.clone()
+        layer.weight.grad = None
+        xc = x.clone().requires_grad_()
+        torch.nn.functional.conv2d(xc, layer.weight, layer.bias).square().sum().backward()
+        torch.testing.assert_close(xgrad, xc.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(wg, layer.weight.grad, rtol=1e-4, atol=1e-4)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            half = layer(x)
+            assert half.dtype == torch.bfloat16 and layer._cast.dtype == torch.bfloat16
+            torch.testing.assert_close(half.float(), conv, rtol=0.05, atol=0.05)
+            layer.weight.mul_(2)  # a new weight (a checkpoint loaded in place)
+            doubled = layer(x).float()
+        torch.testing.assert_close(doubled - layer.bias.view(1, -1, 1, 1),
+                                   2 * (conv - layer.bias.view(1, -1, 1, 1)), rtol=0.05,
+                                   atol=0.1)
+    layer.dilation = (2, 2)  # densify: the convolution itself
+    assert torch.equal(layer(x), torch.nn.functional.conv2d(x, layer.weight, layer.bias,
+                                                            dilation=2))
