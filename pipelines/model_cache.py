@@ -17,6 +17,7 @@ kept.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -52,7 +53,8 @@ def cached(model_id: str) -> Path | None:
     path = d / f"{model_id}.pt"
     if not path.is_file():
         return None
-    os.utime(path)  # most recently used: kept longest
+    with contextlib.suppress(OSError):  # a read-only shared cache is still read
+        os.utime(path)  # most recently used: kept longest
     return path
 
 
