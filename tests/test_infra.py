@@ -24,6 +24,7 @@ import textwrap
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 
 import jsonschema
@@ -1048,6 +1049,47 @@ def _pipeline_on_the_stack(tmp_path: Path, stack: dict[str, str], client_env: di
         assert json.load(resp)["name"] == "fcn-pipeline"
 
 
+@pytest.mark.skipif(not shutil.which("setsid"), reason="needs setsid (util-linux)")
+def test_up_names_how_a_service_died_during_start_up_and_stops_the_others(tmp_path: Path):
+    """A server killed while starting: up.sh says which, by which signal, shows its log, and
+    stops exactly what it started (stand-in servers in a fake virtualenv: bash scripts)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    fakes = {
+        # Long-running, never answering: only their command lines look like the real ones.
+        "ray": 'case "$1" in start) exec -a "ray start --head" sleep 120 ;; *) exit 1 ;; esac',
+        "mlflow": 'exec -a "mlflow server" sleep 120',
+        "prefect": "echo 'prefect banner'; sleep 1; kill -KILL $$",
+    }
+    for name, body in fakes.items():
+        f = venv / "bin" / name
+        f.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        f.chmod(0o755)
+    state = tmp_path / "servers"
+    ray_port, dash_port, client_port, mlflow_port, prefect_port = _free_ports(5)
+    env = _clean_env(
+        VENV=str(venv), FCN_RAY_PORT=str(ray_port), FCN_RAY_DASHBOARD_PORT=str(dash_port),
+        FCN_RAY_CLIENT_PORT=str(client_port), FCN_MLFLOW_PORT=str(mlflow_port),
+        FCN_PREFECT_PORT=str(prefect_port), FCN_RAY_AUTH_MODE="disabled", FCN_UP_TIMEOUT="60",
+        FCN_STOP_TIMEOUT="5",
+    )
+    r = _run([str(LOCAL / "up.sh"), str(state)], env, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    pid = re.search(r"prefect: starting \(pid (\d+)", r.stdout)
+    assert pid, r.stdout
+    assert (f"up.sh: error: prefect exited during start-up (pid {pid.group(1)}, killed by "
+            "SIGKILL); last lines of") in r.stderr, r.stderr
+    assert "prefect banner" in r.stderr
+    assert "stopping what this run started (mlflow ray prefect)" in r.stderr
+    for svc in ("ray", "mlflow"):
+        started = re.search(rf"{svc}: starting \(pid (\d+)", r.stdout)
+        assert started, r.stdout
+        assert not _pid_alive(int(started.group(1))), f"{svc} left running"
+        assert _session_members(int(started.group(1))) == [], f"{svc}: its session left"
+        assert not (state / f"{svc}.pid").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(720)
 @pytest.mark.skipif(not shutil.which("setsid"), reason="needs setsid (util-linux)")
@@ -1064,6 +1106,13 @@ def test_local_stack_up_and_down(tmp_path: Path):
     pids: dict[str, int] = {}
     try:
         r = _run([up, str(state)], env, timeout=260)
+        killed = re.search(r"(\w+) exited during start-up \(pid \d+, killed by SIG\w+\)", r.stderr)
+        if r.returncode != 0 and killed:
+            # Once in CI a server died by a signal from outside up.sh while the other test
+            # session was busy; up.sh stopped the rest. Say so in the summary, start once more.
+            warnings.warn(f"up.sh: {killed.group(0)}; starting the stack once more",
+                          stacklevel=1)
+            r = _run([up, str(state)], env, timeout=260)
         assert r.returncode == 0, f"up.sh failed:\n{r.stdout}\n{r.stderr}"
         for svc in ("ray", "mlflow", "prefect"):
             pids[svc] = int((state / f"{svc}.pid").read_text())

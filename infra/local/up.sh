@@ -135,7 +135,9 @@ on_exit() {
     local i svc pid
     for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
         svc="${STARTED[i]}"
-        if pid="$(service_pid "$svc")"; then stop_session "$svc" "$pid"; fi
+        if pid="$(service_pid "$svc")" || pid="$(started_pid "$svc")"; then
+            stop_session "$svc" "$pid"
+        fi
         rm -f "$(pid_file "$svc")"
     done
     cleanup_ray_tmp
@@ -143,6 +145,32 @@ on_exit() {
 }
 trap on_exit EXIT
 trap 'exit 130' INT TERM
+
+# started_pid NAME: prints the pid of NAME's leader when this run started it and it has not
+# ended (/proc still has it, no zombie). `ps -o args=` can miss a live process (its command line
+# unreadable for a moment under load); a child of this shell cannot be another program.
+started_pid() {
+    [[ " ${STARTED[*]-} " == *" $1 "* ]] || return 1
+    local pid state
+    pid="$(tr -dc '0-9' < "$(pid_file "$1")" 2>/dev/null)" || return 1
+    [[ -n "$pid" && -r "/proc/$pid/stat" ]] || return 1
+    state="$(sed -E 's/^.*\) (.).*$/\1/' "/proc/$pid/stat" 2>/dev/null)" || return 1
+    [[ -n "$state" && "$state" != Z && "$state" != X ]] || return 1
+    echo "$pid"
+}
+
+# exit_status NAME: sets EXIT_DESC to how the leader this run started ended ("exit status 1",
+# "killed by SIGKILL"), read with `wait` (a child of this shell: call it outside $(...)).
+EXIT_DESC=""
+exit_status() {
+    local pid rc=0
+    pid="$(tr -dc '0-9' < "$(pid_file "$1")" 2>/dev/null)"
+    if [[ -z "$pid" ]]; then EXIT_DESC="no pid"; return; fi
+    wait "$pid" 2>/dev/null || rc=$?
+    if ((rc > 128 && rc < 128 + 65)); then
+        EXIT_DESC="pid $pid, killed by SIG$(kill -l $((rc - 128)) 2>/dev/null || echo $((rc - 128)))"
+    else EXIT_DESC="pid $pid, exit status $rc"; fi
+}
 
 cleanup_ray_tmp() {
     local f="$STATE_DIR/ray.tmpdir" dir
@@ -386,8 +414,9 @@ while ((${#pending[@]})); do
             for d in "${deferred[@]}"; do [[ "$d" == "$svc" ]] || remaining+=("$d"); done
             deferred=("${remaining[@]+"${remaining[@]}"}")
             still+=("$svc")
-        elif ! service_pid "$svc" >/dev/null; then
-            echo "$PROG: error: $svc exited during start-up; last lines of $STATE_DIR/$svc.log:" >&2
+        elif ! service_pid "$svc" >/dev/null && ! started_pid "$svc" >/dev/null; then
+            exit_status "$svc"
+            echo "$PROG: error: $svc exited during start-up ($EXIT_DESC); last lines of $STATE_DIR/$svc.log:" >&2
             tail -n 25 "$STATE_DIR/$svc.log" >&2 || true
             exit 1
         elif service_ready "$svc"; then
