@@ -1,5 +1,7 @@
-"""Evaluation over a manifest split: Ray Data batch inference on an actor pool (each actor
-loads the model once), one ConfusionMatrix per batch, merged into one in the driver.
+"""Evaluation over a manifest split: a Ray task per shard reads it into the object store, a pool
+of scoring actors kept between evaluations (``pipelines.scorer_pool``; each call loads its
+model into them) scores parts of the shards into confusion matrices, merged into one in the
+driver.
 
 Every image is scored whole and alone (no padding), exactly as the reference score.py does.
 A net with two heads (SIFT Flow: semantic and geometric) is scored on both, each against its
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,15 +150,18 @@ class Scorer:
     """Ray Data UDF (a callable class: one model load per actor)."""
 
     def __init__(self, model_uri: str, tracking_uri: str | None, heads: list[dict[str, Any]],
-                 options: dict[str, Any], skip: tuple[str, ...] = (), use_gpu: bool = False):
+                 options: dict[str, Any], skip: tuple[str, ...] = (), use_gpu: bool = False,
+                 threads: int | None = None):
+        """``threads``: torch's on the CPU (None: the CPUs Ray assigned; 0: leave them)."""
         import torch
 
         from fcn_core.precision import pick_device
         from pipelines.registry import resolve_model
 
         self.device = pick_device(use_gpu)  # Ray set CUDA_VISIBLE_DEVICES to this actor's GPU
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(ray_cpus())))
+        n = max(1, int(ray_cpus())) if threads is None else threads
+        if self.device.type == "cpu" and n > 0:
+            torch.set_num_threads(n)
         self.loaded = resolve_model(model_uri, tracking_uri)
         self.loaded.net.to(self.device)
         self.heads = [HeadSpec(h["head"], h["column"], tuple(h["classes"]),
@@ -234,6 +240,8 @@ def predict_heads(loaded: Any, row: dict[str, Any], options: InferenceOptions, d
     return out
 
 
+PROGRESS_EVERY_S = 30.0  # a progress line at most this often in a long evaluation
+
 # A split this small is scored in the calling process when no actor count is given: two
 # actors' start-up (a process each, torch, the model) costs more than scoring it.
 SMALL_SPLIT = 64
@@ -285,53 +293,63 @@ def _score_here(loaded: Any, data: str | Path, split: str, manifest: Any,
     scorer = Scorer.here(loaded, heads, skip, options)
     columns = ["id", *(c for c in ROW_COLUMNS if c in manifest.data["columns"])]
     cms, images = [ConfusionMatrix(len(h.classes)) for h in heads], 0
-    for chunk in read_split_table(data, split, columns).to_batches(max_chunksize=batch_size):
+    for batch in table_batches(read_split_table(data, split, columns), batch_size):
+        images += _add(cms, scorer(batch))
+    return cms, images
+
+
+def table_batches(table: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """An Arrow table as ``Scorer`` batches: columns of Python objects, ``batch_size`` rows."""
+    for chunk in table.to_batches(max_chunksize=batch_size):
         batch = {}
         for name in chunk.column_names:
             col = np.empty(chunk.num_rows, dtype=object)
             col[:] = chunk.column(name).to_pylist()
             batch[name] = col
-        out = scorer(batch)
-        for k, cm in enumerate(cms):
-            cm.hist += out[f"hist_{k}"].reshape(cm.num_classes, cm.num_classes)
-        images += int(out["images"][0])
-    return cms, images
+        yield batch
+
+
+def _add(cms: list[ConfusionMatrix], out: dict[str, np.ndarray]) -> int:
+    """Add a scored batch (or several, summed; {} for none) to ``cms``; its image count."""
+    if not out:
+        return 0
+    for k, cm in enumerate(cms):
+        n = cm.num_classes
+        cm.hist += np.asarray(out[f"hist_{k}"], np.int64).reshape(-1, n, n).sum(0)
+    return int(np.sum(out["images"]))
 
 
 def _score_on_ray(model_uri: str, uri: str | None, data: str | Path, split: str,
                   manifest: Any, heads: list[HeadSpec], skip: tuple[str, ...],
                   options: InferenceOptions, actors: int, batch_size: int, use_gpu: bool,
                   log: Log) -> tuple[list[ConfusionMatrix], int]:
-    from ray.data import ActorPoolStrategy
-
-    from pipelines.ray_env import init_ray, remote_args_allowed
-    from pipelines.shards import open_split
+    """A Ray task per shard reads the split; the scoring actors (``pipelines.scorer_pool``:
+    kept for the next evaluation in this driver) take parts of the shards as they come."""
+    from pipelines import scorer_pool
+    from pipelines.ray_env import init_ray
+    from pipelines.shards import ManifestError
 
     log(init_ray())
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = open_split(data, split).select_columns(
-        ["id", *(c for c in ROW_COLUMNS if c in manifest.data["columns"])])
-    # An actor takes whole blocks and Ray Data reads small Parquet files as one block:
-    # give every actor several.
-    if len(manifest.shard_paths(split)) < 4 * actors:
-        ds = ds.repartition(4 * actors)
-    with remote_args_allowed():
-        scored = ds.map_batches(
-            Scorer, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": uri,
-                                   "heads": [asdict(h) for h in heads], "skip": skip,
-                                   "options": asdict(options), "use_gpu": use_gpu},
-            batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
-            # Fractional CPUs: actors holding every CPU would starve the Parquet reads (a
-            # hang on small machines); torch threads are set to match in the actor.
-            **actor_resources(actors, use_gpu))
+    locations = manifest.shard_paths(split)
+    if not locations:
+        raise ManifestError(f"split {split!r} of {data} has no rows")
+    columns = ["id", *(c for c in ROW_COLUMNS if c in manifest.data["columns"])]
+    threads = 0 if use_gpu else max(1, int(actor_cpus(actors)))
+    spec = {"model_uri": model_uri, "tracking_uri": uri, "heads": [asdict(h) for h in heads],
+            "options": asdict(options), "skip": skip, "use_gpu": use_gpu}
+    rows = int(manifest.data["splits"][split]["rows"])
     cms, images = [ConfusionMatrix(len(h.classes)) for h in heads], 0
-    for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
-        for k, cm in enumerate(cms):
-            n = cm.num_classes
-            cm.hist += np.asarray(batch[f"hist_{k}"], np.int64).reshape(-1, n, n).sum(0)
-        images += int(np.sum(batch["images"]))
+    with scorer_pool.borrowed(actors, threads, use_gpu) as handles:
+        loading = scorer_pool.load(handles, spec)  # while the shards are read
+        blocks = scorer_pool.read_blocks(locations, columns)
+        t0 = last = time.monotonic()
+        for out in scorer_pool.score_blocks(handles, blocks, loading, batch_size):
+            images += _add(cms, out)
+            now = time.monotonic()
+            if now - last >= PROGRESS_EVERY_S and images < rows:
+                last = now
+                log(f"evaluate [{split}]: {images}/{rows} images scored "
+                    f"({images / (now - t0):.2f}/s)")
     return cms, images
 
 

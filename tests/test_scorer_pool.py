@@ -1,0 +1,92 @@
+"""The scoring actors kept between evaluations (pipelines.scorer_pool), on the session's Ray."""
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+import ray
+from ray.exceptions import RayActorError
+
+from pipelines import scorer_pool
+from pipelines.evaluate import evaluate
+from pipelines.ingest import IngestConfig, ingest
+from pipelines.sources import synthetic as synth
+from tests.test_registry import save_checkpoint
+
+QUIET = {"log_to_mlflow": False, "log": lambda m: None}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    raw = synth.write_voc(root / "raw", n_train=2, n_val=7, size=(37, 45))
+    return ingest(IngestConfig(dataset="voc", root=raw, out=root / "out"),
+                  log=lambda m: None).dataset_dir
+
+
+def _ids(handles) -> set[str]:
+    return {h._actor_id.hex() for h in handles}
+
+
+def _kept_handles() -> list:
+    with scorer_pool._LOCK:
+        return [h for hs in scorer_pool._POOLS.values() for h in hs]
+
+
+def _dead(handle) -> bool:
+    try:
+        ray.get(handle.__ray_ready__.remote(), timeout=30)
+    except RayActorError:
+        return True
+    return False
+
+
+def test_evaluations_keep_their_actors_and_each_loads_its_own_model(ray_local, data, tmp_path):
+    scorer_pool.release()
+    ckpt = save_checkpoint(tmp_path / "ckpt", seed=0)
+    first = evaluate(str(ckpt), data, "val", actors=2, batch_size=2, **QUIET)
+    assert scorer_pool.kept() == 2
+    actors = _ids(_kept_handles())
+    # Idle, they hold no CPU: a training run that follows can have every CPU.
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
+
+    # Another checkpoint at the same path: the next call scores it, on the same actors.
+    shutil.rmtree(ckpt)
+    save_checkpoint(ckpt, seed=1)
+    second = evaluate(str(ckpt), data, "val", actors=2, batch_size=2, **QUIET)
+    assert _ids(_kept_handles()) == actors
+    here = evaluate(str(ckpt), data, "val", batch_size=3, **QUIET)  # 7 rows: this process
+    assert second.images == here.images == 7
+    assert np.array_equal(second.hist, here.hist)
+    assert not np.array_equal(first.hist, second.hist)
+
+
+def test_a_call_has_its_pool_alone_and_a_failed_call_ends_it(ray_local):
+    scorer_pool.release()
+    with scorer_pool.borrowed(2, 1, False) as a:
+        with scorer_pool.borrowed(2, 1, False) as b:
+            assert not _ids(a) & _ids(b)  # a concurrent call gets actors of its own
+        assert _ids(_kept_handles()) == _ids(b)
+    # Both came back: one pool is kept, the other ended.
+    assert _ids(_kept_handles()) == _ids(b)
+    assert all(_dead(h) for h in a)
+
+    with pytest.raises(ZeroDivisionError):
+        with scorer_pool.borrowed(2, 1, False) as c:
+            assert _ids(c) == _ids(b)  # the kept pool, reused
+            assert scorer_pool.kept() == 0  # lent out
+            _ = 1 / 0
+    assert scorer_pool.kept() == 0
+    assert all(_dead(h) for h in c)
+
+
+def test_a_gpu_pool_ends_with_its_call(ray_local):
+    """GPU actors hold their GPU: never kept (no GPU here, so only the bookkeeping runs)."""
+    scorer_pool.release()
+    with scorer_pool.borrowed(1, 0, True) as handles:
+        assert len(handles) == 1
+    assert scorer_pool.kept() == 0
