@@ -324,14 +324,14 @@ def _score_on_ray(model_uri: str, uri: str | None, data: str | Path, split: str,
                   options: InferenceOptions, actors: int, batch_size: int, use_gpu: bool,
                   log: Log) -> tuple[list[ConfusionMatrix], int]:
     """A Ray task per shard reads the split; the scoring actors (``pipelines.scorer_pool``:
-    kept for the next evaluation in this driver) take parts of the shards as they come."""
+    kept for the next evaluation in this driver) take a batch of a shard at a time."""
     from pipelines import scorer_pool
     from pipelines.ray_env import init_ray
     from pipelines.shards import ManifestError
 
     log(init_ray())
-    locations = manifest.shard_paths(split)
-    if not locations:
+    shards = manifest.shards(split)
+    if not shards:
         raise ManifestError(f"split {split!r} of {data} has no rows")
     columns = ["id", *(c for c in ROW_COLUMNS if c in manifest.data["columns"])]
     threads = 0 if use_gpu else max(1, int(actor_cpus(actors)))
@@ -341,9 +341,11 @@ def _score_on_ray(model_uri: str, uri: str | None, data: str | Path, split: str,
     cms, images = [ConfusionMatrix(len(h.classes)) for h in heads], 0
     with scorer_pool.borrowed(actors, threads, use_gpu) as handles:
         loading = scorer_pool.load(handles, spec)  # while the shards are read
-        blocks = scorer_pool.read_blocks(locations, columns)
+        refs = scorer_pool.read_blocks([loc for loc, _ in shards], columns)
+        blocks = list(zip(refs, [n for _, n in shards], strict=True))
         t0 = last = time.monotonic()
-        for out in scorer_pool.score_blocks(handles, blocks, loading, batch_size):
+        for out in scorer_pool.score_blocks(handles, blocks, loading, batch_size,
+                                            depth=2 if use_gpu else 1):
             images += _add(cms, out)
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY_S and images < rows:

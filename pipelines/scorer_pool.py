@@ -4,10 +4,10 @@ Each Ray Data ``map_batches`` actor pool was new for every ``evaluate`` call: a 
 actor that imports torch, Ray Data and the project (~5 s of the ~6 s an evaluation of a few
 images took on 2 cores, measured), paid again after every stage of a pipeline. Here the
 actors outlive the call: a Ray task per shard reads the split into the object store, and each
-shard's table, cut into parts so that every actor gets several, goes to the next free actor of
-a pool that the next evaluation in this driver reuses. (Ray Data's read with a repartition,
-before, cost 1.2-1.9 s of executor start-up per call on its own.)
-Each call loads its model into the actors again (a checkpoint path can hold a new checkpoint).
+shard's table, in parts of a batch, goes to the next free actor of a pool that the next
+evaluation in this driver reuses. (Ray Data's read with a repartition, before, cost 1.2-1.9 s
+of executor start-up per call on its own.) Each call loads its model into the actors again (a
+checkpoint path can hold a new checkpoint). One pool is kept: the last one to come back.
 
 CPU actors reserve no CPU (``num_cpus=0``) so that, idle between evaluations, they never hold
 back a training run's workers or Ray Data's reads; their torch threads are set from the CPUs
@@ -26,6 +26,7 @@ from typing import Any
 
 _LOCK = threading.Lock()
 _POOLS: dict[tuple[str, int, int], list[Any]] = {}  # (job id, actors, threads) -> handles
+# (at most one entry: the pool that came back last)
 
 
 class ScorerActor:
@@ -47,15 +48,12 @@ class ScorerActor:
                              threads=0)
         return True
 
-    def score(self, block: Any, part: int, parts: int, batch_size: int) -> dict[str, Any]:
-        """The summed confusion matrices and image count of part ``part`` of ``parts`` of a
-        block (an Arrow table: its rows cut into ``parts`` near-equal runs); {} when that part
-        has no rows."""
+    def score(self, block: Any, start: int, stop: int, batch_size: int) -> dict[str, Any]:
+        """The summed confusion matrices and image count of rows [start, stop) of a block (an
+        Arrow table); {} for no rows."""
         from pipelines.evaluate import table_batches
 
         assert self.scorer is not None, "load() first"
-        n = block.num_rows
-        start, stop = part * n // parts, (part + 1) * n // parts
         total: dict[str, Any] = {}
         for batch in table_batches(block.slice(start, stop - start), batch_size):
             out = self.scorer(batch)
@@ -68,7 +66,8 @@ class ScorerActor:
 def borrowed(actors: int, threads: int, use_gpu: bool) -> Iterator[list[Any]]:
     """``actors`` live scoring actors for one evaluation: this driver's kept pool of that size
     (CPU) or new ones. A call has them to itself (a concurrent one gets a pool of its own); they
-    are kept for the next call when this one succeeds, and ended when it fails or used GPUs."""
+    are kept for the next call when this one succeeds (ending the pool kept before), and ended
+    when it fails or used GPUs."""
     import ray
 
     job = ray.get_runtime_context().get_job_id()
@@ -84,13 +83,15 @@ def borrowed(actors: int, threads: int, use_gpu: bool) -> Iterator[list[Any]]:
         yield handles
         keep = not use_gpu
     finally:
+        others: list[Any] = []
         if keep:
-            with _LOCK:
-                keep = key not in _POOLS  # a concurrent call's pool came back first
-                if keep:
-                    _POOLS[key] = handles
-        if not keep:
-            _kill(handles)
+            with _LOCK:  # the one kept pool: this one
+                others = [h for hs in _POOLS.values() for h in hs]
+                _POOLS.clear()
+                _POOLS[key] = handles
+        else:
+            others = handles
+        _kill(others)
 
 
 def _new(ray: Any, threads: int, use_gpu: bool) -> Any:
@@ -149,18 +150,18 @@ def load(handles: list[Any], spec: dict[str, Any]) -> list[Any]:
     return [h.load.remote(**spec) for h in handles]
 
 
-def score_blocks(handles: list[Any], blocks: list[Any], loading: list[Any],
-                 batch_size: int) -> Iterator[dict[str, Any]]:
-    """Once ``loading`` is done, score the blocks (ObjectRefs of Arrow tables), each cut into
-    parts so that every actor gets several, on the next free actor; yields each part's result
-    as it arrives. An actor has up to two parts queued, so it never waits for the driver
-    between them."""
+def score_blocks(handles: list[Any], blocks: list[tuple[Any, int]], loading: list[Any],
+                 batch_size: int, depth: int = 1) -> Iterator[dict[str, Any]]:
+    """Once ``loading`` is done, score the blocks ((ObjectRef of an Arrow table, rows)) in
+    parts of ``batch_size`` rows, each on the next free actor (``depth`` parts queued on each:
+    1 keeps the last parts from waiting behind another's queue on the CPU; a GPU's short calls
+    want 2); yields each part's result as it arrives."""
     import ray
 
     ray.get(loading)
-    parts = max(1, -(-4 * len(handles) // max(1, len(blocks))))
-    work = iter([(b, k) for b in blocks for k in range(parts)])
-    free = [h for _ in range(2) for h in handles]
+    work = iter([(ref, a, min(a + batch_size, rows)) for ref, rows in blocks
+                 for a in range(0, rows, batch_size)])
+    free = [h for _ in range(depth) for h in handles]
     running: dict[Any, Any] = {}  # result ref -> actor
     while True:
         while free:
@@ -168,7 +169,7 @@ def score_blocks(handles: list[Any], blocks: list[Any], loading: list[Any],
             if item is None:
                 break
             actor = free.pop()
-            running[actor.score.remote(item[0], item[1], parts, batch_size)] = actor
+            running[actor.score.remote(*item, batch_size)] = actor
         if not running:
             return
         (done,), _ = ray.wait(list(running), num_returns=1)

@@ -71,9 +71,16 @@ def test_a_call_has_its_pool_alone_and_a_failed_call_ends_it(ray_local):
         with scorer_pool.borrowed(2, 1, False) as b:
             assert not _ids(a) & _ids(b)  # a concurrent call gets actors of its own
         assert _ids(_kept_handles()) == _ids(b)
-    # Both came back: one pool is kept, the other ended.
-    assert _ids(_kept_handles()) == _ids(b)
+    # Both came back: the last one is kept, the other ended.
+    assert _ids(_kept_handles()) == _ids(a)
+    assert all(_dead(h) for h in b)
+    # Another size: it is kept instead.
+    with scorer_pool.borrowed(1, 1, False) as one:
+        pass
+    assert _ids(_kept_handles()) == _ids(one)
     assert all(_dead(h) for h in a)
+    with scorer_pool.borrowed(2, 1, False) as b:  # a new pool of 2
+        assert not _ids(b) & _ids(a)
 
     with pytest.raises(ZeroDivisionError):
         with scorer_pool.borrowed(2, 1, False) as c:

@@ -114,9 +114,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="score a model on a split: pixel acc, mean acc, mean IU, f.w. IU",
-        description="Score a model on a split of an ingested dataset with Ray Data batch "
-                    "inference (an actor pool; each actor loads the model once; a split of "
-                    "at most 64 images on the CPU is scored in this process). Logs "
+        description="Score a model on a split of an ingested dataset on Ray actors (a Ray "
+                    "task reads each shard; the actors take parts of the shards as they come "
+                    "and are kept for the next evaluation of the same process, e.g. the next "
+                    "stage of a flow; a split of at most 64 images on the CPU is scored in "
+                    "this process). Logs "
                     "metrics.json, the per-class table, a confusion-matrix image and sample "
                     "predictions to an MLflow run.")
     p.add_argument("--model", required=True, help=MODEL_HELP)
@@ -128,7 +130,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "images is scored in this process unless --actors is given)")
     p.add_argument("--batch-size", type=positive_int, default=4,
                    help="images per actor call (default 4)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--gpu", action="store_true",
+                   help="one GPU per actor (GPU actors end with the call: they hold the GPU)")
     p.add_argument("--run-name", default=None, help="MLflow run name (default evaluate-SPLIT)")
     add_verbose(p)
     add_inference_args(p)
