@@ -33,7 +33,9 @@ class FullyConvolutional(nn.Conv2d):
         kh, kw = self.kernel_size
         ho, wo = h - kh + 1, w - kw + 1
         weight = self.weight
-        if weight.is_contiguous():  # (out, c, kh, kw): patches in (c, kh, kw) order
+        # Literal strides, not is_contiguous(): a 1x1 channels_last weight counts as contiguous,
+        # but its gradient must come back with its own strides (DDP checks them literally).
+        if weight.stride() == _row_major(weight.shape):  # patches in (c, kh, kw) order
             cols = F.unfold(x, (kh, kw)).transpose(1, 2) if kh * kw > 1 else \
                 x.flatten(2).transpose(1, 2)
             w2 = weight.reshape(self.out_channels, -1)
@@ -54,3 +56,12 @@ class FullyConvolutional(nn.Conv2d):
         if getattr(self, "_cast_key", None) != key:
             self._cast, self._cast_key = w2.detach().to(dtype).contiguous(), key
         return self._cast
+
+
+def _row_major(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous (row-major) tensor of ``shape``."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))

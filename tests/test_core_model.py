@@ -259,6 +259,9 @@ def test_fc6_and_fc7_as_matrix_products_are_the_convolutions(channels_last):
         out = layer(xg)
         torch.testing.assert_close(out, conv, rtol=1e-5, atol=1e-5)
         out.square().sum().backward()
+        # The gradient has the weight's own strides (DDP's bucket views are laid out like the
+        # weight, and warns "Grad strides do not match bucket view strides" otherwise).
+        assert layer.weight.grad.stride() == layer.weight.stride()
         wg, xgrad = layer.weight.grad.clone(), xg.grad.clone()
         layer.weight.grad = None
         xc = x.clone().requires_grad_()
