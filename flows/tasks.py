@@ -231,7 +231,7 @@ def evaluate_task(model: str, data: str, split: str, label: str = "model",
     else:
         result = evaluate(model, data, split, actors=actors, run_name=f"evaluate-{label}",
                           log=logger.info)
-        logger.info(result.table())
+        logger.info(result.table(compact=True))
         summary = result.summary()
     logger.info(f"MLflow evaluation run: {run_link(summary['mlflow_run'])}")
     reports.publish(f"fcn-evaluation-{label}", reports.evaluation_markdown(

@@ -86,7 +86,9 @@ class EvalResult:
                 out.update({f"{name}_{k}": v for k, v in h.metrics.items()})
         return out
 
-    def table(self) -> str:
+    def table(self, compact: bool = False) -> str:
+        """Metrics and per-class IU; ``compact``: the classes without a pixel in the split
+        (IU undefined, "-" in the full table) on one line instead of a row each."""
         lines = [f"{self.model} on {self.split} ({self.images} images"
                  + (f"; not scored, as the reference: {', '.join(self.skipped)}"
                     if self.skipped else "") + ")"]
@@ -98,10 +100,14 @@ class EvalResult:
             if h.excluded:
                 lines += [f"(class means leave out {', '.join(h.excluded)}: absent from the "
                           "test set, as the reference)"]
+            absent = [n for n, v in h.per_class if np.isnan(v) and n not in h.excluded]
+            rows = [(n, v) for n, v in h.per_class if not (compact and n in absent)]
             lines += ["", f"{'class':<20}{'IU':>8}"]
             lines += [f"{n:<20}"
                       f"{'excluded' if n in h.excluded else '-' if np.isnan(v) else f'{v:.4f}':>8}"
-                      for n, v in h.per_class]
+                      for n, v in rows]
+            if compact and absent:
+                lines += [f"(no pixels in this split, IU undefined: {', '.join(absent)})"]
         return "\n".join(lines)
 
 
