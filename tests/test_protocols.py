@@ -315,20 +315,3 @@ def test_fcn_run_passes_compute_hha_through_the_flow_to_ingest():
     src = inspect.getsource(__import__("flows.tasks", fromlist=["x"]).ingest_task.fn)
     assert '"--compute-hha"' in src  # the cluster job's command line carries it
 
-
-def test_flow_logs_list_classes_without_pixels_on_one_line():
-    """The per-class table in a flow's log (compact): a class with no pixel in the split (IU
-    undefined) is named on one line, not given a row of its own; the MLflow artifact and
-    `fcn evaluate` keep every row."""
-    from pipelines.evaluate import EvalResult
-
-    per_class = [("background", 0.9), ("aeroplane", float("nan")), ("bicycle", 0.25),
-                 ("bird", float("nan"))]
-    res = EvalResult("m", "val", {"pixel_acc": 0.9, "mean_iu": 0.575}, per_class,
-                     np.zeros((4, 4), np.int64), 3)
-    full, compact = res.table().splitlines(), res.table(compact=True).splitlines()
-    assert [ln.split()[0] for ln in full[-4:]] == ["background", "aeroplane", "bicycle", "bird"]
-    assert "aeroplane" in full[-3] and full[-3].endswith("-")
-    assert [ln.split()[0] for ln in compact[-3:-1]] == ["background", "bicycle"]
-    assert compact[-1] == "(no pixels in this split, IU undefined: aeroplane, bird)"
-    assert compact[:-3] == full[:-4]

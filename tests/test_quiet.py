@@ -1,4 +1,5 @@
-"""The driver's console keeps the workers' own lines and drops Ray's internal ones."""
+"""The driver's console keeps the workers' own lines and drops Ray's internal ones; tables
+stay short and readable."""
 
 from pipelines import ray_env
 
@@ -27,3 +28,32 @@ def test_verbose_keeps_ray_logs(monkeypatch):
     monkeypatch.delenv("FCN_VERBOSE")
     assert ray_env.quiet_env()["PYTHONWARNINGS"] == "ignore::DeprecationWarning"
     assert ray_env.train_log_level() == "WARNING"
+
+
+def test_flow_logs_list_classes_without_pixels_on_one_line():
+    """The per-class table in a flow's log (compact): a class with no pixel in the split (IU
+    undefined) is named on one line, not given a row of its own; the MLflow artifact and
+    `fcn evaluate` keep every row."""
+    import numpy as np
+
+    from pipelines.evaluate import EvalResult
+
+    per_class = [("background", 0.9), ("aeroplane", float("nan")), ("bicycle", 0.25),
+                 ("bird", float("nan"))]
+    res = EvalResult("m", "val", {"pixel_acc": 0.9, "mean_iu": 0.575}, per_class,
+                     np.zeros((4, 4), np.int64), 3)
+    full, compact = res.table().splitlines(), res.table(compact=True).splitlines()
+    assert [ln.split()[0] for ln in full[-4:]] == ["background", "aeroplane", "bicycle", "bird"]
+    assert "aeroplane" in full[-3] and full[-3].endswith("-")
+    assert [ln.split()[0] for ln in compact[-3:-1]] == ["background", "bicycle"]
+    assert compact[-1] == "(no pixels in this split, IU undefined: aeroplane, bird)"
+    assert compact[:-3] == full[:-4]
+
+
+def test_fcn_models_shows_scores_to_four_decimals(capsys):
+    from flows.cli.models import _table
+
+    _table([{"name": "fcn-voc", "mean_iu": "0.743670586223468"},
+            {"name": "fcn-voc", "mean_iu": "-"}], ("name", "mean_iu"))
+    assert capsys.readouterr().out.splitlines() == [
+        "name     mean_iu", "fcn-voc  0.7437", "fcn-voc  -"]

@@ -65,11 +65,22 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(col: str, value: object) -> str:
+    """A table cell: scores (tags hold them as full-precision strings) to 4 decimals."""
+    if col == "mean_iu":
+        try:
+            return f"{float(str(value)):.4f}"
+        except ValueError:
+            pass
+    return str(value)
+
+
 def _table(rows: list[dict], cols: tuple[str, ...]) -> None:
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    cells = [{c: _cell(c, r[c]) for c in cols} for r in rows]
+    widths = {c: max(len(c), *(len(r[c]) for r in cells)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
+    for r in cells:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
 
 
 def cmd_models(args: argparse.Namespace) -> int:
