@@ -42,10 +42,17 @@ def _dead(handle) -> bool:
     return False
 
 
-def test_evaluations_keep_their_actors_and_each_loads_its_own_model(ray_local, data, tmp_path):
+def test_evaluations_keep_their_actors_and_each_loads_its_own_model(ray_local, data, tmp_path,
+                                                                   monkeypatch):
     scorer_pool.release()
     ckpt = save_checkpoint(tmp_path / "ckpt", seed=0)
-    first = evaluate(str(ckpt), data, "val", actors=2, batch_size=2, **QUIET)
+    monkeypatch.setattr("pipelines.evaluate.PROGRESS_EVERY_S", 0.0)  # a line per batch
+    lines: list[str] = []
+    first = evaluate(str(ckpt), data, "val", actors=2, batch_size=2, log_to_mlflow=False,
+                     log=lines.append)
+    progress = [ln for ln in lines if ln.startswith("evaluate [val]: ")]
+    assert progress and all(" images scored (" in ln for ln in progress), lines
+    assert progress[0].startswith("evaluate [val]: 2/7 images scored"), progress
     assert scorer_pool.kept() == 2
     actors = _ids(_kept_handles())
     # Idle, they hold no CPU: a training run that follows can have every CPU.
