@@ -100,7 +100,17 @@ def test_a_call_has_its_pool_alone_and_a_failed_call_ends_it(ray_local):
 
 def test_a_gpu_pool_ends_with_its_call(ray_local):
     """GPU actors hold their GPU: never kept (no GPU here, so only the bookkeeping runs)."""
+    from ray.util.state import get_actor
+
     scorer_pool.release()
     with scorer_pool.borrowed(1, 0, True) as handles:
         assert len(handles) == 1
+        actor_id = handles[0]._actor_id.hex()
+        deadline = time.monotonic() + 30
+        while (state := get_actor(actor_id)) is None:  # the state API lags a little
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        # A whole GPU and no CPU: it waits here, where Ray has no GPU.
+        assert state.required_resources == {"GPU": 1.0}, state.required_resources
     assert scorer_pool.kept() == 0
+    assert _dead(handles[0])
