@@ -99,7 +99,7 @@ def test_a_call_has_its_pool_alone_and_a_failed_call_ends_it(ray_local):
 
 
 def test_a_gpu_pool_ends_with_its_call(ray_local):
-    """GPU actors hold their GPU: never kept (no GPU here, so only the bookkeeping runs)."""
+    """GPU actors hold their GPU: never kept (no GPU here: the actor waits for one)."""
     from ray.util.state import get_actor
 
     scorer_pool.release()
@@ -107,7 +107,9 @@ def test_a_gpu_pool_ends_with_its_call(ray_local):
         assert len(handles) == 1
         actor_id = handles[0]._actor_id.hex()
         deadline = time.monotonic() + 30
-        while (state := get_actor(actor_id)) is None:  # the state API lags a little
+        # Its own Ray's address: another test session may run a Ray beside it (make test).
+        address = ray.get_runtime_context().gcs_address
+        while (state := get_actor(actor_id, address=address)) is None:  # it lags a little
             assert time.monotonic() < deadline
             time.sleep(0.2)
         # A whole GPU and no CPU: it waits here, where Ray has no GPU.
