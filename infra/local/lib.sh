@@ -72,7 +72,9 @@ service_pid() {
     [[ -f "$file" ]] || return 1
     pid="$(tr -dc '0-9' < "$file")"
     [[ -n "$pid" ]] || return 1
-    args="$(ps -o args= -p "$pid" 2>/dev/null)" || return 1
+    # -ww: the whole command line. Without it ps cuts it at $COLUMNS (set in many CI shells),
+    # and a venv under a long path left "prefect server star" of a live server.
+    args="$(ps -ww -o args= -p "$pid" 2>/dev/null)" || return 1
     [[ "$args" == *"$(cmd_pattern "$1")"* ]] || return 1
     echo "$pid"
 }

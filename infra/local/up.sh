@@ -147,8 +147,8 @@ trap on_exit EXIT
 trap 'exit 130' INT TERM
 
 # started_pid NAME: prints the pid of NAME's leader when this run started it and it has not
-# ended (/proc still has it, no zombie). `ps -o args=` can miss a live process (its command line
-# unreadable for a moment under load); a child of this shell cannot be another program.
+# ended (/proc still has it, no zombie): a child of this shell cannot be another program, so its
+# command line need not match.
 started_pid() {
     [[ " ${STARTED[*]-} " == *" $1 "* ]] || return 1
     local pid state
