@@ -251,6 +251,34 @@ class LateFusion(nn.Module):
         return 0.5 * a + 0.5 * b
 
 
+SCORE_LAYERS = ("score_fr", "score_pool4", "score_pool3")
+
+
+def scores_untrained(model: nn.Module) -> bool:
+    """True while every score layer of the net is still zero, as the reference initializes
+    score_fr and the skips' score layers (FCN-32s/16s/8s, the AlexNet and GoogLeNet stride-32
+    nets, late fusion of two of them). Every path to the output then runs through a zero 1x1
+    conv, bias-free deconvolutions, crops and sums: the scores are exactly zero for any finite
+    input, and argmax (its first index on ties) predicts class 0 at every pixel. A validation
+    of such a net needs no forward pass. Pass the plain net (``precision.unwrap``)."""
+    from fcn_core.stride32 import Stride32FCN  # it imports this module
+
+    if isinstance(model, LateFusion):
+        return scores_untrained(model.color) and scores_untrained(model.hha)
+    if not isinstance(model, FCN | Stride32FCN):
+        return False
+    if any(m.bias is not None for m in model.modules() if isinstance(m, nn.ConvTranspose2d)):
+        return False
+    for head in model.heads.values():
+        for name in SCORE_LAYERS:
+            conv = getattr(head, name, None)
+            if conv is None:
+                continue
+            if bool(conv.weight.any()) or (conv.bias is not None and bool(conv.bias.any())):
+                return False
+    return True
+
+
 def _build(
     variant: str, num_classes: int, width: float, in_channels: int,
     heads: Mapping[str, int] | None,

@@ -196,6 +196,10 @@ def init_ray(num_cpus: int | None = None) -> str:
             ctx = ray.init(address=address, log_to_driver=True, logging_level=level,
                            runtime_env=None if in_job else {"env_vars": quiet_env()})
         else:
+            # Ray Train's preemption watcher (an actor per worker group, polling node drains)
+            # has nothing to watch on a local Ray: one node, no autoscaler. Its process start
+            # cost a stage ~1.5-2 s on 2 cores. A user's value wins.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             if not verbose():  # "Token authentication is enabled for this Ray cluster ..."
                 logging.getLogger("ray._private.authentication.authentication_token_setup"
                                   ).setLevel(logging.ERROR)

@@ -24,7 +24,8 @@ ENGINE_FIXTURES = {"ray_local", "s3_server", "postgres", "mlflow_server"}
 OWN_ENGINES = ("test_cluster.py", "test_servers.py",
                "test_infra.py::test_local_stack_up_and_down",
                "test_bench.py::test_bench_predict",
-               "test_flows.py::test_an_experiment_runs_its_rows")
+               "test_flows.py::test_an_experiment_runs_its_rows",
+               "test_train.py::test_a_local_ray_trains_without")
 
 
 def pytest_collection_modifyitems(config, items):

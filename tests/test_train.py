@@ -1,6 +1,12 @@
 """Staged Ray Train training on real Ray and a real MLflow SQLite store (tiny nets)."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +187,34 @@ def test_resume_continues_an_interrupted_stage_from_its_checkpoint(shards, tmp_p
     assert res.metrics["resumed_from"] == 2 and res.steps == 6
     parent = MlflowClient(mlflow_uri).get_run(run.mlflow_parent)
     assert parent.data.tags["pipeline_run"] == run_dir.name  # the same MLflow parent run
+
+
+@pytest.mark.timeout(300)
+def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
+    """init_ray's own local Ray (one node, nothing drains it) starts no PreemptionWatcher
+    actor per worker group: its process cost a stage's start ~1.5-2 s on 2 cores."""
+    code = textwrap.dedent("""
+        import json, os
+        from pipelines.ray_env import init_ray
+        init_ray(2)
+        import ray, ray.train
+        from ray.train.torch import TorchTrainer
+        from ray.util.state import list_actors
+
+        def loop(_):
+            ray.train.report({"ok": 1})
+
+        TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                     run_config=ray.train.RunConfig(storage_path=os.environ["STORE"])).fit()
+        actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10000)
+        print(json.dumps(sorted({a.class_name for a in actors})))
+        """)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "RAY_TRAIN_"))}
+    env["STORE"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=240, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    classes = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "TrainController" in classes and "RayTrainWorker" in classes, classes
+    assert "PreemptionWatcher" not in classes, classes

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcn_core.fcn import FCN, SINGLE_HEAD, LateFusion
+from fcn_core.fcn import FCN, SINGLE_HEAD, LateFusion, scores_untrained
 from fcn_core.losses import multi_head_loss
 from fcn_core.metrics import ConfusionMatrix
 from fcn_core.models import build_model
@@ -255,7 +255,14 @@ def validate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, dict[str, t
     model.eval()
     keys = _label_keys(heads)
     cms = {h: ConfusionMatrix(num_classes[h]) for h in heads}
+    # A net whose score layers are still zero (a stage from VGG16 weights, before its first
+    # step) predicts class 0 everywhere: the same matrices without a pass over the rows.
+    untrained = scores_untrained(model)
     for x, labels in batches:
+        if untrained:
+            for h in heads:
+                cms[h].update(labels[keys[h]], torch.zeros_like(labels[keys[h]]))
+            continue
         with autocast(amp, x.device):
             scores = model(x)
         scores = scores if isinstance(scores, dict) else {heads[0]: scores}

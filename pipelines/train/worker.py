@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fcn_core.fcn import scores_untrained
 from fcn_core.precision import grad_scaler, maybe_compile, resolve_amp
 from fcn_core.transforms import MEAN_BGR
 from pipelines import storage
@@ -295,9 +296,11 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
 
     loss: float | None = None
     if step == 0 and cfg.val_every:  # where the stage starts: the previous stage's predictions
+        untrained = scores_untrained(unwrap(model))  # class 0 everywhere: no forward pass
         init_val = run_validation()
         shown = ", ".join(f"{k} {v:.3f}" for k, v in init_val.items() if k != "val_images")
-        log(f"initial {shown} ({init_val['val_images']:.0f} images)")
+        how = "; score layers still zero, so class 0 everywhere" if untrained else ""
+        log(f"initial {shown} ({init_val['val_images']:.0f} images{how})")
         if tracker is not None:
             tracker.log({f"init_{k}": v for k, v in init_val.items()}, 0)
     if cfg.sampling in IN_MEMORY:
