@@ -97,26 +97,52 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class MetricLogger:
-    """Buffered ``log_batch`` to one run; used by rank 0 inside a Ray Train worker."""
+    """Buffered ``log_batch`` to one run; used by rank 0 inside a Ray Train worker.
+
+    MLflow's client is made in a thread: importing MLflow takes a worker 1.5 s or more, which
+    held up a stage's first step. Metrics logged before it is ready wait in the buffer; a
+    failure to make it is raised by the next ``log`` or ``flush``."""
 
     def __init__(self, uri: str, run_id: str, flush_every_s: float = 5.0):
-        from mlflow.tracking import MlflowClient
+        import threading
 
-        self.client, self.run_id = MlflowClient(uri), run_id
-        self.flush_every_s = flush_every_s
-        self._buf: list[Any] = []
+        self.run_id, self.flush_every_s = run_id, flush_every_s
+        self._buf: list[tuple[str, float, int, int]] = []
         self._last = time.monotonic()
+        self._client: Any = None
+        self._error: BaseException | None = None
+
+        def make() -> None:
+            try:
+                from mlflow.tracking import MlflowClient
+
+                self._client = MlflowClient(uri)
+            except BaseException as e:  # noqa: BLE001  (raised in the caller's thread)
+                self._error = e
+
+        self._making = threading.Thread(target=make, name="fcn-mlflow-client", daemon=True)
+        self._making.start()
+
+    def _ready(self, wait: bool) -> bool:
+        if wait:
+            self._making.join()
+        if self._error is not None:
+            raise self._error
+        return self._client is not None
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000)
-        self._buf += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        if time.monotonic() - self._last >= self.flush_every_s:
+        self._buf += [(k, float(v), ts, step) for k, v in metrics.items()]
+        if time.monotonic() - self._last >= self.flush_every_s and self._ready(wait=False):
             self.flush()
 
     def flush(self) -> None:
-        for i in range(0, len(self._buf), 1000):  # MLflow caps a batch at 1000 metrics
-            self.client.log_batch(self.run_id, metrics=self._buf[i : i + 1000])
+        """Send what is buffered (waiting for the client if it is still being made)."""
+        self._ready(wait=True)
+        from mlflow.entities import Metric
+
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in self._buf]
+        for i in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
+            self._client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
         self._buf = []
         self._last = time.monotonic()

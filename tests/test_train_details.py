@@ -481,3 +481,44 @@ def test_model_backbone_weights_go_to_that_nets_transplant(tmp_path, monkeypatch
     build_stage_model(cfg, cfg.stages[0], 21, None, log=said.append)
     assert seen == [({"segnet": "SegNet"}.get(model_name, "DeepLabLargeFOV"), MEAN_BGR["voc"])]
     assert said and "2 VGG16" in said[0], said
+
+
+def _done(root, run_id: str, stage: str) -> None:
+    from pipelines import storage
+    from pipelines.train.worker import DONE_FILE
+
+    storage.write_json(storage.join(str(root), run_id, stage, DONE_FILE), {
+        "checkpoint": f"{root}/{stage}/final", "steps": 1, "metrics": {"mean_iu": 0.5}})
+
+
+@pytest.mark.parametrize("waits", [True, False])
+def test_a_chains_last_stage_returns_on_its_done_file_unless_it_waits_for_the_end(tmp_path,
+                                                                                   waits):
+    """In-process chains (``last_waits_for_end=False``) return the last stage as soon as its
+    done file is written, while the workers shut down; ``join`` waits for that. A Ray job's
+    chain (the default) returns when the job has ended."""
+    import threading
+
+    from pipelines.train.driver import PipelineRun, StageChain
+
+    run, ended, release = PipelineRun("r1", str(tmp_path)), threading.Event(), threading.Event()
+
+    def target() -> None:  # the training run: both stages' done files, then a slow shutdown
+        _done(tmp_path, "r1", "32s")
+        _done(tmp_path, "r1", "16s")
+        release.wait(30)
+        ended.set()
+
+    chain = StageChain(run, ["32s", "16s"], None, target, last_waits_for_end=waits)
+    assert chain.wait("32s", "m32").checkpoint.endswith("32s/final")
+    if waits:
+        threading.Timer(0.5, release.set).start()
+        assert chain.wait("16s", "m16").steps == 1
+        assert ended.is_set()
+    else:
+        res = chain.wait("16s", "m16")
+        assert res.steps == 1 and res.metrics == {"mean_iu": 0.5}
+        assert not ended.is_set()  # returned while the run was still shutting down
+        release.set()
+        chain.join()
+        assert ended.is_set()

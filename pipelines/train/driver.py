@@ -161,10 +161,13 @@ class StageChain:
     as its done file is written while the workers go on with the next."""
 
     def __init__(self, run: PipelineRun, stages: list[str], init: str | None,
-                 target: Callable[[], Any]) -> None:
+                 target: Callable[[], Any], last_waits_for_end: bool = True) -> None:
         import threading
 
         self.run, self.stages, self.init = run, list(stages), init
+        # False: the last stage also returns on its done file, while the worker group shuts
+        # down in the background (~2 s on 2 cores); ``join`` waits for that.
+        self.last_waits_for_end = last_waits_for_end
         self.returned: list[StageResult] = []
         self.error: BaseException | None = None
 
@@ -202,9 +205,10 @@ class StageChain:
     def wait(self, stage: str, run_id: str | None) -> StageResult:
         t0 = time.perf_counter()
         done = _done_file(self.run, stage)
-        # The last stage: wait for the run itself (its workers let go of their resources).
-        # An earlier one: look for its done file now and then (a HEAD request in a bucket).
-        last = stage == self.stages[-1]
+        # The last stage: wait for the run itself (its workers let go of their resources),
+        # unless ``last_waits_for_end`` is off. An earlier one: look for its done file now and
+        # then (a HEAD request in a bucket).
+        last = stage == self.stages[-1] and self.last_waits_for_end
         if last:
             self.thread.join()
         else:
@@ -219,6 +223,10 @@ class StageChain:
         res = _stage_result(self.run, stage, run_id, time.perf_counter() - t0)
         self.returned.append(res)
         return res
+
+    def join(self) -> None:
+        """Wait until the chain's training run has ended (its worker group gone)."""
+        self.thread.join()
 
 
 _CHAINS: dict[str, StageChain] = {}  # pipeline run id -> its chain in this process
@@ -321,7 +329,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: Pipel
         current = StageChain.get(_CHAINS, run, stage.name, init_checkpoint, lambda: StageChain(
             run, [s.name for s in following], init_checkpoint,
             lambda: train_stages(cfg, list(following), where, run, init_checkpoint,
-                                 dict(children), log)))
+                                 dict(children), log), last_waits_for_end=False))
         if current.returned:
             log(f"stage {stage.name}: in the same worker group, from {init_checkpoint}")
         try:
@@ -367,6 +375,8 @@ def train_pipeline(cfg: TrainConfig, data: str | Path, storage: str | Path | Non
     except BaseException:
         finish_pipeline_run(run, ok=False)
         raise
+    if run.run_id in _CHAINS:  # the last stage returned on its done file: the workers let
+        _CHAINS[run.run_id].join()  # go before `fcn train` (or the Ray job running it) ends
     if finish:
         finish_pipeline_run(run, ok=True)
     return run, results
