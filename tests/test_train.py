@@ -192,14 +192,21 @@ def test_resume_continues_an_interrupted_stage_from_its_checkpoint(shards, tmp_p
 @pytest.mark.timeout(300)
 def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
     """init_ray's own local Ray (one node, nothing drains it) starts no PreemptionWatcher
-    actor per worker group: its process cost a stage's start ~1.5-2 s on 2 cores."""
+    actor per worker group: its process cost a stage's start ~1.5-2 s on 2 cores. And it has
+    made Ray's autoscaling coordinator before any training (in one of Ray's prestarted
+    processes, not a new one on the first stage's path), and the training uses that one."""
     code = textwrap.dedent("""
         import json, os
         from pipelines.ray_env import init_ray
         init_ray(2)
         import ray, ray.train
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        ray.get(coordinator.__ray_ready__.remote(), timeout=60)
         from ray.train.torch import TorchTrainer
         from ray.util.state import list_actors
+        before = {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                             filters=[("state", "=", "ALIVE")], limit=10000)
+                  if a.class_name == "_AutoscalingCoordinatorActor"}
 
         def loop(_):
             ray.train.report({"ok": 1})
@@ -207,7 +214,9 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
         TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
                      run_config=ray.train.RunConfig(storage_path=os.environ["STORE"])).fit()
         actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10000)
-        print(json.dumps(sorted({a.class_name for a in actors})))
+        after = {a.pid for a in actors if a.class_name == "_AutoscalingCoordinatorActor"}
+        print(json.dumps([sorted({a.class_name for a in actors}), sorted(before),
+                          sorted(after)]))
         """)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_ADDRESS", "RAY_TRAIN_"))}
@@ -215,6 +224,7 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=240, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
-    classes = json.loads(r.stdout.strip().splitlines()[-1])
+    classes, before, after = json.loads(r.stdout.strip().splitlines()[-1])
     assert "TrainController" in classes and "RayTrainWorker" in classes, classes
     assert "PreemptionWatcher" not in classes, classes
+    assert len(before) == 1 and after == before, (before, after)  # made once, by init_ray

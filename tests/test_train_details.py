@@ -522,3 +522,27 @@ def test_a_chains_last_stage_returns_on_its_done_file_unless_it_waits_for_the_en
         release.set()
         chain.join()
         assert ended.is_set()
+
+
+def test_ray_trains_controller_unpickles_our_callback_without_torch():
+    """Ray Train's controller unpickles ``CheckpointLog``: importing it (and so the
+    ``pipelines.train`` package) must not import torch and the model zoo, ~1.5 s of CPU in
+    the controller while the first stage starts; the package's names still import on use."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, pipelines.train.callbacks\n"
+            "heavy = sorted(m for m in ('torch', 'fcn_core', 'pipelines.train.worker', "
+            "'pipelines.train.driver', 'mlflow') if m in sys.modules)\n"
+            "from pipelines.train import StageFailed, CHECKPOINT_FILE, run_stage\n"
+            "print(heavy, StageFailed.__module__, CHECKPOINT_FILE, run_stage.__module__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["[]", "pipelines.train.driver", "checkpoint.pt",
+                                "pipelines.train.driver"], r.stdout
+    import pipelines.train
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pipelines.train.nope  # noqa: B018

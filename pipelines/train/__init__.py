@@ -5,38 +5,39 @@
 - ``worker``: every Ray Train call, in the loop each worker runs.
 - ``driver``: one TorchTrainer per chain of stages and the MLflow runs (the public entry
   points).
+
+The names below are imported on first use (PEP 562): Ray Train's controller unpickles
+``callbacks.CheckpointLog``, and importing this package must not make it import torch and the
+model zoo (~1.5 s of CPU in the controller before it starts the workers).
 """
 
-from pipelines.train.checkpoint import (
-    CHECKPOINT_FILE,
-    checkpoint_file,
-    load_model,
-    read_checkpoint,
-    write_checkpoint,
-)
-from pipelines.train.driver import (
-    PipelineRun,
-    StageFailed,
-    finish_pipeline_run,
-    new_run_id,
-    run_stage,
-    start_pipeline_run,
-    train_pipeline,
-    train_stages,
-)
-from pipelines.train.step import (
-    build_stage_model,
-    make_optimizer,
-    replicas_in_sync,
-    set_lr,
-    train_step,
-    validate,
-)
-from pipelines.train.worker import train_loop_per_worker
+from __future__ import annotations
 
-__all__ = [
-    "CHECKPOINT_FILE", "PipelineRun", "StageFailed", "build_stage_model", "checkpoint_file",
-    "finish_pipeline_run", "load_model", "make_optimizer", "new_run_id", "read_checkpoint",
-    "replicas_in_sync", "run_stage", "set_lr", "start_pipeline_run", "train_loop_per_worker",
-    "train_pipeline", "train_stages", "train_step", "validate", "write_checkpoint",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "checkpoint": ("CHECKPOINT_FILE", "checkpoint_file", "load_model", "read_checkpoint",
+                   "write_checkpoint"),
+    "driver": ("PipelineRun", "StageFailed", "finish_pipeline_run", "new_run_id", "run_stage",
+               "start_pipeline_run", "train_pipeline", "train_stages"),
+    "step": ("build_stage_model", "make_optimizer", "replicas_in_sync", "set_lr", "train_step",
+             "validate"),
+    "worker": ("train_loop_per_worker",),
+}
+_MODULE = {name: module for module, names in _WHERE.items() for name in names}
+
+__all__ = sorted(_MODULE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE))
