@@ -56,6 +56,33 @@ def test_bench_pipeline_splits_a_run_into_its_phases():
     assert phases(chained, total=75.0) == got
 
 
+def test_bench_stage_start_times_both_starts_from_their_lines():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_stage_start import figures, marks
+
+    lines = [(1.0, "Ray: a local Ray (2 CPUs, 1 node(s), job 01000000)"),
+             (10.0, "FLOOR fit"),
+             (15.5, "(RayTrainWorker pid=3) FLOOR loop"),
+             (16.5, "(RayTrainWorker pid=3) FLOOR optimizer"),
+             (20.0, "stage 32s: 2 (32s) steps on 2 worker(s) (CPU, gloo), from random init"),
+             (27.0, "(RayTrainWorker pid=4) [32s] step 1/2  loss 3.0  lr 0.0003  9.0 img/s"),
+             (27.5, "(RayTrainWorker pid=4) [32s] step 2/2  loss 2.0  lr 0.0003  9.0 img/s")]
+    assert figures(marks(lines)) == {
+        "floor: fit -> train function": 5.5, "floor: fit -> optimizer built": 6.5,
+        "ours: fit -> first step": 7.0, "ours / floor (optimizer built)": 7.0 / 6.5}
+
+
+@pytest.mark.slow  # starts Ray and an MLflow store
+def test_bench_stage_start_runs_both_trainers():
+    out = subprocess.run([sys.executable, "bench/bench_stage_start.py", "--runs", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         check=True).stdout
+    rows = {line[:34].strip(): float(line[34:]) for line in out.splitlines()[-4:]}
+    assert sorted(rows) == ["floor: fit -> optimizer built", "floor: fit -> train function",
+                            "ours / floor (optimizer built)", "ours: fit -> first step"], out
+    assert all(v > 0 for v in rows.values()), rows
+
+
 @pytest.mark.slow  # starts Ray and an MLflow store
 def test_bench_predict_times_each_case_and_prints_the_ratio():
     out = subprocess.run([sys.executable, "bench/bench_predict.py", "--images", "3", "--size",
