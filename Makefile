@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_infer.py
 	$(PY) bench/bench_storage.py
 	$(PY) bench/bench_pipeline.py
+	$(PY) bench/bench_stage_start.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check fcn_core pipelines flows tests bench
