@@ -348,7 +348,7 @@ def _score_on_ray(model_uri: str, uri: str | None, data: str | Path, split: str,
     with scorer_pool.borrowed(actors, threads, use_gpu) as handles:
         loading = scorer_pool.load(handles, spec)  # while the shards are read
         refs = scorer_pool.read_blocks([loc for loc, _ in shards], columns)
-        blocks = list(zip(refs, [n for _, n in shards], strict=True))
+        blocks = zip(refs, [n for _, n in shards], strict=True)  # lazily: reads go ahead
         t0 = last = time.monotonic()
         for out in scorer_pool.score_blocks(handles, blocks, loading, batch_size,
                                             depth=2 if use_gpu else 1):

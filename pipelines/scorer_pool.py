@@ -10,7 +10,9 @@ of executor start-up per call on its own.) Each call loads its model into the ac
 checkpoint path can hold a new checkpoint). One pool is kept: the last one to come back.
 
 CPU actors reserve no CPU (``num_cpus=0``) so that, idle between evaluations, they never hold
-back a training run's workers or Ray Data's reads; their torch threads are set from the CPUs
+back a training run's workers or Ray Data's reads, and an evaluation beside a training run
+that holds every CPU does not wait for it (nor do the shard reads: no CPU either, at most
+``READS_AHEAD`` at once); their torch threads are set from the CPUs
 they would have been given (``actor_cpus``), and ``SPREAD`` places them across the nodes. A
 GPU actor holds its GPU, so a GPU pool ends with its call. A call has its pool to itself, and
 a call that fails (an actor lost, a bad row) ends it: the next call, or Prefect's retry of the
@@ -20,13 +22,15 @@ task, starts a new one.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 _LOCK = threading.Lock()
 _POOLS: dict[tuple[str, int, int], list[Any]] = {}  # (job id, actors, threads) -> handles
 # (at most one entry: the pool that came back last)
+READS_AHEAD = 4  # shard reads in flight at once (read_blocks)
 
 
 class ScorerActor:
@@ -130,18 +134,41 @@ def _read_shard(fs: Any, path: str, columns: list[str]) -> Any:
     return pq.read_table(path, columns=columns, filesystem=fs)
 
 
-def read_blocks(locations: list[str], columns: list[str]) -> list[Any]:
+def read_blocks(locations: list[str], columns: list[str], ahead: int = READS_AHEAD
+                ) -> Iterator[Any]:
     """Each shard read into the object store by a Ray task of its own (through
-    ``pipelines.storage``'s filesystem, as every other access): ObjectRefs of Arrow tables.
-    A plain task costs ~0.04 s here where a Ray Data read of the same shards cost 1.2-1.9 s
-    (its executor's start, measured), a cost every evaluation paid again."""
+    ``pipelines.storage``'s filesystem, as every other access): ObjectRefs of Arrow tables,
+    in order. A plain task costs ~0.04 s here where a Ray Data read of the same shards cost
+    1.2-1.9 s (its executor's start, measured), a cost every evaluation paid again.
+
+    The reads reserve no CPU, as the actors: an evaluation beside a training run that holds
+    every CPU must not wait for its end (a read is Parquet I/O; the decoding is the actors').
+    Nothing then bounds how many Ray runs at once, so at most ``ahead`` are in flight: the
+    first ones start now (while the model loads), each one taken starts the next."""
     import ray
 
     from pipelines import storage
 
     fs = storage.filesystem(locations[0])
-    task = ray.remote(num_cpus=1, max_retries=3)(_read_shard)
-    return [task.remote(fs, storage.resolve(loc)[1], columns) for loc in locations]
+    task = ray.remote(num_cpus=0, max_retries=3)(_read_shard)
+    todo = iter(locations)
+    pending: deque[Any] = deque()
+
+    def start_next() -> None:
+        loc = next(todo, None)
+        if loc is not None:
+            pending.append(task.remote(fs, storage.resolve(loc)[1], columns))
+
+    for _ in range(max(1, ahead)):
+        start_next()
+
+    def taken() -> Iterator[Any]:
+        while pending:
+            ref = pending.popleft()
+            start_next()
+            yield ref
+
+    return taken()
 
 
 def load(handles: list[Any], spec: dict[str, Any]) -> list[Any]:
@@ -150,7 +177,7 @@ def load(handles: list[Any], spec: dict[str, Any]) -> list[Any]:
     return [h.load.remote(**spec) for h in handles]
 
 
-def score_blocks(handles: list[Any], blocks: list[tuple[Any, int]], loading: list[Any],
+def score_blocks(handles: list[Any], blocks: Iterable[tuple[Any, int]], loading: list[Any],
                  batch_size: int, depth: int = 1) -> Iterator[dict[str, Any]]:
     """Once ``loading`` is done, score the blocks ((ObjectRef of an Arrow table, rows)) in
     parts of ``batch_size`` rows, each on the next free actor (``depth`` parts queued on each:
@@ -159,8 +186,9 @@ def score_blocks(handles: list[Any], blocks: list[tuple[Any, int]], loading: lis
     import ray
 
     ray.get(loading)
-    work = iter([(ref, a, min(a + batch_size, rows)) for ref, rows in blocks
-                 for a in range(0, rows, batch_size)])
+    # Lazily: a block's read (read_blocks) starts when the one ``ahead`` of it is taken.
+    work = ((ref, a, min(a + batch_size, rows)) for ref, rows in blocks
+            for a in range(0, rows, batch_size))
     free = [h for _ in range(depth) for h in handles]
     running: dict[Any, Any] = {}  # result ref -> actor
     while True:

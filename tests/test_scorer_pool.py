@@ -116,3 +116,38 @@ def test_a_gpu_pool_ends_with_its_call(ray_local):
         assert state.required_resources == {"GPU": 1.0}, state.required_resources
     assert scorer_pool.kept() == 0
     assert _dead(handles[0])
+
+
+def test_an_evaluation_does_not_wait_for_a_run_that_holds_every_cpu(ray_local, data, tmp_path):
+    """The actors and the shard reads reserve no CPU: with every CPU of the cluster held (a
+    placement group, as a Ray Train worker group holds them), an evaluation still ends."""
+    import threading
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    scorer_pool.release()
+    ckpt = save_checkpoint(tmp_path / "ckpt", seed=0)
+    here = evaluate(str(ckpt), data, "val", batch_size=3, **QUIET)  # 7 rows: this process
+    pg = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    ray.get(pg.ready(), timeout=60)
+    got: dict = {}
+    try:
+        t = threading.Thread(daemon=True, target=lambda: got.update(r=evaluate(
+            str(ckpt), data, "val", actors=2, batch_size=2, **QUIET)))
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "the evaluation waited for CPUs that a training run holds"
+    finally:
+        remove_placement_group(pg)
+    assert got["r"].images == 7 and np.array_equal(got["r"].hist, here.hist)
+
+
+def test_shard_reads_come_back_in_order_a_few_at_a_time(ray_local, data):
+    from pipelines.shards import read_manifest
+
+    shard = read_manifest(data).shards("val")[0][0]
+    refs = scorer_pool.read_blocks([shard] * 5, ["id"], ahead=2)
+    tables = [ray.get(r) for r in refs]
+    assert len(tables) == 5 and all(t.column("id").to_pylist() == tables[0].column("id")
+                                    .to_pylist() for t in tables)
+    assert tables[0].num_rows == 7
