@@ -286,6 +286,9 @@ def _resolve(model_uri: str) -> Any:
     return loaded
 
 
+PROGRESS_EVERY_S = 5.0  # a progress line at most this often while predicting here
+
+
 def _predict_here(loaded: Any, files: list[StoragePath], names: list[str], out_dir: str,
                   options: InferenceOptions, limit: int, log: Log, result: PredictResult,
                   fmt: str, use_gpu: bool, handoff_s: float) -> int:
@@ -301,7 +304,7 @@ def _predict_here(loaded: Any, files: list[StoragePath], names: list[str], out_d
     except RuntimeError as e:
         raise UsageError(f"--gpu: {e}; leave --gpu out to predict on the CPU") from None
     loaded.net.to(device)
-    start = time.monotonic()
+    start = shown = time.monotonic()
     for i, (f, name) in enumerate(zip(files, names, strict=True), 1):
         written, why = predict_one(loaded, str(f), out_dir, name, options, device=device,
                                    max_pixels=limit, fmt=fmt)
@@ -315,8 +318,9 @@ def _predict_here(loaded: Any, files: list[StoragePath], names: list[str], out_d
             log(f"predicted {i}/{len(files)} here; the other {left} (~{rest_s:.0f} s more "
                 f"here) go to Ray Data")
             return i
-        if i % 10 == 0 or not left:
-            log(f"predicted {i}/{len(files)}")
+        if left and time.monotonic() - shown >= PROGRESS_EVERY_S:  # the end has its summary
+            shown = time.monotonic()
+            log(f"predicted {i}/{len(files)} ({i / (shown - start):.1f} images/s)")
     return len(files)
 
 

@@ -436,6 +436,22 @@ def test_predict_writes_the_good_files_and_reports_and_skips_the_bad(tmp_path):
         line = next(ln for ln in skipped if f"/{name}: " in ln)
         assert f": {kind} {name}" in line, line
     assert result.summary("o").endswith(f"skipped {len(bad)} (reasons above)")
+    assert not any(ln.startswith("predicted ") for ln in lines), lines  # quick: no progress
+
+
+def test_predict_shows_progress_at_most_every_few_seconds(tmp_path, monkeypatch):
+    import pipelines.predict
+    from pipelines.predict import predict
+
+    good, bad = mixed_folder(tmp_path / "in")
+    monkeypatch.setattr(pipelines.predict, "PROGRESS_EVERY_S", 0.0)  # a line per image
+    lines: list[str] = []
+    predict(str(checkpoint(tmp_path / "ck")), [str(tmp_path / "in")], str(tmp_path / "out"),
+            max_pixels=LIMIT, log=lines.append)
+    n = len(good) + len(bad)
+    progress = [ln for ln in lines if ln.startswith("predicted ")]
+    assert [ln.split()[1] for ln in progress] == [f"{i}/{n}" for i in range(1, n)], lines
+    assert all(ln.endswith(" images/s)") for ln in progress), progress
 
 
 def test_predict_with_nothing_usable_is_one_user_error(tmp_path):
