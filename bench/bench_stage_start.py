@@ -38,6 +38,7 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     out = Path(sys.argv[1])
     order = sys.argv[2].split(",")
+    settle = float(sys.argv[3])
     os.environ["FCN_DATA_DIR"] = str(out / "state")
     from pipelines.ray_env import init_ray
     print(init_ray(2), flush=True)
@@ -52,7 +53,7 @@ CHILD = textwrap.dedent("""
                       val_every=0, checkpoint_every=100)
     ingest(IngestConfig(dataset="synthetic", root=str(out / "raw"), out=str(out / "shards"),
                         synthetic_size=(64, 64), engine="local"), log=lambda m: None)
-    time.sleep(5)  # Ray's own start (prestarted workers, dashboard) is over, as in a pipeline
+    time.sleep(settle)  # Ray's own start (prestarted workers, dashboard) is over, as in a run
 
     def floor(_):
         if ray.train.get_context().get_world_rank() == 0:
@@ -71,7 +72,7 @@ CHILD = textwrap.dedent("""
             run = PipelineRun(f"bench-{time.time_ns()}", str(out / "runs"))
             train_stages(cfg, list(cfg.stages), str(out / "shards" / "synthetic"), run, None, {},
                          log=lambda m: print(m, flush=True))
-        time.sleep(3)  # the worker group's shutdown is over
+        time.sleep(settle / 2)  # the worker group's shutdown is over
     print("BENCH done", flush=True)
     """)
 
@@ -100,13 +101,13 @@ def figures(found: dict[str, float]) -> dict[str, float]:
             "ours / floor (optimizer built)": ours / floor_opt}
 
 
-def run_once(order: str) -> dict[str, float]:
+def run_once(order: str, settle: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-stage-start-") as d:
         lines: list[tuple[float, str]] = []
         t0 = time.perf_counter()
-        with subprocess.Popen([sys.executable, "-c", CHILD, d, order], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              bufsize=1) as proc:
+        cmd = [sys.executable, "-c", CHILD, d, order, str(settle)]
+        with subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, bufsize=1) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
                 lines.append((time.perf_counter() - t0, line.rstrip("\n")))
@@ -120,11 +121,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="runs; figures are medians (3)")
     ap.add_argument("--save", action="store_true", help="append to bench/results/")
+    ap.add_argument("--settle", type=float, default=5.0,
+                    help="seconds to wait after Ray's start (half that after each trainer) "
+                         "before timing the next thing (5; 0 only to check the script runs)")
     args = ap.parse_args()
     runs = []
     for i in range(args.runs):
         order = "floor,ours" if i % 2 == 0 else "ours,floor"
-        runs.append(run_once(order))
+        runs.append(run_once(order, args.settle))
         print(f"run {i + 1}/{args.runs} ({order}): "
               + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()), flush=True)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
