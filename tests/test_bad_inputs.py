@@ -194,3 +194,43 @@ def test_readme_lists_every_case():
     readme = (ROOT / "README.md").read_text()
     missing = [c.id for c in CASES if f"| {c.id} |" not in readme]
     assert not missing, missing
+
+
+def test_the_console_script_ends_like_python_without_its_teardown(tmp_path):
+    """``fcn`` (``flows.cli.entry``) exits with main's code once threads have finished and
+    every exit handler has run, in Python's order (the last registered first), and then
+    skips only the teardown of the loaded modules."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "done.txt"
+    code = f"""
+import atexit, concurrent.futures, threading, time
+import flows.cli as cli
+out = open({str(done)!r}, "a")
+def last():
+    out.write("first registered, last run\\n")
+    out.close()
+atexit.register(last)
+atexit.register(lambda: out.write("handler\\n"))
+def slow():
+    time.sleep(0.5)
+    out.write("thread\\n")
+pool = concurrent.futures.ThreadPoolExecutor(1)
+pool.submit(slow)
+class Teardown:
+    def __del__(self):
+        print("module teardown ran", flush=True)
+keep = Teardown()
+def fake_main():
+    print("main", flush=True)
+    return 3
+cli.main = fake_main
+cli.entry()
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "main\n", r.stdout  # no teardown: the module's objects are not freed
+    assert done.read_text().splitlines() == ["thread", "handler",
+                                             "first registered, last run"]
