@@ -19,7 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from servers import RayHead, RayWorkerNode, pid_alive
+from servers import RayHead, RayWorkerNode, descendant_pids, pid_alive
 
 from pipelines import storage
 
@@ -246,7 +246,8 @@ def test_gcs_driver_trains_on_two_nodes_in_s3_and_survives_losing_one(
         cluster, shards, s3_server, mlflow_server, tmp_path, monkeypatch):
     """`fcn train` as a driver on the cluster (GCS address), data and checkpoints in the
     bucket, its two workers on the two nodes. Then kill the second node's raylet (the pid
-    this test session started) in the middle of the stage: the stage finishes on the
+    this test session started) and every process it started, in the middle of the stage, as
+    a machine going down would: the stage finishes on the
     surviving node from its last checkpoint in the bucket. Runs last: the node stays dead."""
     import signal
     import time
@@ -285,9 +286,14 @@ def test_gcs_driver_trains_on_two_nodes_in_s3_and_survives_losing_one(
         # past it: a worker's "step N" line alone can precede the registration (~2 s poll).
         if killed_at is None and saved >= every and seen >= saved + every // 2:
             if seen < steps:
+                # The node goes down as a machine does: its raylet and every process it
+                # started (the training worker there) at once. A worker outliving its raylet
+                # trained on for seconds, and a fast run could end before Ray saw the node
+                # dead (no restart to check).
                 raylet = node.raylet_pid()
                 assert raylet is not None
-                os.kill(raylet, signal.SIGKILL)
+                for pid in [raylet, *descendant_pids(raylet)]:
+                    os.kill(pid, signal.SIGKILL)
                 killed_at = seen
         assert time.monotonic() < deadline, "".join(lines[-50:])
     assert train.wait(timeout=120) == 0, "".join(lines[-80:])
