@@ -172,8 +172,8 @@ def _start_autoscaling_coordinator() -> None:
     """Create Ray's autoscaling coordinator (a detached actor every Ray Train run and Ray
     Data execution asks for resources) now, in the background, from this driver: without a
     runtime env it takes one of Ray's prestarted worker processes. Created later by Ray
-    Train's controller, it inherits the controller's runtime env and needs a new process,
-    ~1.3 s on the first stage's path on 2 cores."""
+    Train's controller, it inherits the controller's runtime env and needs a new process on
+    the first stage's path: the workers started ~0.8 s later on 2 cores (measured)."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator,
