@@ -176,11 +176,17 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 128x128, 1 timed image per net, 8 images to evaluate")
     ap.add_argument("--keep", default=None, help="work in this folder and keep it")
+    ap.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                    help="evaluate on this Ray cluster (its GCS address; the shards' folder must "
+                         "be on every node) instead of a local Ray on this machine")
     args = ap.parse_args()
     if args.quick:
         args.size, args.iters, args.images, args.small, args.shard_rows = 128, 1, 8, 2, 2
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench_infer_")).resolve()
-    os.environ.pop("RAY_ADDRESS", None)  # a local Ray: this measures one machine
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address
+    else:
+        os.environ.pop("RAY_ADDRESS", None)  # a local Ray: this measures one machine
 
     import ray
 
