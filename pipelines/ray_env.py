@@ -168,6 +168,15 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                              ) from None
 
 
+def set_train_env() -> None:
+    """This process's settings for the Ray Train runs it starts (Ray Train propagates
+    RAY_TRAIN_* variables to its controller and workers; a user's value wins). Set before
+    ``fit()`` and before ``pipelines.prestart`` starts processes for those runtime envs."""
+    # Ray Train's controller polls the workers every 2 s by default: a checkpoint registers,
+    # and a finished run returns, up to that long after the workers are done.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
 def _start_autoscaling_coordinator() -> None:
     """Create Ray's autoscaling coordinator (a detached actor every Ray Train run and Ray
     Data execution asks for resources) now, in the background, from this driver: without a

@@ -194,7 +194,9 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
     """init_ray's own local Ray (one node, nothing drains it) starts no PreemptionWatcher
     actor per worker group: its process cost a stage's start ~1.5-2 s on 2 cores. And it has
     made Ray's autoscaling coordinator before any training (in one of Ray's prestarted
-    processes, not a new one on the first stage's path), and the training uses that one."""
+    processes, not a new one on the first stage's path), and the training uses that one.
+    After ``prestart_train_processes``, every actor of the run (controller, its helpers, the
+    worker) runs in a process that was up before ``fit()``: their runtime envs match."""
     code = textwrap.dedent("""
         import json, os
         from pipelines.ray_env import init_ray
@@ -202,6 +204,14 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
         import ray, ray.train
         coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
         ray.get(coordinator.__ray_ready__.remote(), timeout=60)
+        import time
+        from pipelines.prestart import _local_raylet, prestart_train_processes, starting_processes
+        prestart_train_processes(1).join(timeout=90)
+        raylet = _local_raylet()
+        deadline = time.monotonic() + 60
+        while starting_processes(raylet) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        up = sorted(c.pid for c in raylet.children())
         from ray.train.torch import TorchTrainer
         from ray.util.state import list_actors
         before = {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
@@ -215,8 +225,10 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
                      run_config=ray.train.RunConfig(storage_path=os.environ["STORE"])).fit()
         actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10000)
         after = {a.pid for a in actors if a.class_name == "_AutoscalingCoordinatorActor"}
+        train = {a.class_name: a.pid for a in actors
+                 if a.class_name != "_AutoscalingCoordinatorActor"}
         print(json.dumps([sorted({a.class_name for a in actors}), sorted(before),
-                          sorted(after)]))
+                          sorted(after), train, up]))
         """)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_ADDRESS", "RAY_TRAIN_"))}
@@ -224,7 +236,9 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=240, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
-    classes, before, after = json.loads(r.stdout.strip().splitlines()[-1])
+    classes, before, after, train, up = json.loads(r.stdout.strip().splitlines()[-1])
     assert "TrainController" in classes and "RayTrainWorker" in classes, classes
     assert "PreemptionWatcher" not in classes, classes
     assert len(before) == 1 and after == before, (before, after)  # made once, by init_ray
+    assert {"TrainController", "PlacementGroupCleaner", "RayTrainWorker"} <= set(train), train
+    assert {c: pid for c, pid in train.items() if pid not in up} == {}, (train, up)

@@ -1,6 +1,8 @@
 """Training details held to the reference code (plain torch, no Ray): the loss normalisation
 of Caffe's SoftmaxWithLoss, fixed deconvolutions in every stage, and the sampling order."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -546,3 +548,27 @@ def test_ray_trains_controller_unpickles_our_callback_without_torch():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         pipelines.train.nope  # noqa: B018
+
+
+def test_prestarted_processes_carry_ray_trains_runtime_env_in_both_serializations(monkeypatch):
+    """The controller side's runtime env is serialized as the driver's ``runtime_env`` is; the
+    workers' as Ray's core worker writes a merged one (compact, sorted keys). A user's
+    RAY_TRAIN_* variable is part of both, as Ray Train propagates it."""
+    from pipelines.prestart import runtime_env_infos, train_env_vars
+
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "1")
+    env = train_env_vars()
+    assert env["RAY_TRAIN_V2_ENABLED"] == "1" and env["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] == "0"
+    spaced, compact = runtime_env_infos({"B": "2", "A": "1"})
+    assert json.loads(spaced.serialized_runtime_env) == {"env_vars": {"B": "2", "A": "1"}}
+    assert compact.serialized_runtime_env == '{"env_vars":{"A":"1","B":"2"}}'
+
+
+def test_no_prestart_without_a_local_ray_this_process_started():
+    import ray
+
+    from pipelines.prestart import prestart_train_processes
+
+    if ray.is_initialized():
+        pytest.skip("a Ray is connected in this test process")
+    assert prestart_train_processes(2) is None

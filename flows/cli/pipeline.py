@@ -34,12 +34,14 @@ def prefect_env(project: Path) -> None:
     os.environ.setdefault("FCN_DATA_DIR", str(project.resolve()))
 
 
-def start_services() -> None:
+def start_services(train_workers: int = 0) -> None:
     """Start what the flow's first steps wait for, side by side: Prefect's temporary API
     (without PREFECT_API_URL; ~15 s on 2 cores, a subprocess) in a thread, while this thread
     starts the local Ray (or connects to RAY_ADDRESS's GCS) and opens the MLflow store
     (a fresh SQLite store runs its migrations). The flow then finds them ready. With Ray
-    Jobs (a dashboard address) Ray is left to the jobs."""
+    Jobs (a dashboard address) Ray is left to the jobs. ``train_workers``: the flow trains
+    with that many Ray Train workers; a local Ray starts their processes now
+    (``pipelines.prestart``), so that the first stage does not wait for them."""
     import threading
 
     from pipelines.ray_env import address_kind
@@ -78,6 +80,10 @@ def start_services() -> None:
         from pipelines.ray_env import init_ray
 
         init_ray()
+        if train_workers:
+            from pipelines.prestart import prestart_train_processes
+
+            prestart_train_processes(train_workers)
     store.join()
     if thread is not None:
         thread.join()
@@ -152,7 +158,7 @@ def _check_cluster_locations(args: argparse.Namespace) -> None:
     check_jobs_api(address)  # a dashboard that does not answer fails now, in one line
 
 
-def _preflight(args: argparse.Namespace) -> None:
+def _preflight(args: argparse.Namespace) -> Any:
     """A bad config, a config for another dataset or missing weights fail here, in one line,
     before Prefect starts and the data is ingested."""
     from pipelines import preflight
@@ -161,14 +167,15 @@ def _preflight(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, **_overrides(args))
     preflight.check_dataset_name(cfg, args.dataset)
     preflight.check_start(cfg)
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     prefect_env(Path(args.project_dir))
     quiet_ray_logs(args.verbose)
-    _preflight(args)
+    cfg = _preflight(args)
     _check_cluster_locations(args)
-    start_services()
+    start_services(cfg.workers)
     from flows.pipeline import fcn_pipeline
 
     summary = fcn_pipeline(**_pipeline_params(args))
@@ -223,7 +230,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{home}/\n  ingest (128 images: in this process; Ray Data above 256) -> FCN-32s "
           "-> 16s -> 8s (Ray Train, 2 workers) -> evaluate -> register (MLflow)\n",
           flush=True)
-    start_services()
+    from pipelines.config import load_config
+
+    start_services(load_config(args.config).workers)
     from flows.pipeline import fcn_pipeline
 
     summary = fcn_pipeline(dataset="synthetic", root=str(home / "raw" / "synthetic"),

@@ -4,7 +4,6 @@ nested run per stage)."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 import uuid
@@ -58,7 +57,7 @@ def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: Pi
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.ray_env import init_ray, train_log_level
+    from pipelines.ray_env import init_ray, set_train_env, train_log_level
     from pipelines.shards import open_split
     from pipelines.tracking import tracking_uri
     from pipelines.train.callbacks import CheckpointLog
@@ -82,10 +81,7 @@ def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: Pi
             train_ds, val_ds = open_split(data, cfg.train_split), open_split(data,
                                                                                cfg.val_split)
         datasets = {"train": train_ds.randomize_block_order(), "val": val_ds}
-    # Ray Train's controller polls the workers every 2 s by default: a checkpoint registers,
-    # and a finished run returns, up to that long after the workers are done. Propagated to
-    # the controller from this process's environment; a user's value wins.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    set_train_env()
     run_dir = storage.join(run.storage, run.run_id)
     run_fs, run_fs_path = storage.resolve(run_dir)
     names = [s.name for s in stages]
