@@ -234,3 +234,14 @@ cli.entry()
     assert r.stdout == "main\n", r.stdout  # no teardown: the module's objects are not freed
     assert done.read_text().splitlines() == ["thread", "handler",
                                              "first registered, last run"]
+
+
+def test_a_cached_demo_starts_no_training_processes_ahead(tmp_path):
+    """`fcn demo` starts Ray Train's processes ahead only when it will train: a fresh
+    project, or --force; a second demo finds ingest and stages cached."""
+    from flows.cli.pipeline import demo_trains
+
+    assert demo_trains(tmp_path, force=False)
+    (tmp_path / "shards" / "synthetic").mkdir(parents=True)
+    assert not demo_trains(tmp_path, force=False)
+    assert demo_trains(tmp_path, force=True)
