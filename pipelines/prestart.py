@@ -13,8 +13,9 @@ On 2 cores those processes are most of a first stage's start (measured: ``fit()`
 train function 5.8 -> 4.0 s). ``prestart_train_processes`` asks this node's raylet (its
 ``PrestartWorkers`` call, the one Ray's own prestart uses) for idle processes of exactly those
 runtime envs, one at a time and below the raylet's startup limit (it drops requests above).
-They hold no resources: ingest keeps every CPU. Whatever does not match or does not start costs nothing
-but its process; the raylet reclaims idle ones after ``KEEP_ALIVE_S`` or when the driver ends.
+They hold no resources: ingest keeps every CPU. Whatever does not match or does not start
+costs nothing but its process; the raylet reclaims idle ones after ``KEEP_ALIVE_S`` or when
+the driver ends.
 
 Only a local Ray this process started (``init_ray`` without RAY_ADDRESS): on a cluster the
 workers land on other nodes, whose raylets this driver does not know.
