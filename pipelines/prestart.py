@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 KEEP_ALIVE_S = 600  # a long ingest outlives them: the run then starts its own processes
 GIVE_UP_S = 60.0  # stop asking after this long (the raylet stays busy starting others)
+CONFIRM_S = 1.0  # a requested process not started by then was dropped: ask again
 CONTROLLER_SIDE = 4  # TrainController, PlacementGroupCleaner, SynchronizationActor, DatasetManager
 
 
@@ -100,6 +101,10 @@ def starting_processes(raylet: Any) -> int:
     return n
 
 
+def _children(raylet: Any) -> set[int]:
+    return {c.pid for c in raylet.children()}
+
+
 def prestart_train_processes(workers: int) -> threading.Thread | None:
     """Ask the local raylet, in the background, for the processes of a Ray Train run of
     ``workers`` workers on this node. Returns the thread (done when all were asked for), or
@@ -135,18 +140,24 @@ def _ask(raylet: Any, address: str, job_id: bytes, todo: list[Any]) -> None:
         limit = _startup_limit(raylet)
         deadline = time.monotonic() + GIVE_UP_S
         while todo and time.monotonic() < deadline:
-            before = starting_processes(raylet)
-            if before >= limit:  # the raylet would drop the request
+            if starting_processes(raylet) >= limit:  # the raylet would drop the request
                 time.sleep(0.1)
                 continue
+            children = _children(raylet)
             stub.PrestartWorkers(node_manager_pb2.PrestartWorkersRequest(
-                language=common_pb2.PYTHON, job_id=job_id, runtime_env_info=todo.pop(0),
+                language=common_pb2.PYTHON, job_id=job_id, runtime_env_info=todo[0],
                 keep_alive_duration_secs=KEEP_ALIVE_S, num_workers=1), timeout=5)
-            # The process starts once the runtime env agent answers: count it before the
-            # next request (a worker takes ~0.5 s or more to register and leave the count).
+            # The process starts once the runtime env agent answers. The raylet drops a
+            # request silently when it counts more processes starting than we see (a worker
+            # renames itself before it registers): no new process means ask again.
             sent = time.monotonic()
-            while starting_processes(raylet) <= before and time.monotonic() - sent < 2.0:
+            while time.monotonic() - sent < CONFIRM_S:
+                if _children(raylet) - children:
+                    todo.pop(0)
+                    break
                 time.sleep(0.05)
+            else:
+                time.sleep(0.2)
         channel.close()
     except Exception:
         log.debug("prestarting Ray Train's processes stopped", exc_info=True)
