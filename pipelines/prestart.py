@@ -120,20 +120,26 @@ def prestart_train_processes(workers: int) -> threading.Thread | None:
         address = f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
         job_id = bytes.fromhex(ray.get_runtime_context().get_job_id())
         spaced, compact = runtime_env_infos(train_env_vars())
+        from pipelines.ray_env import warm_dir
+
+        folder = warm_dir()
     except Exception:  # an optimization only: a Ray that differs starts its own processes
         log.debug("not prestarting Ray Train's processes", exc_info=True)
         return None
     todo = [spaced] * CONTROLLER_SIDE + [compact] * workers
-    thread = threading.Thread(target=_ask, args=(raylet, address, job_id, todo),
+    thread = threading.Thread(target=_ask, args=(raylet, address, job_id, todo, compact, folder),
                               name="prestart-train", daemon=True)
     thread.start()
     return thread
 
 
-def _ask(raylet: Any, address: str, job_id: bytes, todo: list[Any]) -> None:
+def _ask(raylet: Any, address: str, job_id: bytes, todo: list[Any], worker_env: Any,
+         warm_dir: str | None) -> None:
     try:
         from ray._private.grpc_utils import init_grpc_channel
         from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+
+        from pipelines.warm import mark
 
         channel = init_grpc_channel(address)
         stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
@@ -152,7 +158,11 @@ def _ask(raylet: Any, address: str, job_id: bytes, todo: list[Any]) -> None:
             # renames itself before it registers): no new process means ask again.
             sent = time.monotonic()
             while time.monotonic() - sent < CONFIRM_S:
-                if _children(raylet) - children:
+                new = _children(raylet) - children
+                if new:
+                    if warm_dir and todo[0] is worker_env:  # a worker's: import ahead
+                        for pid in new:
+                            mark(warm_dir, pid)
                     todo.pop(0)
                     break
                 time.sleep(0.05)

@@ -11,10 +11,14 @@ RAY_ADDRESS forms:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import importlib.metadata
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +27,7 @@ from pipelines.errors import ServiceUnavailable
 
 DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 _DASHBOARD: dict[str, str] = {}  # the dashboard URL ray.init() returned in this process
+_WARM: dict[str, str] = {}  # the folder of pipelines.warm's marks, for this process's Ray
 
 
 class RayUnavailable(ServiceUnavailable, ConnectionError):
@@ -192,6 +197,38 @@ def _start_autoscaling_coordinator() -> None:
     get_or_create_autoscaling_coordinator()  # returns at once; the actor starts meanwhile
 
 
+def warm_dir() -> str | None:
+    """Where ``pipelines.prestart`` marks the processes that import ahead
+    (``pipelines.warm``); None unless this process started the local Ray with the hook."""
+    return _WARM.get("dir")
+
+
+@contextlib.contextmanager
+def _warm_hook() -> Iterator[None]:
+    """Start the local Ray's raylet (it passes its environment to every worker process) with
+    ``pipelines.warm.hook`` as Ray's worker setup hook, where the workers can import it (the
+    project is installed in this interpreter). Only the raylet gets the variables."""
+    from pipelines import warm
+
+    try:
+        importlib.metadata.distribution("fcn-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        yield
+        return
+    if os.environ.get(warm.HOOK_ENV):  # someone else's hook: leave it alone
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="fcn-warm-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ.update({warm.HOOK_ENV: warm.HOOK, warm.DIR_ENV: folder})
+    try:
+        yield
+        _WARM["dir"] = folder
+    finally:
+        os.environ.pop(warm.HOOK_ENV, None)
+        os.environ.pop(warm.DIR_ENV, None)
+
+
 def init_ray(num_cpus: int | None = None) -> str:
     """Connect once per process and say where."""
     import ray
@@ -227,8 +264,9 @@ def init_ray(num_cpus: int | None = None) -> str:
             if not verbose():  # "Token authentication is enabled for this Ray cluster ..."
                 logging.getLogger("ray._private.authentication.authentication_token_setup"
                                   ).setLevel(logging.ERROR)
-            ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, logging_level=level,
-                           dashboard_host="127.0.0.1", log_to_driver=True)
+            with _warm_hook():
+                ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, logging_level=level,
+                               dashboard_host="127.0.0.1", log_to_driver=True)
             _start_autoscaling_coordinator()
         if ctx.dashboard_url:
             _DASHBOARD["url"] = ctx.dashboard_url

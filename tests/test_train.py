@@ -196,7 +196,8 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
     made Ray's autoscaling coordinator before any training (in one of Ray's prestarted
     processes, not a new one on the first stage's path), and the training uses that one.
     After ``prestart_train_processes``, every actor of the run (controller, its helpers, the
-    worker) runs in a process that was up before ``fit()``: their runtime envs match."""
+    worker) runs in a process that was up before ``fit()``: their runtime envs match; and the
+    worker's process, only it, imported torch while it waited (``pipelines.warm``)."""
     code = textwrap.dedent("""
         import json, os
         from pipelines.ray_env import init_ray
@@ -212,6 +213,20 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
         while starting_processes(raylet) and time.monotonic() < deadline:
             time.sleep(0.2)
         up = sorted(c.pid for c in raylet.children())
+        from pipelines.ray_env import warm_dir
+        marked = sorted(int(p) for p in os.listdir(warm_dir()))
+
+        def has_torch(pid):
+            try:
+                with open(f"/proc/{pid}/maps") as f:
+                    return "libtorch_cpu" in f.read()
+            except OSError:
+                return False
+
+        while not all(map(has_torch, marked)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # an unmarked process that (wrongly) imported ahead would be seen
+        torch_before = [pid for pid in up if has_torch(pid)]
         from ray.train.torch import TorchTrainer
         from ray.util.state import list_actors
         before = {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
@@ -228,7 +243,8 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
         train = {a.class_name: a.pid for a in actors
                  if a.class_name != "_AutoscalingCoordinatorActor"}
         print(json.dumps([sorted({a.class_name for a in actors}), sorted(before),
-                          sorted(after), train, up]))
+                          sorted(after), train, up, marked, torch_before,
+                          os.environ.get("__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR")]))
         """)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_ADDRESS", "RAY_TRAIN_"))}
@@ -236,9 +252,14 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=240, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
-    classes, before, after, train, up = json.loads(r.stdout.strip().splitlines()[-1])
+    classes, before, after, train, up, marked, torch_before, hook_env = json.loads(
+        r.stdout.strip().splitlines()[-1])
     assert "TrainController" in classes and "RayTrainWorker" in classes, classes
     assert "PreemptionWatcher" not in classes, classes
     assert len(before) == 1 and after == before, (before, after)  # made once, by init_ray
     assert {"TrainController", "PlacementGroupCleaner", "RayTrainWorker"} <= set(train), train
     assert {c: pid for c, pid in train.items() if pid not in up} == {}, (train, up)
+    # pipelines.warm: the worker's process, and only it, imported torch before fit()
+    assert marked == [train["RayTrainWorker"]], (marked, train)
+    assert torch_before == marked, (torch_before, marked, train)
+    assert hook_env is None  # the hook variable went to the raylet only, not this process

@@ -575,3 +575,32 @@ def test_no_prestart_without_a_local_ray_this_process_started():
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "None"
+
+
+def test_the_warm_hook_imports_ahead_only_in_a_marked_process(tmp_path):
+    """``pipelines.warm.hook`` runs in every worker process of a local Ray fcn started: an
+    unmarked one (Ray Data tasks, evaluation actors, Ray Train's controller side) imports
+    nothing; one that ``pipelines.prestart`` marked for a Ray Train worker imports torch,
+    Ray Train and our training code; a broken import never raises (Ray would end the
+    worker)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nfrom pipelines import warm\n"
+            "if sys.argv[1] == 'mark': warm.mark(os.environ['FCN_WARM_DIR'], os.getpid())\n"
+            "if sys.argv[1] == 'broken': warm.MODULES = ('no_such_module_fcn',) + warm.MODULES\n"
+            "warm.hook()\n"
+            "print(sorted(m for m in ('torch', 'torch._dynamo', 'ray.train.torch', "
+            "'pipelines.train.worker') if m in sys.modules))")
+    env = {**os.environ, "FCN_WARM_DIR": str(tmp_path)}
+    out = {}
+    for case in ("plain", "mark", "broken"):
+        r = subprocess.run([sys.executable, "-c", code, case], capture_output=True, text=True,
+                           timeout=120, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[case] = r.stdout.strip()
+    assert out["plain"] == "[]"
+    assert out["mark"] == ("['pipelines.train.worker', 'ray.train.torch', 'torch', "
+                           "'torch._dynamo']")
+    assert out["broken"] == "[]"  # the first failure stops it, quietly
