@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 KEEP_ALIVE_S = 600  # a long ingest outlives them: the run then starts its own processes
 GIVE_UP_S = 60.0  # stop asking after this long (the raylet stays busy starting others)
 CONFIRM_S = 1.0  # a requested process not started by then was dropped: ask again
+UP_S = 10.0  # the most to wait for the controller's process to connect before the next
 CONTROLLER_SIDE = 4  # TrainController, PlacementGroupCleaner, SynchronizationActor, DatasetManager
 
 
@@ -133,6 +134,13 @@ def prestart_train_processes(workers: int) -> threading.Thread | None:
     return thread
 
 
+def _wait_up(warm_dir: str, pids: set[int], until: float) -> None:
+    from pipelines.warm import up
+
+    while not all(up(warm_dir, pid) for pid in pids) and time.monotonic() < until:
+        time.sleep(0.05)
+
+
 def _ask(raylet: Any, address: str, job_id: bytes, todo: list[Any], worker_env: Any,
          warm_dir: str | None) -> None:
     try:
@@ -145,6 +153,7 @@ def _ask(raylet: Any, address: str, job_id: bytes, todo: list[Any], worker_env: 
         stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
         limit = _startup_limit(raylet)
         deadline = time.monotonic() + GIVE_UP_S
+        controller_marked = False
         while todo and time.monotonic() < deadline:
             if starting_processes(raylet) >= limit:  # the raylet would drop the request
                 time.sleep(0.1)
@@ -160,10 +169,20 @@ def _ask(raylet: Any, address: str, job_id: bytes, todo: list[Any], worker_env: 
             while time.monotonic() - sent < CONFIRM_S:
                 new = _children(raylet) - children
                 if new:
-                    if warm_dir and todo[0] is worker_env:  # a worker's: import ahead
+                    # Import ahead what its actor will need: every worker's, and the first
+                    # controller-side process's (Ray's pool hands the first idle one to
+                    # the TrainController; its three helpers import little).
+                    kind = ("worker" if todo[0] is worker_env
+                            else "controller" if not controller_marked else None)
+                    if warm_dir and kind:
                         for pid in new:
-                            mark(warm_dir, pid)
+                            mark(warm_dir, pid, kind)
                     todo.pop(0)
+                    if warm_dir and kind == "controller":
+                        # The pool hands out idle processes in the order they connected:
+                        # the next one is asked for once this one has.
+                        controller_marked = True
+                        _wait_up(warm_dir, new, min(deadline, time.monotonic() + UP_S))
                     break
                 time.sleep(0.05)
             else:

@@ -197,7 +197,8 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
     processes, not a new one on the first stage's path), and the training uses that one.
     After ``prestart_train_processes``, every actor of the run (controller, its helpers, the
     worker) runs in a process that was up before ``fit()``: their runtime envs match; and the
-    worker's process, only it, imported torch while it waited (``pipelines.warm``)."""
+    worker's and the controller's processes, only they, imported torch while they waited
+    (``pipelines.warm``)."""
     code = textwrap.dedent("""
         import json, os
         from pipelines.ray_env import init_ray
@@ -214,7 +215,12 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
             time.sleep(0.2)
         up = sorted(c.pid for c in raylet.children())
         from pipelines.ray_env import warm_dir
-        marked = sorted(int(p) for p in os.listdir(warm_dir()))
+        marked = {}
+        for name in os.listdir(warm_dir()):
+            if name.isdigit():
+                with open(os.path.join(warm_dir(), name)) as f:
+                    marked[int(name)] = f.read()
+        connected = sorted(int(p[:-3]) for p in os.listdir(warm_dir()) if p.endswith(".up"))
 
         def has_torch(pid):
             try:
@@ -243,7 +249,7 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
         train = {a.class_name: a.pid for a in actors
                  if a.class_name != "_AutoscalingCoordinatorActor"}
         print(json.dumps([sorted({a.class_name for a in actors}), sorted(before),
-                          sorted(after), train, up, marked, torch_before,
+                          sorted(after), train, up, marked, connected, torch_before,
                           os.environ.get("__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR")]))
         """)
     env = {k: v for k, v in os.environ.items()
@@ -252,14 +258,17 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=240, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
-    classes, before, after, train, up, marked, torch_before, hook_env = json.loads(
+    classes, before, after, train, up, marked, connected, torch_before, hook_env = json.loads(
         r.stdout.strip().splitlines()[-1])
     assert "TrainController" in classes and "RayTrainWorker" in classes, classes
     assert "PreemptionWatcher" not in classes, classes
     assert len(before) == 1 and after == before, (before, after)  # made once, by init_ray
     assert {"TrainController", "PlacementGroupCleaner", "RayTrainWorker"} <= set(train), train
     assert {c: pid for c, pid in train.items() if pid not in up} == {}, (train, up)
-    # pipelines.warm: the worker's process, and only it, imported torch before fit()
-    assert marked == [train["RayTrainWorker"]], (marked, train)
-    assert torch_before == marked, (torch_before, marked, train)
+    # pipelines.warm: the worker's process and the controller's, and only they, imported
+    # torch before fit(); the process marked for the controller is the one it took
+    marked = {int(pid): kind for pid, kind in marked.items()}
+    assert marked == {train["RayTrainWorker"]: "worker", train["TrainController"]: "controller"}, (
+        marked, train)
+    assert torch_before == sorted(marked) == connected, (torch_before, marked, connected, train)
     assert hook_env is None  # the hook variable went to the raylet only, not this process

@@ -581,26 +581,40 @@ def test_the_warm_hook_imports_ahead_only_in_a_marked_process(tmp_path):
     """``pipelines.warm.hook`` runs in every worker process of a local Ray fcn started: an
     unmarked one (Ray Data tasks, evaluation actors, Ray Train's controller side) imports
     nothing; one that ``pipelines.prestart`` marked for a Ray Train worker imports torch,
-    Ray Train and our training code; a broken import never raises (Ray would end the
-    worker)."""
+    Ray Train and our training code, one marked for the controller Ray Train's controller and
+    torch only; a marked process says it has connected (``.up``), which prestart waits for;
+    a broken import never raises (Ray would end the worker)."""
     import os
     import subprocess
     import sys
 
     code = ("import os, sys\nfrom pipelines import warm\n"
-            "if sys.argv[1] == 'mark': warm.mark(os.environ['FCN_WARM_DIR'], os.getpid())\n"
-            "if sys.argv[1] == 'broken': warm.MODULES = ('no_such_module_fcn',) + warm.MODULES\n"
+            "d = os.environ['FCN_WARM_DIR']\n"
+            "if sys.argv[1] in ('worker', 'controller'): warm.mark(d, os.getpid(), sys.argv[1])\n"
+            "if sys.argv[1] == 'broken':\n"
+            "    warm.mark(d, os.getpid())\n"
+            "    warm.MODULES = {'worker': ('no_such_module_fcn',) + warm.MODULES['worker']}\n"
             "warm.hook()\n"
             "print(sorted(m for m in ('torch', 'torch._dynamo', 'ray.train.torch', "
-            "'pipelines.train.worker') if m in sys.modules))")
+            "'ray.train.v2._internal.execution.controller.controller', "
+            "'pipelines.train.worker') if m in sys.modules), warm.up(d, os.getpid()))")
     env = {**os.environ, "FCN_WARM_DIR": str(tmp_path)}
     out = {}
-    for case in ("plain", "mark", "broken"):
+    for case in ("plain", "worker", "controller", "broken"):
         r = subprocess.run([sys.executable, "-c", code, case], capture_output=True, text=True,
                            timeout=120, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         out[case] = r.stdout.strip()
-    assert out["plain"] == "[]"
-    assert out["mark"] == ("['pipelines.train.worker', 'ray.train.torch', 'torch', "
-                           "'torch._dynamo']")
-    assert out["broken"] == "[]"  # the first failure stops it, quietly
+    assert out["plain"] == "[] False"
+    assert out["worker"] == ("['pipelines.train.worker', 'ray.train.torch', "
+                             "'ray.train.v2._internal.execution.controller.controller', 'torch', "
+                             "'torch._dynamo'] True")
+    assert out["controller"].startswith("['ray.train.torch', "
+                                        "'ray.train.v2._internal.execution.controller.controller'"
+                                        ), out["controller"]
+    assert "pipelines.train.worker" not in out["controller"]
+    assert out["broken"] == "[] True"  # the first failure stops it, quietly
+    from pipelines import warm
+
+    with pytest.raises(ValueError, match="unknown kind"):
+        warm.mark(str(tmp_path), 1, "driver")
