@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 
 DIR_ENV = "FCN_WARM_DIR"
 # ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR (Ray 2.60), read by Ray's
 # default_worker.py at start
 HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 HOOK = "pipelines.warm.hook"
+WAIT_S = 60.0  # the most the controller's process waits for the workers' imports
+FIT = "fit"  # the file the driver writes when it calls fit()
+WORKERS = "workers"  # how many worker processes the prestart marks
 # What each kind of process imports between taking its actor and the first step: a Ray
 # Train worker of ours, and Ray Train's controller (its helper actors' classes come with its
 # module; it unpickles the run's TorchConfig, which imports torch).
@@ -64,14 +68,75 @@ def up(folder: str, pid: int) -> bool:
     return os.path.exists(os.path.join(folder, f"{pid}.up"))
 
 
+def _touch(folder: str, name: str) -> None:
+    with open(os.path.join(folder, name), "w"):
+        pass
+
+
+def expect_workers(folder: str, n: int) -> None:
+    """Say how many processes the prestart will mark ``worker`` (before it asks for any)."""
+    with open(os.path.join(folder, WORKERS), "w") as f:
+        f.write(str(n))
+
+
+def _workers_done(folder: str) -> bool:
+    """Whether the processes marked ``worker`` (as many as ``expect_workers`` said) have
+    all imported (or are gone)."""
+    try:
+        with open(os.path.join(folder, WORKERS)) as f:
+            expected = int(f.read())
+    except (OSError, ValueError):
+        expected = 0
+    workers = [name for name in os.listdir(folder)
+               if name.isdigit() and marked(int(name)) == "worker"]
+    return len(workers) >= expected and all(
+        os.path.exists(os.path.join(folder, f"{name}.done")) or not os.path.exists(
+            f"/proc/{name}") for name in workers)
+
+
+def _import(names: tuple[str, ...]) -> None:
+    for name in names:
+        importlib.import_module(name)
+
+
+def fit_started(folder: str | None) -> None:
+    """Tell the controller's process that ``fit()`` is called (the driver, just before): if
+    it is still waiting, it takes its actor now and imports on its own."""
+    if folder:
+        try:
+            _touch(folder, FIT)
+        except OSError:  # an optimization only
+            pass
+
+
+def _controller_should_import(folder: str) -> bool:
+    """Wait, in the controller's process, until the workers' processes have imported (then
+    True) or ``fit()`` has been called (then False), at most ``WAIT_S``. Where ingest leaves
+    idle CPU (a real dataset's takes minutes) the controller then imports ahead too; where it
+    leaves none (the demo's takes 1 s), its imports would slow the workers', which are on
+    the first stage's path sooner, and once ``fit()`` is called the actor must not wait."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if os.path.exists(os.path.join(folder, FIT)):
+            return False
+        if _workers_done(folder):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def hook() -> None:
     """Ray's worker setup hook. Never raises: Ray ends a worker whose hook fails."""
     try:
         kind = marked()
-        if kind:
-            with open(os.path.join(os.environ[DIR_ENV], f"{os.getpid()}.up"), "w"):
-                pass
-        for name in MODULES.get(kind or "", ()):
-            importlib.import_module(name)
+        if not kind:
+            return
+        folder = os.environ[DIR_ENV]
+        pid = os.getpid()
+        _touch(folder, f"{pid}.up")
+        if kind == "controller" and not _controller_should_import(folder):
+            return
+        _import(MODULES[kind])
+        _touch(folder, f"{pid}.done")
     except Exception:  # an optimization only: the actor imports what it needs itself
         pass

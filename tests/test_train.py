@@ -267,8 +267,12 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
     assert {c: pid for c, pid in train.items() if pid not in up} == {}, (train, up)
     # pipelines.warm: the worker's process and the controller's, and only they, imported
     # torch before fit(); the process marked for the controller is the one it took
+    # (the first controller-side processes asked for, as many as the raylet starts at once,
+    # are marked: the controller takes the first of them to connect)
     marked = {int(pid): kind for pid, kind in marked.items()}
-    assert marked == {train["RayTrainWorker"]: "worker", train["TrainController"]: "controller"}, (
-        marked, train)
+    assert marked.get(train["RayTrainWorker"]) == "worker", (marked, train)
+    assert marked.get(train["TrainController"]) == "controller", (marked, train)
+    assert sorted(marked.values()).count("worker") == 1, marked
+    assert 1 <= sorted(marked.values()).count("controller") <= 2, marked  # 2 CPUs: limit 2
     assert torch_before == sorted(marked) == connected, (torch_before, marked, connected, train)
     assert hook_env is None  # the hook variable went to the raylet only, not this process

@@ -582,15 +582,21 @@ def test_the_warm_hook_imports_ahead_only_in_a_marked_process(tmp_path):
     unmarked one (Ray Data tasks, evaluation actors, Ray Train's controller side) imports
     nothing; one that ``pipelines.prestart`` marked for a Ray Train worker imports torch,
     Ray Train and our training code, one marked for the controller Ray Train's controller and
-    torch only; a marked process says it has connected (``.up``), which prestart waits for;
-    a broken import never raises (Ray would end the worker)."""
+    torch only (once no worker's process is still importing), or nothing once ``fit()`` is
+    called; a marked process says it has connected (``.up``), which prestart waits for; a
+    broken import never raises (Ray would end the worker)."""
     import os
     import subprocess
     import sys
 
     code = ("import os, sys\nfrom pipelines import warm\n"
             "d = os.environ['FCN_WARM_DIR']\n"
-            "if sys.argv[1] in ('worker', 'controller'): warm.mark(d, os.getpid(), sys.argv[1])\n"
+            "if sys.argv[1] == 'late': warm.fit_started(d)\n"
+            "if sys.argv[1] == 'waiting':\n"  # a live worker's process still importing
+            "    warm.mark(d, os.getppid()); warm.WAIT_S = 0.5\n"
+            "    warm.mark(d, os.getpid(), 'controller')\n"
+            "if sys.argv[1] in ('worker', 'controller', 'late'):\n"
+            "    warm.mark(d, os.getpid(), sys.argv[1].replace('late', 'controller'))\n"
             "if sys.argv[1] == 'broken':\n"
             "    warm.mark(d, os.getpid())\n"
             "    warm.MODULES = {'worker': ('no_such_module_fcn',) + warm.MODULES['worker']}\n"
@@ -600,7 +606,7 @@ def test_the_warm_hook_imports_ahead_only_in_a_marked_process(tmp_path):
             "'pipelines.train.worker') if m in sys.modules), warm.up(d, os.getpid()))")
     env = {**os.environ, "FCN_WARM_DIR": str(tmp_path)}
     out = {}
-    for case in ("plain", "worker", "controller", "broken"):
+    for case in ("plain", "worker", "controller", "broken", "waiting", "late"):
         r = subprocess.run([sys.executable, "-c", code, case], capture_output=True, text=True,
                            timeout=120, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -614,6 +620,9 @@ def test_the_warm_hook_imports_ahead_only_in_a_marked_process(tmp_path):
                                         ), out["controller"]
     assert "pipelines.train.worker" not in out["controller"]
     assert out["broken"] == "[] True"  # the first failure stops it, quietly
+    # fit() was called before the controller's process was ready: it takes its actor at once
+    assert out["late"] == "[] True"
+    assert out["waiting"] == "[] True"  # gave up waiting for the worker: imports nothing
     from pipelines import warm
 
     with pytest.raises(ValueError, match="unknown kind"):

@@ -113,6 +113,10 @@ def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: Pi
     log(f"stage{'s' if len(stages) > 1 else ''} {', '.join(names)}: {steps} steps on "
         f"{cfg.workers} worker(s) ({'GPU, nccl' if cfg.use_gpu else 'CPU, gloo'}), from "
         f"{init_checkpoint or (cfg.backbone_weights or 'random init')}")
+    from pipelines.ray_env import warm_dir
+    from pipelines.warm import fit_started
+
+    fit_started(warm_dir())  # a process started ahead for the controller stops waiting
     try:
         result = trainer.fit()
     except Exception as e:  # Ray raises its own error types for failed worker groups
