@@ -52,6 +52,48 @@ def depth_to_tensor(depth_mm: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(d[None])
 
 
+#: What a net reads, by the training config's ``input``: the channels of the stacked
+#: (N, H, W, C) array it is served from, in order, and that array's dtype (RGB-D's fourth
+#: channel is depth in millimetres, as NYUD's 16-bit PNGs hold it).
+INPUTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "rgb": (("R", "G", "B"), "uint8"),
+    "hha": (("H1", "H2", "A"), "uint8"),  # the HHA PNG's three channels, in file order
+    "rgbd": (("R", "G", "B", "depth_mm"), "uint16"),
+    "rgb-hha": (("R", "G", "B", "H1", "H2", "A"), "uint8"),
+}
+
+
+def net_input(rgb: torch.Tensor | None, input: str, mean_bgr: Sequence[float],
+              hha: torch.Tensor | None = None, depth: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """(N, H, W, 3) RGB, (N, H, W, 3) HHA and (N, H, W) depth in mm (any numeric dtype, on
+    one device) -> the float32 (N, C, H, W) the net of ``input`` reads, in the reference's
+    conventions: rgb = BGR minus mean (3), hha = HHA minus mean (3), rgbd = BGR + log depth
+    minus its mean (4), rgb-hha = BGR then HHA (6, late fusion). Training, evaluation and the
+    served model all build it here."""
+    if input not in INPUTS:
+        raise ValueError(f"input must be one of {sorted(INPUTS)}, got input={input!r}")
+
+    def minus(x: torch.Tensor, mean: Sequence[float]) -> torch.Tensor:
+        m = torch.tensor(list(mean), dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        return x.float() - m
+
+    parts: list[torch.Tensor] = []
+    if input in ("rgb", "rgbd", "rgb-hha"):
+        if rgb is None:
+            raise ValueError(f"input={input!r} needs RGB images")
+        parts.append(minus(rgb.permute(0, 3, 1, 2).flip(1), mean_bgr))  # RGB -> BGR
+    if input in ("hha", "rgb-hha"):
+        if hha is None:
+            raise ValueError(f"input={input!r} needs HHA images; these rows have none")
+        parts.append(minus(hha.permute(0, 3, 1, 2), MEAN_HHA))
+    if input == "rgbd":
+        if depth is None:
+            raise ValueError("input='rgbd' needs depth; these rows have none")
+        parts.append(torch.log(depth.float().clamp_min(1.0))[:, None] - MEAN_LOG_DEPTH)
+    return torch.cat(parts, dim=1)
+
+
 def label_to_tensor(label: np.ndarray) -> torch.Tensor:
     """uint8 class ids (H, W), 255 = ignore -> int64 (H, W)."""
     if label.ndim != 2:

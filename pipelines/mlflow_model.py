@@ -7,7 +7,9 @@ net from the checkpoint's JSON ``arch`` and reads its weights with
 ``torch.load(weights_only=True)``: nothing is unpickled. So this file imports only what a
 model's user has: mlflow, numpy, torch and the shipped ``fcn_core``, never ``pipelines``.
 
-uint8 RGB (N, H, W, 3), any H and W, in; int64 class ids (N, H, W) out (the first head of a
+The images the net was trained on, stacked (N, H, W, C), any H and W, in (uint8 RGB; for
+NYUD's nets uint8 HHA, uint16 RGB + depth in mm, or uint8 RGB + HHA: the version's ``input``
+tag and its signature say which); int64 class ids (N, H, W) out (the first head of a
 multi-head net).
 """
 
@@ -29,7 +31,7 @@ class FCNSegmenter(PythonModel):
             state = load_checkpoint(f)
         self.model = serving_model(state)
 
-    # np.ndarray: a type hint MLflow infers no schema from (the logged signature, uint8
+    # np.ndarray: a type hint MLflow infers no schema from (the logged signature, e.g. uint8
     # (-1, -1, -1, 3) -> int64 (-1, -1, -1), is the schema) and does not warn about.
     def predict(self, context: Any, model_input: np.ndarray, params: Any = None
                 ) -> np.ndarray:

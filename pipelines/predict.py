@@ -155,12 +155,17 @@ def write_voc_tarball(out_dir: str, written: list[str]) -> str:
 
 def check_rgb_model(loaded: Any, model_uri: str) -> None:
     """``fcn predict`` reads RGB image files: a net that reads HHA, RGB-D or RGB + HHA (late
-    fusion) would be fed the wrong channels and give a silent wrong answer. Refuse it."""
+    fusion) would be fed the wrong channels and give a silent wrong answer. Refuse it, and
+    say how to serve it."""
     if loaded.input != "rgb":
+        from fcn_core.serving import describe
+        from fcn_core.transforms import INPUTS
+
         raise UsageError(
-            f"model {model_uri} reads input={loaded.input!r} (HHA, RGB-D or late fusion need "
-            "depth-derived inputs that fcn predict does not make from image files): predict "
-            "with a model trained on input: rgb, or score this one with fcn evaluate on an "
+            f"model {model_uri} reads input={loaded.input!r}, which fcn predict does not make "
+            f"from image files: register it and call its pyfunc with (N, H, W, "
+            f"{len(INPUTS[loaded.input][0])}) {describe(loaded.input)} arrays "
+            "(mlflow.pyfunc.load_model(URI).predict), or score it with fcn evaluate on an "
             "ingested NYUD dataset")
 
 

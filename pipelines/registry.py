@@ -38,6 +38,7 @@ from torch import nn
 
 import fcn_core
 from fcn_core.serving import checkpoint_input, checkpoint_mean_bgr, net_from_checkpoint
+from fcn_core.transforms import INPUTS
 from pipelines import storage
 from pipelines.errors import ServiceUnavailable, UsageError, UserError
 from pipelines.train.checkpoint import CheckpointError, open_checkpoint, read_checkpoint
@@ -55,10 +56,6 @@ Log = Callable[[str], None]
 
 class ModelLookupError(UserError, ValueError):
     """A model URI or registered name that does not resolve; the message says why."""
-
-
-class NotServable(UserError, ValueError):
-    """A checkpoint that cannot be registered for serving (it does not read RGB images)."""
 
 
 @dataclass(frozen=True)
@@ -148,12 +145,21 @@ def _resolve_logged_model(uri: str, tracking_uri: str) -> LoadedModel:
 
 # ------------------------------------------------------------------------ registration
 
-def _signature() -> Any:
+def _signature(input: str = "rgb") -> Any:
+    """(N, H, W, C) images of the net's ``input`` (``fcn_core.transforms.INPUTS``) ->
+    int64 class ids (N, H, W)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1))]))
+    names, dtype = INPUTS[input]
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(dtype), (-1, -1, -1, len(names)))]),
+        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1))]))
+
+
+def _input_example(input: str) -> np.ndarray:
+    names, dtype = INPUTS[input]
+    return np.zeros((1, 32, 32, len(names)), np.dtype(dtype))
 
 
 def pip_requirements(variant: str = "") -> list[str]:
@@ -305,8 +311,9 @@ def _log_model(uri: str, run_id: str, state: dict[str, Any],
         ckpt = write_serving_checkpoint(state, mean, d)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(MODEL_FILE), artifacts={"checkpoint": ckpt},
-            code_paths=[str(Path(fcn_core.__file__).parent)], signature=_signature(),
-            input_example=np.zeros((1, 32, 32, 3), np.uint8),
+            code_paths=[str(Path(fcn_core.__file__).parent)],
+            signature=_signature(checkpoint_input(state)),
+            input_example=_input_example(checkpoint_input(state)),
             pip_requirements=pip_requirements(str(state["arch"].get("variant", ""))), tags=key)
         model_cache.store(str(info.model_id), ckpt)  # predicting from it needs no download
     return str(info.model_id)
@@ -349,10 +356,6 @@ def register(checkpoint: str, *, name: str, metrics: dict[str, float], split: st
                          f"got the MLflow URI {checkpoint}")
     _quoted(name, "model name")
     ck = open_checkpoint(checkpoint)
-    if checkpoint_input(ck.state) != "rgb":
-        raise NotServable(f"only RGB models are registered for serving, "
-                          f"{storage.redact(ck.location)} takes "
-                          f"input={checkpoint_input(ck.state)!r}")
     uri = tracking_uri()
     with _fluent_tracking(uri):  # log_model and create_model_version read MLflow's global
         client = MlflowClient(uri)
@@ -373,6 +376,7 @@ def register(checkpoint: str, *, name: str, metrics: dict[str, float], split: st
         tags = _lineage_tags(ck.state["arch"], manifest, metrics, split, config_digest,
                              storage.redact(storage.as_location(checkpoint)), run_id,
                              flow_run or flow_run_id() or NO_RUN)
+        tags["input"] = checkpoint_input(ck.state)  # what its pyfunc takes (INPUTS)
         for k, v in tags.items():  # only what is missing or different (a retry)
             if mv.tags.get(k) != v:
                 client.set_model_version_tag(name, version, k, v)

@@ -317,31 +317,20 @@ def model_input(batch: dict[str, Any], mean_bgr: tuple[float, float, float],
     rgb-hha = BGR then HHA (6, late fusion). labels: {"label": int64 (N, H, W), ...}."""
     import torch
 
-    from fcn_core.transforms import MEAN_HHA, MEAN_LOG_DEPTH
+    from fcn_core.transforms import INPUTS, net_input
 
+    if input not in INPUTS:
+        raise UsageError(f"input must be one of rgb, hha, rgbd, rgb-hha, got input={input!r}")
     img = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
     pad = torch.as_tensor(batch["pad"]).to(device, non_blocking=True)[:, None]
-
-    def minus(x: torch.Tensor, mean: tuple[float, ...]) -> torch.Tensor:
-        m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        return x.float() - m
-
-    bgr = minus(img[..., :3].permute(0, 3, 1, 2).flip(1), mean_bgr)  # RGB -> BGR
-    parts: list[torch.Tensor] = []
-    if input in ("rgb", "rgbd", "rgb-hha"):
-        parts.append(bgr)
-    if input in ("hha", "rgb-hha"):
-        if img.shape[-1] < 6:
-            raise UsageError(f"input={input!r} needs HHA images; these rows have none")
-        parts.append(minus(img[..., 3:6].permute(0, 3, 1, 2), MEAN_HHA))
-    if input == "rgbd":
-        if "depth" not in batch:
-            raise UsageError("input='rgbd' needs depth; these rows have none")
-        d = torch.as_tensor(batch["depth"]).to(device, non_blocking=True).float()
-        parts.append(torch.log(d.clamp_min(1.0))[:, None] - MEAN_LOG_DEPTH)
-    if not parts:
-        raise UsageError(f"input must be one of rgb, hha, rgbd, rgb-hha, got input={input!r}")
-    x = torch.cat(parts, dim=1).masked_fill(pad, 0.0)
+    if input in ("hha", "rgb-hha") and img.shape[-1] < 6:
+        raise UsageError(f"input={input!r} needs HHA images; these rows have none")
+    if input == "rgbd" and "depth" not in batch:
+        raise UsageError("input='rgbd' needs depth; these rows have none")
+    depth = (torch.as_tensor(batch["depth"]).to(device, non_blocking=True)
+             if input == "rgbd" else None)
+    x = net_input(img[..., :3], input, mean_bgr, hha=img[..., 3:6] if input in (
+        "hha", "rgb-hha") else None, depth=depth).masked_fill(pad, 0.0)
     labels = {k: torch.as_tensor(batch[k]).to(device, non_blocking=True).long()
               for k in ("label", "label_geo") if k in batch}
     return x.contiguous(), labels

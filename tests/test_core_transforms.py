@@ -83,3 +83,37 @@ def test_nyud_class_names_match_the_real_class_mapping_file(realdata):
     p = realdata / "nyud" / "nyuv2-python-toolkit_meta" / "classMapping40.mat"
     names = [str(n[0]) for n in scipy.io.loadmat(str(p))["className"][0]]
     assert [n.replace("_", " ") for n in names] == list(NYUD_CLASSES)
+
+
+def test_net_input_follows_the_reference_conventions_for_each_input():
+    """What training, evaluation and the served model feed the net, against numpy by hand:
+    BGR minus the mean, HHA minus its mean in file order (no flip), log depth in mm (holes as
+    1 mm) minus its mean, and colour then HHA for late fusion."""
+    from fcn_core.transforms import MEAN_HHA, MEAN_LOG_DEPTH, net_input
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    hha = rng.integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    depth = rng.integers(0, 9000, (2, 5, 7)).astype(np.uint16)
+    depth[0, 0, 0] = 0
+    mean = (104.0, 116.7, 122.7)
+    bgr = rgb[..., ::-1].astype(np.float32) - np.float32(mean)
+    want_hha = hha.astype(np.float32) - np.float32(MEAN_HHA)
+    want_d = np.log(np.maximum(depth.astype(np.float32), 1.0)) - np.float32(MEAN_LOG_DEPTH)
+    t = torch.from_numpy
+    nchw = lambda a: a.transpose(0, 3, 1, 2)  # noqa: E731
+    cases = {
+        "rgb": (net_input(t(rgb), "rgb", mean), nchw(bgr)),
+        "hha": (net_input(None, "hha", mean, hha=t(hha)), nchw(want_hha)),
+        "rgbd": (net_input(t(rgb), "rgbd", mean, depth=t(depth.astype(np.int32))),
+                 np.concatenate([nchw(bgr), want_d[:, None]], axis=1)),
+        "rgb-hha": (net_input(t(rgb), "rgb-hha", mean, hha=t(hha)),
+                    np.concatenate([nchw(bgr), nchw(want_hha)], axis=1)),
+    }
+    for name, (got, want) in cases.items():
+        assert got.dtype == torch.float32 and tuple(got.shape) == want.shape, name
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-5, err_msg=name)
+    with pytest.raises(ValueError, match="needs HHA"):
+        net_input(t(rgb), "rgb-hha", mean)
+    with pytest.raises(ValueError, match="input must be one of"):
+        net_input(t(rgb), "bgr", mean)

@@ -118,6 +118,76 @@ def test_metadata_that_json_cannot_hold_is_refused_when_written(tmp_path):
     assert not (tmp_path / CHECKPOINT_FILE).exists()
 
 
+def tiny_nyud_net(input: str, seed: int) -> torch.nn.Module:
+    """An untrained width-1/16 FCN-8s for one of NYUD's inputs (two of them, late fusion,
+    for rgb-hha), random score layers."""
+    from fcn_core.fcn import LateFusion
+
+    if input == "rgb-hha":
+        return LateFusion(tiny_net(seed), tiny_net(seed + 1))
+    torch.manual_seed(seed)
+    model = fcn8s(width=1 / 16, in_channels=4 if input == "rgbd" else 3)
+    for name, m in model.named_modules():
+        if name.split(".")[-1].startswith("score_"):
+            torch.nn.init.normal_(m.weight, std=1.0)
+    return model
+
+
+def nyud_batch(input: str, seed: int = 0, shape: tuple[int, int] = (45, 61)
+               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(the stacked array a served model of ``input`` takes, the same images as a
+    ``training_batch`` for ``model_input``)."""
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (2, *shape, 3), dtype=np.uint8)
+    hha = rng.integers(0, 256, (2, *shape, 3), dtype=np.uint8)
+    depth = rng.integers(0, 9000, (2, *shape), dtype=np.uint16)
+    depth[0, :5] = 0  # holes read as 1 mm, in both
+    pad = np.zeros((2, *shape), bool)
+    stacked = {"hha": hha, "rgb-hha": np.concatenate([rgb, hha], axis=3),
+               "rgbd": np.concatenate([rgb.astype(np.uint16), depth[..., None]], axis=3)}
+    batch = {"image": np.concatenate([rgb, hha], axis=3) if "hha" in input else rgb,
+             "depth": depth, "pad": pad}
+    return stacked[input], batch
+
+
+@pytest.mark.parametrize("input", ["hha", "rgbd", "rgb-hha"])
+def test_nyud_nets_are_served_from_stacked_inputs_as_evaluation_reads_them(tmp_path, input):
+    """A NYUD net (HHA, RGB-D or RGB + HHA late fusion) is served from one stacked
+    (N, H, W, C) array: uint8 HHA as stored, uint16 RGB + depth in mm, uint8 RGB then HHA.
+    Its labels are exactly those of evaluation's input path (``model_input``) on the same
+    images; the wrong channel count or a value out of the dtype's range is refused by name."""
+    from fcn_core.serving import load_checkpoint, predict_ids, serving_model
+    from pipelines.shards import model_input
+
+    write_checkpoint(tmp_path / CHECKPOINT_FILE, tiny_nyud_net(input, 5),
+                     config={"dataset": "nyud", "input": input})
+    state = load_checkpoint((tmp_path / CHECKPOINT_FILE).read_bytes())
+    served = serving_model(state)
+    stacked, batch = nyud_batch(input)
+    got = predict_ids(served, stacked)
+    own = resolve_model(str(tmp_path))
+    assert own.input == input
+    with torch.no_grad():
+        x, _ = model_input(batch, own.mean_bgr, "cpu", input)
+        expected = own.net(x).argmax(1).numpy()
+    assert got.shape == (2, 45, 61) and got.dtype == np.int64
+    assert np.array_equal(got, expected)
+    assert len(np.unique(got)) > 1  # a real prediction, not a constant
+    c = stacked.shape[-1]
+    with pytest.raises(ValueError, match=rf"images must be \(N, H, W, {c}\)"):
+        predict_ids(served, stacked[..., :-1])
+    too_big = stacked.astype(np.int64)
+    too_big[0, 0, 0, -1] = np.iinfo(stacked.dtype).max + 1
+    with pytest.raises(ValueError, match=f"values 0..{np.iinfo(stacked.dtype).max}"):
+        predict_ids(served, too_big)
+    assert np.array_equal(predict_ids(served, stacked.astype(np.int64)), got)  # in range: fine
+    if input == "rgbd":  # depth may use 16 bits, colour may not
+        bright = stacked.copy()
+        bright[0, 0, 0, 0] = 256
+        with pytest.raises(ValueError, match="R, G, B in 0..255, got up to 256"):
+            predict_ids(served, bright)
+
+
 # ---------------------------------------------------------------- the registered model
 
 @pytest.fixture(scope="module")
@@ -179,6 +249,42 @@ def test_a_process_that_never_imported_the_project_loads_and_predicts(champion, 
     expected = np.stack(predict_labels(own.net, [image], own.mean_bgr)).astype(np.int64)
     assert got.shape == (1, *image.shape[:2]) and np.array_equal(got, expected)
     assert len(np.unique(got)) > 1  # a real prediction, not a constant
+
+
+@pytest.mark.parametrize("input", ["rgbd", "rgb-hha"])
+def test_nyud_models_register_and_serve_through_stock_pyfunc(champion, tmp_path, input):
+    """Registration takes NYUD's RGB-D and late-fusion nets: the version says what it reads
+    (its ``input`` tag and signature: uint16 (-1, -1, -1, 4), uint8 (-1, -1, -1, 6)), and
+    the stock pyfunc predicts from the stacked array what the net itself does; an RGB array
+    is refused by MLflow's schema check."""
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from fcn_core.serving import predict_ids, serving_model
+    from pipelines.train.checkpoint import read_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    write_checkpoint(ckpt / CHECKPOINT_FILE, tiny_nyud_net(input, 7),
+                     config={"dataset": "nyud", "input": input})
+    name = f"fcn-nyud-{input}"
+    reg = register(str(ckpt), name=name, metrics={"mean_iu": 0.3}, split="test",
+                   manifest={**MANIFEST, "dataset": "nyud"}, config_digest="-",
+                   log=lambda m: None)
+    version = MlflowClient(champion["uri"]).get_model_version(name, reg.version)
+    assert version.tags["input"] == input
+    mlflow.set_tracking_uri(champion["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{reg.version}")
+    (spec,) = model.metadata.get_input_schema().inputs
+    channels, dtype = (4, np.uint16) if input == "rgbd" else (6, np.uint8)
+    assert (spec.shape, spec.type) == ((-1, -1, -1, channels), np.dtype(dtype))
+    stacked, _ = nyud_batch(input, seed=3)
+    got = model.predict(stacked)
+    own = predict_ids(serving_model(read_checkpoint(ckpt / CHECKPOINT_FILE)), stacked)
+    assert np.array_equal(got, own) and len(np.unique(got)) > 1
+    with pytest.raises(MlflowException, match="shape"):
+        model.predict(np.zeros((1, 32, 32, 3), dtype))
 
 
 def _free_port() -> int:
@@ -264,3 +370,21 @@ def test_a_pickled_model_of_an_older_version_is_refused_by_name(champion, tmp_pa
     assert row["version"] == "1" and row["current"] and row["until"] is None
     with pytest.raises(ModelLookupError, match="no registered model named 'nope'"):
         model_history("nope")
+
+
+def test_fcn_predict_refuses_a_nyud_model_and_says_how_to_serve_it(tmp_path):
+    """``fcn predict`` reads RGB files: an RGB + HHA net is refused in one line, exit 2,
+    before anything is written, with the array its pyfunc takes."""
+    write_checkpoint(tmp_path / "ckpt" / CHECKPOINT_FILE, tiny_nyud_net("rgb-hha", 1),
+                     config={"dataset": "nyud", "input": "rgb-hha"})
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    fcn = Path(sys.executable).with_name("fcn")
+    r = subprocess.run([str(fcn), "predict", "--model", str(tmp_path / "ckpt"),
+                        str(tmp_path / "a.png"), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "reads input='rgb-hha', which fcn predict does not make from image files" in lines[0]
+    assert "(N, H, W, 6) uint8 R, G, B, H1, H2, A arrays" in lines[0]
+    assert not (tmp_path / "out").exists()
