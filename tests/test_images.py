@@ -477,7 +477,8 @@ def test_predict_refuses_a_model_that_does_not_read_rgb(tmp_path, input, channel
 
     good, _ = mixed_folder(tmp_path / "in")
     ck = checkpoint(tmp_path / "ck", input=input, in_channels=channels)
-    with pytest.raises(UsageError, match=f"reads input='{input}'.*model trained on input: rgb"):
+    with pytest.raises(UsageError, match=f"reads input='{input}', which fcn predict does not "
+                       rf"make from image files.*pyfunc with \(N, H, W, {channels}\)"):
         predict(str(ck), [str(tmp_path / "in")], str(tmp_path / "out"), ray_threshold=1,
                 log=lambda m: None)
     assert not (tmp_path / "out").exists()  # refused before anything was done
@@ -495,7 +496,8 @@ def test_predict_refuses_a_late_fusion_model(tmp_path):
     (tmp_path / "ck").mkdir()
     write_checkpoint(str(tmp_path / "ck" / "checkpoint.pt"), net,
                      config={"dataset": "nyud", "input": "rgb-hha"})
-    with pytest.raises(UsageError, match=r"reads input='rgb-hha' \(HHA, RGB-D or late fusion"):
+    with pytest.raises(UsageError, match=r"reads input='rgb-hha', which fcn predict does not make"
+                       r".*\(N, H, W, 6\) uint8 R, G, B, H1, H2, A arrays"):
         predict(str(tmp_path / "ck"), [str(tmp_path / "in")], str(tmp_path / "out"),
                 ray_threshold=1, log=lambda m: None)
     assert not (tmp_path / "out").exists()
