@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fcn_core.transforms import image_to_tensor
+from fcn_core.transforms import image_to_tensor, net_input
 
 
 @dataclass(frozen=True)
@@ -151,15 +151,30 @@ def predict_scores(model: nn.Module, x: torch.Tensor,
     return scores
 
 
+def _frame(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))[None]
+
+
 @torch.no_grad()
 def predict_labels(model: nn.Module, images: Sequence[np.ndarray], mean_bgr: Sequence[float],
                    options: InferenceOptions = InferenceOptions(),
-                   device: torch.device | str = "cpu") -> list[np.ndarray]:
+                   device: torch.device | str = "cpu", *, input: str = "rgb",
+                   hha: Sequence[np.ndarray] | None = None,
+                   depth: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
     """uint8 RGB images (H, W, 3) of any sizes -> uint8 class-id maps (H, W), one at a time
-    (no padding, so every image is scored exactly as it is)."""
+    (no padding, so every image is scored exactly as it is).
+
+    A NYUD net (``input`` hha, rgbd or rgb-hha) also takes each image's uint8 HHA (H, W, 3)
+    and/or uint16 depth in mm (H, W), in the lists ``hha`` and ``depth``; its input is built
+    by ``net_input`` as in training and evaluation (an hha net reads no RGB)."""
     out = []
-    for im in images:
-        x = image_to_tensor(im, mean_bgr)[None].to(device)
+    for i, im in enumerate(images):
+        if input == "rgb":
+            x = image_to_tensor(im, mean_bgr)[None]
+        else:
+            x = net_input(_frame(im), input, mean_bgr, _frame(hha[i] if hha else None),
+                          _frame(depth[i] if depth else None))
+        x = x.to(device)
         scores = predict_scores(model, x, options, mean_bgr=mean_bgr)
         out.append(scores.argmax(1)[0].to(torch.uint8).cpu().numpy())
     return out

@@ -1,7 +1,9 @@
 """Inference on image files and folders: class-id PNGs and colour overlays.
 
 The model is resolved once, in this process (the driver), against the project's tracking
-URI, and refused before any work starts unless it reads RGB images. Inputs are predicted in
+URI. A NYUD model (HHA, RGB-D, RGB + HHA) also reads each image's HHA or depth file, named
+with ``sources`` and matched by file name (``pipelines.companions``); what was given is
+checked against what the model reads before any work starts. Inputs are predicted in
 this process while that is quick; a large folder (or the rest of one, once the rate so far
 says it would take long here) goes through Ray Data, whose actors receive that resolved model
 (one copy in the object store), never a URI to resolve again.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fcn_core.inference import InferenceOptions
-from pipelines import images, storage
+from pipelines import companions, images, storage
 from pipelines.errors import ServiceUnavailable, UsageError, UserError
 from pipelines.storage import StoragePath
 
@@ -153,22 +155,6 @@ def write_voc_tarball(out_dir: str, written: list[str]) -> str:
     return target
 
 
-def check_rgb_model(loaded: Any, model_uri: str) -> None:
-    """``fcn predict`` reads RGB image files: a net that reads HHA, RGB-D or RGB + HHA (late
-    fusion) would be fed the wrong channels and give a silent wrong answer. Refuse it, and
-    say how to serve it."""
-    if loaded.input != "rgb":
-        from fcn_core.serving import describe
-        from fcn_core.transforms import INPUTS
-
-        raise UsageError(
-            f"model {model_uri} reads input={loaded.input!r}, which fcn predict does not make "
-            f"from image files: register it and call its pyfunc with (N, H, W, "
-            f"{len(INPUTS[loaded.input][0])}) {describe(loaded.input)} arrays "
-            "(mlflow.pyfunc.load_model(URI).predict), or score it with fcn evaluate on an "
-            "ingested NYUD dataset")
-
-
 def check_options(loaded: Any, options: InferenceOptions, model_uri: str) -> None:
     """Inference options the model cannot take (shift-and-stitch by a factor that does not
     divide its output stride, or of a net that is not an FCN; a CRF on a model that does not
@@ -192,16 +178,23 @@ def check_options(loaded: Any, options: InferenceOptions, model_uri: str) -> Non
 
 
 def predict_one(loaded: Any, path: str, out_dir: str, name: str, options: InferenceOptions,
-                device: Any = "cpu", max_pixels: int | None = None, fmt: str = "default"
+                device: Any = "cpu", max_pixels: int | None = None, fmt: str = "default",
+                frame: Mapping[str, str] | None = None, camera: companions.Camera | None = None
                 ) -> tuple[str | None, str | None]:
-    """(written label location, None) or (None, why it was skipped: one line naming it)."""
+    """(written label location, None) or (None, why it was skipped: one line naming it).
+    ``frame``: a NYUD model's companion files of this image (``pipelines.companions``)."""
     from fcn_core.inference import predict_labels
 
-    try:
-        image = images.read_rgb(path, max_pixels=max_pixels)
+    nyud = loaded.input != "rgb"
+    try:  # a NYUD frame is read as stored (no EXIF turn), pixel-aligned with its depth
+        image = images.read_rgb(path, max_pixels=max_pixels, exif=not nyud)
+        hha, depth = companions.read_frame(loaded.input, frame or {}, image.shape[:2], camera,
+                                           max_pixels) if nyud else (None, None)
     except images.ImageError as e:
         return None, str(e)
-    (label,) = predict_labels(loaded.net, [image], loaded.mean_bgr, options, device)
+    (label,) = predict_labels(loaded.net, [image], loaded.mean_bgr, options, device,
+                              input=loaded.input, hha=[hha] if hha is not None else None,
+                              depth=[depth] if depth is not None else None)
     if fmt == "voc":
         target = storage.join(out_dir, VOC_RESULTS, f"{name}.png")
         storage.write_bytes(target, voc_png(label))
@@ -217,7 +210,8 @@ class _FolderPredictor:
     """Ray Data UDF for large folders: the driver's resolved model, one copy per actor."""
 
     def __init__(self, model: Any, out_dir: str, options: dict[str, Any], max_pixels: int,
-                 fmt: str = "default", use_gpu: bool = False):
+                 fmt: str = "default", use_gpu: bool = False,
+                 camera: companions.Camera | None = None):
         import ray
         import torch
 
@@ -231,17 +225,20 @@ class _FolderPredictor:
         self.out_dir = out_dir
         self.max_pixels = max_pixels
         self.fmt = fmt
+        self.camera = camera
         self.options = InferenceOptions(**{k: tuple(v) if k == "scales" else v
                                            for k, v in options.items()})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         written, reasons, fatal = [], [], []
-        for path, name in zip(batch["path"], batch["name"], strict=True):
+        for i, (path, name) in enumerate(zip(batch["path"], batch["name"], strict=True)):
             w, why, stop = None, None, ""
+            frame = {k: str(batch[k][i]) for k in companions.KINDS if batch[k][i]}
             try:
                 w, why = predict_one(self.loaded, str(path), self.out_dir, str(name),
                                      self.options, device=self.device,
-                                     max_pixels=self.max_pixels, fmt=self.fmt)
+                                     max_pixels=self.max_pixels, fmt=self.fmt, frame=frame,
+                                     camera=self.camera)
             except UserError as e:  # an output that cannot be written, a store that is down
                 stop = f"{'transient:' if e.transient else 'user:'}{e}"
             written.append(w or "")
@@ -287,7 +284,6 @@ def _resolve(model_uri: str) -> Any:
             loaded = resolve_model(model_uri, uri)
     else:
         loaded = resolve_model(model_uri)
-    check_rgb_model(loaded, model_uri)
     return loaded
 
 
@@ -296,7 +292,8 @@ PROGRESS_EVERY_S = 5.0  # a progress line at most this often while predicting he
 
 def _predict_here(loaded: Any, files: list[StoragePath], names: list[str], out_dir: str,
                   options: InferenceOptions, limit: int, log: Log, result: PredictResult,
-                  fmt: str, use_gpu: bool, handoff_s: float) -> int:
+                  fmt: str, use_gpu: bool, handoff_s: float,
+                  frames: list[dict[str, str]], camera: companions.Camera | None) -> int:
     """Predict ``files`` in this process until the rest would take over ``handoff_s`` seconds
     at the rate so far (judged from the second image on: the first pays the warm-up); the
     number predicted here."""
@@ -310,9 +307,9 @@ def _predict_here(loaded: Any, files: list[StoragePath], names: list[str], out_d
         raise UsageError(f"--gpu: {e}; leave --gpu out to predict on the CPU") from None
     loaded.net.to(device)
     start = shown = time.monotonic()
-    for i, (f, name) in enumerate(zip(files, names, strict=True), 1):
+    for i, (f, name, frame) in enumerate(zip(files, names, frames, strict=True), 1):
         written, why = predict_one(loaded, str(f), out_dir, name, options, device=device,
-                                   max_pixels=limit, fmt=fmt)
+                                   max_pixels=limit, fmt=fmt, frame=frame, camera=camera)
         if written:
             result.written.append(written)
         else:
@@ -331,8 +328,9 @@ def _predict_here(loaded: Any, files: list[StoragePath], names: list[str], out_d
 
 def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], out_dir: str,
                       options: InferenceOptions, actors: int, limit: int, log: Log,
-                      result: PredictResult, fmt: str = "default", use_gpu: bool = False
-                      ) -> None:
+                      result: PredictResult, fmt: str = "default", use_gpu: bool = False,
+                      frames: list[dict[str, str]] | None = None,
+                      camera: companions.Camera | None = None) -> None:
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -344,8 +342,10 @@ def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], o
     log(init_ray())
     model_ref = ray.put(loaded)
     actors = max(1, min(actors, len(files)))  # an actor per block at least (Ray Data warns)
-    ds = ray.data.from_items([{"path": str(f), "name": n} for f, n in
-                              zip(files, names, strict=True)],
+    frames = frames or [{} for _ in files]
+    ds = ray.data.from_items([{"path": str(f), "name": n,
+                               **{k: fr.get(k, "") for k in companions.KINDS}}
+                              for f, n, fr in zip(files, names, frames, strict=True)],
                              override_num_blocks=max(actors, len(files) // 16))
     with remote_args_allowed():
         done = ds.map_batches(_FolderPredictor, batch_size=16, batch_format="numpy",
@@ -354,7 +354,7 @@ def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], o
                               fn_constructor_kwargs={"model": model_ref, "out_dir": out_dir,
                                                      "options": asdict(options),
                                                      "max_pixels": limit, "fmt": fmt,
-                                                     "use_gpu": use_gpu})
+                                                     "use_gpu": use_gpu, "camera": camera})
     for batch in done.iter_batches(batch_format="numpy", batch_size=None):
         for path, written, why, stop in zip(batch["path"], batch["written"], batch["reason"],
                                             batch["fatal"], strict=True):
@@ -376,7 +376,8 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
             options: InferenceOptions | None = None, ray_threshold: int = 64,
             actors: int | None = None, handoff_s: float = HANDOFF_S,
             max_pixels: int | None = None, log: Log = print,
-            fmt: str = "default", use_gpu: bool = False) -> PredictResult:
+            fmt: str = "default", use_gpu: bool = False,
+            sources: companions.Sources | None = None) -> PredictResult:
     """Predict every image in ``inputs`` into ``out``: <name>.png (uint8 class ids, the
     size of the image as shown, EXIF orientation applied) and <name>_color.png (overlay).
     ``fmt="voc"``: the PASCAL VOC server's layout instead (``VOC_RESULTS``/<id>.png, 'P' mode
@@ -388,6 +389,9 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
     would take more than ``handoff_s`` seconds at the rate so far, when the rest goes to 2 Ray
     actors (a folder of small images never pays Ray's start-up).
 
+    ``sources``: a NYUD model's HHA / depth files or folders, matched to the images by name
+    (``pipelines.companions``); an image without them is skipped with the reason.
+
     ``max_pixels``: the largest image accepted (``pipelines.images.pixel_limit``). Unusable
     inputs are logged (``skipped PATH: reason``) and listed in the result; a ``UserError``
     when there is nothing to predict or every input was skipped."""
@@ -398,6 +402,8 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
     out_dir = storage.as_location(out)
     storage.check_writable(out_dir)
     loaded = _resolve(model_uri)  # before any Ray work, and before anything is written
+    sources = sources or companions.Sources()
+    kinds = companions.check(loaded.input, sources, model_uri)
     if fmt == "voc":
         check_voc_model(loaded, model_uri)
     check_options(loaded, options, model_uri)
@@ -409,17 +415,25 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
                          f"{', '.join(sorted(IMAGE_SUFFIXES))})")
     result = PredictResult(skipped=list(missing), format=fmt)
     names = _output_names(files)
+    frames: list[dict[str, str]] = [{} for _ in files]
+    if kinds:  # a NYUD model: each image with its HHA / depth, or skipped saying which lacks
+        matched = companions.plan(files, kinds, sources)
+        result.skipped += [(str(files[i]), why) for i, why in matched.missing.items()]
+        keep = sorted(matched.files)
+        files, names = [files[i] for i in keep], [names[i] for i in keep]
+        frames = [matched.files[i] for i in keep]
     if files:
         storage.makedirs(out_dir)
     large = len(files) >= ray_threshold
     done = 0
     if not (actors is not None or (large and use_gpu)):
         done = _predict_here(loaded, files, names, out_dir, options, limit, log, result, fmt,
-                             use_gpu, handoff_s if large else float("inf"))
+                             use_gpu, handoff_s if large else float("inf"), frames,
+                             sources.camera)
     if done < len(files):
         loaded.net.to("cpu")  # one device-free copy in the object store
         _predict_with_ray(loaded, files[done:], names[done:], out_dir, options, actors or 2,
-                          limit, log, result, fmt, use_gpu)
+                          limit, log, result, fmt, use_gpu, frames[done:], sources.camera)
     for path, why in result.skipped:
         log(f"skipped {storage.redact(path)}: {why}")
     if not result.written:

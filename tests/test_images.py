@@ -471,20 +471,23 @@ def test_predict_with_nothing_usable_is_one_user_error(tmp_path):
         predict(ck, [str(tmp_path / "in")], str(tmp_path / "out"), log=lambda m: None)
 
 
-@pytest.mark.parametrize(("input", "channels"), [("hha", 3), ("rgbd", 4)])
-def test_predict_refuses_a_model_that_does_not_read_rgb(tmp_path, input, channels):
+@pytest.mark.parametrize(("input", "channels", "flags"),
+                         [("hha", 3, "--hha .* or --depth"), ("rgbd", 4, "--depth")])
+def test_predict_refuses_a_nyud_model_without_its_depth_or_hha(tmp_path, input, channels,
+                                                               flags):
+    """A net that reads HHA or RGB-D would be fed the wrong channels from RGB files alone:
+    without the files it reads it is refused, naming them, before anything is written."""
     from pipelines.predict import predict
 
     good, _ = mixed_folder(tmp_path / "in")
     ck = checkpoint(tmp_path / "ck", input=input, in_channels=channels)
-    with pytest.raises(UsageError, match=f"reads input='{input}', which fcn predict does not "
-                       rf"make from image files.*pyfunc with \(N, H, W, {channels}\)"):
+    with pytest.raises(UsageError, match=f"reads input='{input}': give {flags}"):
         predict(str(ck), [str(tmp_path / "in")], str(tmp_path / "out"), ray_threshold=1,
                 log=lambda m: None)
     assert not (tmp_path / "out").exists()  # refused before anything was done
 
 
-def test_predict_refuses_a_late_fusion_model(tmp_path):
+def test_predict_refuses_a_late_fusion_model_without_hha_or_depth(tmp_path):
     """RGB + HHA late fusion (two streams, six input channels) written by the real checkpoint
     writer: refused like the single-stream depth nets, before any output is written."""
     from fcn_core.fcn import LateFusion, fcn32s
@@ -496,8 +499,7 @@ def test_predict_refuses_a_late_fusion_model(tmp_path):
     (tmp_path / "ck").mkdir()
     write_checkpoint(str(tmp_path / "ck" / "checkpoint.pt"), net,
                      config={"dataset": "nyud", "input": "rgb-hha"})
-    with pytest.raises(UsageError, match=r"reads input='rgb-hha', which fcn predict does not make"
-                       r".*\(N, H, W, 6\) uint8 R, G, B, H1, H2, A arrays"):
+    with pytest.raises(UsageError, match=r"reads input='rgb-hha': give --hha \(HHA images"):
         predict(str(tmp_path / "ck"), [str(tmp_path / "in")], str(tmp_path / "out"),
                 ray_threshold=1, log=lambda m: None)
     assert not (tmp_path / "out").exists()

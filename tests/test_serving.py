@@ -370,21 +370,3 @@ def test_a_pickled_model_of_an_older_version_is_refused_by_name(champion, tmp_pa
     assert row["version"] == "1" and row["current"] and row["until"] is None
     with pytest.raises(ModelLookupError, match="no registered model named 'nope'"):
         model_history("nope")
-
-
-def test_fcn_predict_refuses_a_nyud_model_and_says_how_to_serve_it(tmp_path):
-    """``fcn predict`` reads RGB files: an RGB + HHA net is refused in one line, exit 2,
-    before anything is written, with the array its pyfunc takes."""
-    write_checkpoint(tmp_path / "ckpt" / CHECKPOINT_FILE, tiny_nyud_net("rgb-hha", 1),
-                     config={"dataset": "nyud", "input": "rgb-hha"})
-    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
-    fcn = Path(sys.executable).with_name("fcn")
-    r = subprocess.run([str(fcn), "predict", "--model", str(tmp_path / "ckpt"),
-                        str(tmp_path / "a.png"), "--out", str(tmp_path / "out")],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    assert "reads input='rgb-hha', which fcn predict does not make from image files" in lines[0]
-    assert "(N, H, W, 6) uint8 R, G, B, H1, H2, A arrays" in lines[0]
-    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from flows.cli.common import (
@@ -18,6 +19,19 @@ from flows.cli.common import (
 
 MODEL_HELP = ("models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, or a checkpoint "
               "(a folder, checkpoint.pt, or its URI)")
+
+
+def camera(text: str) -> tuple[float, float, float, float]:
+    """--camera FX,FY,CX,CY: four numbers, focal lengths positive."""
+    try:
+        fx, fy, cx, cy = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FX,FY,CX,CY (four numbers in pixels), "
+                                         f"got {text!r}") from None
+    if not (fx > 0 and fy > 0) or not all(map(math.isfinite, (cx, cy))):
+        raise argparse.ArgumentTypeError(f"focal lengths must be > 0 and every value finite, "
+                                         f"got {text!r}")
+    return fx, fy, cx, cy
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -111,13 +125,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from pipelines.companions import Sources
     from pipelines.predict import predict
 
     if args.verbose:  # Ray is imported only for large folders, and quieted there
         os.environ["FCN_VERBOSE"] = "1"
+    sources = Sources(hha=tuple(args.hha or ()), depth=tuple(args.depth or ()),
+                      rawdepth=tuple(args.rawdepth or ()), camera=args.camera)
     result = predict(args.model, args.inputs, args.out, options=inference_options(args),
                      log=say, max_pixels=args.max_pixels, fmt=args.format,
-                     use_gpu=args.gpu, actors=args.actors)
+                     use_gpu=args.gpu, actors=args.actors, sources=sources)
     print(result.summary(args.out))
     return 0
 
@@ -191,7 +208,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "over 20 s here (--actors N: all of it on N Ray actors from the start). "
                     "16-bit images are scaled to 8 bits, transparency is composited on black. "
                     "Unreadable or oversized inputs are reported and skipped (exit 2 only when "
-                    "none could be used). Only models that read RGB images are accepted.")
+                    "none could be used). A NYUD model that reads HHA, RGB-D or RGB + HHA "
+                    "also takes each image's --hha or --depth file, matched by file name "
+                    "(data/images/img_5001.png with data/depth/img_5001.png); HHA is computed "
+                    "from --depth when not given. Such frames are read as stored (no EXIF "
+                    "turn), so that they stay pixel-aligned with their depth.")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files and/or folders (paths or URIs)")
@@ -210,6 +231,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "PASCAL VOC evaluation server's layout, OUT/results/VOC2012/"
                         "Segmentation/comp6_test_cls/<id>.png ('P' mode, VOC colour map) and "
                         "OUT/results.tgz to upload (a 21-class VOC model; ids must be unique)")
+    nyud = p.add_argument_group(
+        "NYUD models (input hha, rgbd or rgb-hha)",
+        "Files or folders (searched recursively for .png), each file matched to the INPUT "
+        "image of the same name; a single INPUT file and a single file pair whatever their "
+        "names. Repeat a flag for more places. An image without its file is skipped, saying so.")
+    nyud.add_argument("--hha", action="append", metavar="PATH",
+                      help="HHA images (8-bit, 3 channels H1, H2, A, as the reference's "
+                           "data/hha/*.png), for hha and rgb-hha models")
+    nyud.add_argument("--depth", action="append", metavar="PATH",
+                      help="depth maps (16-bit PNG, millimetres, as data/depth/*.png): read "
+                           "by rgbd models; for hha and rgb-hha models HHA is computed from "
+                           "them (about 0.2 s per 425x560 frame here)")
+    nyud.add_argument("--rawdepth", action="append", metavar="PATH",
+                      help="the sensor's raw depth (0 = no reading, data/rawdepth/*.png): "
+                           "marks the holes when HHA is computed from --depth, as fcn ingest "
+                           "--compute-hha does with data/rawdepth")
+    nyud.add_argument("--camera", type=camera, default=None, metavar="FX,FY,CX,CY",
+                      help="the depth camera's intrinsics in pixels, for computing HHA "
+                           "(default: NYU Depth v2's colour camera, 518.86,519.47,325.58,"
+                           "253.74)")
     add_verbose(p)
     add_inference_args(p)
     p.set_defaults(func=cmd_predict)
