@@ -92,6 +92,19 @@ def filter_worker_logs() -> None:
         dispatcher.add_handler(name, filtered)
 
 
+def plain_worker_prefixes(stream: object | None = None) -> None:
+    """Ray wraps the ``(RayTrainWorker pid=N)`` prefix of the workers' lines it prints in
+    colour codes, also when the driver's output is a file or a pipe (a CI log, a Ray job's
+    log, ``tee``), where they show as ``\\x1b[36m``. Plain prefixes there and under the
+    ``NO_COLOR`` convention; a user's ``RAY_COLOR_PREFIX`` wins."""
+    import sys
+
+    out = sys.stdout if stream is None else stream
+    isatty = getattr(out, "isatty", None)
+    if os.environ.get("NO_COLOR") or not (callable(isatty) and isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
 @contextlib.contextmanager
 def remote_args_allowed() -> Iterator[None]:
     """Ray 2.60 warns about ``ray_remote_args`` in ``map_batches`` even for options it has
@@ -237,6 +250,7 @@ def init_ray(num_cpus: int | None = None) -> str:
     kind = address_kind(address)
     if not ray.is_initialized():
         os.environ.update(quiet_env())
+        plain_worker_prefixes()
         level = logging.INFO if verbose() else logging.WARNING  # "Started a local Ray ..."
         if kind == "client":
             raise RayUnavailable(

@@ -1,6 +1,8 @@
 """The driver's console keeps the workers' own lines and drops Ray's internal ones; tables
 stay short and readable."""
 
+import io
+
 from pipelines import ray_env
 
 
@@ -19,6 +21,38 @@ def test_internal_worker_lines_are_dropped_and_ours_kept(monkeypatch):
                    "'PreemptionWatcher' and ID: 'd1' has constructor arguments in the object "
                    "store and max_restarts > 0.", "a real controller error")
     assert ray_env._keep(mixed)["lines"] == ["a real controller error"]
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_worker_prefixes_have_no_colour_codes_in_a_file_or_a_pipe(monkeypatch):
+    """Ray's own printer of the workers' lines (the real one) writes a plain prefix when the
+    driver's output is no terminal or NO_COLOR is set; on a terminal it keeps its colour, and
+    a user's RAY_COLOR_PREFIX wins."""
+    from ray._private.worker import print_worker_logs
+
+    def printed(tty: bool, **env: str) -> str:
+        for k in ("RAY_COLOR_PREFIX", "NO_COLOR"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        ray_env.plain_worker_prefixes(_Stream(tty))
+        out = _Stream(tty)
+        print_worker_logs({**_batch("RayTrainWorker", "[32s] step 1/4  loss 3.0"),
+                           "localhost": "127.0.0.1"}, out)
+        return out.getvalue()
+
+    assert printed(False) == "(RayTrainWorker pid=1) [32s] step 1/4  loss 3.0\n"
+    assert printed(True, NO_COLOR="1") == printed(False)
+    assert "\x1b[" in printed(True)  # a terminal keeps Ray's colours
+    assert "\x1b[" in printed(False, RAY_COLOR_PREFIX="1")
 
 
 def test_verbose_keeps_ray_logs(monkeypatch):
