@@ -164,7 +164,8 @@ def train_stage_task(config: dict[str, Any], stage: str, data: str, fingerprint:
         res = _stage_job(cfg, stage, data, pipeline_run, init_checkpoint)
     else:
         res = run_stage(cfg, stage_cfg, data, pipeline_run, init_checkpoint, log=logger.info)
-    logger.info(f"stage {stage}: {res.steps} steps, mean IU {res.metrics.get('mean_iu', 0):.4f}, "
+    logger.info(f"stage {stage}: {res.steps} steps, validation mean IU "
+                f"{res.metrics.get('mean_iu', 0):.4f}, "
                 f"checkpoint {res.checkpoint}; MLflow run {run_link(res.run_id)}")
     return {"stage": stage, "checkpoint": res.checkpoint, "steps": res.steps,
             "metrics": res.metrics, "mlflow_run": res.run_id, "seconds": res.seconds}

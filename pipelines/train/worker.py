@@ -336,7 +336,7 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
                 tracker.log({"loss": loss, "lr": lr, "img_per_s": window_imgs / max(dt, 1e-9),
                              **(last_val if val_due else {})}, step)
             if step % max(1, min(cfg.checkpoint_every, 10)) == 0 or step == 1:
-                miou = f"  mean IU {last_val['mean_iu']:.3f}" if "mean_iu" in last_val else ""
+                miou = f"  val mean IU {last_val['mean_iu']:.3f}" if "mean_iu" in last_val else ""
                 log(f"step {step}/{stage.steps}  loss {loss:.4g}  lr {lr:.3g}  "
                     f"{window_imgs / dt:.1f} img/s{miou}")
                 window_t, window_imgs = time.perf_counter(), 0
@@ -349,7 +349,10 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
     if tracker is not None:
         tracker.log({f"final_{k}": v for k, v in last_val.items()}, step)
         tracker.flush()
-    log(f"done: {step} steps" + (f", mean IU {last_val['mean_iu']:.3f}"
+    # Validation runs under the training's autocast; fcn evaluate scores in fp32, so its
+    # mean IU may differ in the third decimal: say which this is.
+    precision = f" ({amp} validation)" if amp != "off" else ""
+    log(f"done: {step} steps" + (f", mean IU {last_val['mean_iu']:.3f}{precision}"
                                   if "mean_iu" in last_val else ""))
     return unwrap(model)
 
