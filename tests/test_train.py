@@ -276,3 +276,37 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
     assert 1 <= sorted(marked.values()).count("controller") <= 2, marked  # 2 CPUs: limit 2
     assert torch_before == sorted(marked) == connected, (torch_before, marked, connected, train)
     assert hook_env is None  # the hook variable went to the raylet only, not this process
+
+
+def test_fcn_train_keeps_the_local_ray_it_started_alive_to_the_end(shards, tmp_path):
+    """``fcn train`` on its own starts its local Ray in the main thread. Ray ties the local
+    processes it starts (raylet, GCS, ...) to the starting thread: started in the stage
+    chain's thread (as it was), they were killed when that thread ended, and the driver's
+    shutdown at exit then waited ~15 s on timeouts (and Ray warned about SIGTERM handlers).
+    Here every Ray process is still alive after the command returned."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("name: tiny\ndataset: voc\nwidth: 0.0625\noptimizer: adam\n"
+                   "stages:\n  - {name: 32s, steps: 2, lr: 0.001}\nbatch_size: 2\n"
+                   "normalize_loss: true\nworkers: 1\ncpus_per_worker: 1\n"
+                   "checkpoint_every: 2\nval_every: 0\n")
+    code = textwrap.dedent(f"""
+        import json
+        from flows.cli import main
+        code = main(["train", "--config", {str(cfg)!r}, "--data", {str(shards["voc"])!r}])
+        from ray._private import worker
+        alive = {{kind: [p.process.poll() is None for p in procs]
+                 for kind, procs in worker._global_node.all_processes.items()}}
+        print(json.dumps({{"code": code, "alive": alive}}))
+        """)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
+    env["FCN_DATA_DIR"] = str(tmp_path / "state")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=240, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0
+    assert {"raylet", "gcs_server"} <= set(result["alive"]), result
+    assert all(all(v) for v in result["alive"].values()), result["alive"]
+    assert "SIGTERM handler is not set" not in r.stdout + r.stderr
+    assert "starting a local Ray, the MLflow store ..." in r.stdout

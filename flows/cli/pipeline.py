@@ -34,14 +34,19 @@ def prefect_env(project: Path) -> None:
     os.environ.setdefault("FCN_DATA_DIR", str(project.resolve()))
 
 
-def start_services(train_workers: int = 0) -> None:
+def start_services(train_workers: int = 0, prefect: bool = True) -> None:
     """Start what the flow's first steps wait for, side by side: Prefect's temporary API
     (without PREFECT_API_URL; ~15 s on 2 cores, a subprocess) in a thread, while this thread
     starts the local Ray (or connects to RAY_ADDRESS's GCS) and opens the MLflow store
     (a fresh SQLite store runs its migrations). The flow then finds them ready. With Ray
     Jobs (a dashboard address) Ray is left to the jobs. ``train_workers``: the flow trains
     with that many Ray Train workers; a local Ray starts their processes now
-    (``pipelines.prestart``), so that the first stage does not wait for them."""
+    (``pipelines.prestart``), so that the first stage does not wait for them. ``prefect``:
+    False for a command that runs no flow (``fcn train``).
+
+    Ray is started in this (the main) thread: Ray ties its local processes to the thread
+    that started them (they get SIGKILL when it ends), and a driver whose raylet and GCS
+    died that way waits ~15 s for timeouts when it shuts down at exit."""
     import threading
 
     from pipelines.ray_env import address_kind
@@ -49,7 +54,8 @@ def start_services(train_workers: int = 0) -> None:
     failed: list[BaseException] = []
     thread = None
     kind = address_kind(os.environ.get("RAY_ADDRESS"))
-    parts = ["Prefect's temporary API"] if not os.environ.get("PREFECT_API_URL") else []
+    prefect = prefect and not os.environ.get("PREFECT_API_URL")
+    parts = ["Prefect's temporary API"] if prefect else []
     parts += {"local": ["a local Ray"], "gcs": ["the Ray driver"]}.get(kind, [])
     print(f"starting {', '.join([*parts, 'the MLflow store'])} ...", flush=True)
     def in_thread(name: str, fn: Any) -> threading.Thread:
@@ -63,7 +69,7 @@ def start_services(train_workers: int = 0) -> None:
         t.start()
         return t
 
-    if not os.environ.get("PREFECT_API_URL"):
+    if prefect:
         from prefect.server.api.server import SubprocessASGIServer
 
         thread = in_thread("prefect-api", lambda: SubprocessASGIServer().start())

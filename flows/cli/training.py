@@ -45,6 +45,24 @@ def fusion_pair(value: str | None) -> dict[str, str] | None:
     return dict(pairs)
 
 
+def start_early(cfg: Any, args: argparse.Namespace) -> None:
+    """Once the input is checked, and only for a local Ray: start it in this thread with the
+    MLflow store beside it, and have it start the first stage's Ray Train processes
+    (``pipelines.prestart``) while the MLflow runs are made. On a cluster the stage's own
+    driver connects when it runs."""
+    import os
+
+    from pipelines import preflight
+    from pipelines.ray_env import address_kind
+
+    if address_kind(os.environ.get("RAY_ADDRESS")) != "local":
+        return
+    preflight.check_training(cfg, args.data, args.init_checkpoint)
+    from flows.cli.pipeline import start_services
+
+    start_services(cfg.workers, prefect=False)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.train import train_pipeline
@@ -57,6 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       fusion_init=fusion_pair(args.fusion_init))
     if args.stages:
         cfg = cfg.only_stages([s for s in args.stages.split(",") if s])
+    start_early(cfg, args)
     run, results = train_pipeline(cfg, args.data, storage=args.storage, resume=args.resume,
                                   log=say, init_checkpoint=args.init_checkpoint,
                                   finish=not args.keep_open)

@@ -325,6 +325,11 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: Pipel
         log(f"stage {stage.name}: already finished in run {run.run_id}, reusing its checkpoint")
         res = _stage_result(run, stage.name, child, 0.0)
     else:
+        from pipelines.ray_env import init_ray
+
+        # Here, not in the chain's thread: Ray's local processes die with the thread that
+        # started them (and the driver's exit then waits ~15 s for timeouts).
+        init_ray()
         where = storage.as_location(data)
         current = StageChain.get(_CHAINS, run, stage.name, init_checkpoint, lambda: StageChain(
             run, [s.name for s in following], init_checkpoint,
