@@ -46,6 +46,8 @@ bench: $(STAMP)
 	$(PY) bench/bench_storage.py
 	$(PY) bench/bench_pipeline.py
 	$(PY) bench/bench_stage_start.py
+	$(PY) bench/bench_train_cli.py
+	$(PY) bench/bench_predict.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check fcn_core pipelines flows tests bench
