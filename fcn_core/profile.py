@@ -8,6 +8,17 @@ import torch
 from torch import nn
 
 
+def learned_params(model: nn.Module) -> int:
+    """Parameters as the paper counts them (FCN-VGG16: 134M): all but the fixed bilinear
+    upsampling's, which is an interpolation (C x C kernels, 1.8M at FCN-32s's 64x64 upscore
+    for 21 classes), not something learned. A deconvolution that learns counts."""
+    from fcn_core.bilinear import Deconvolution
+
+    fixed = {id(m.weight) for m in model.modules()
+             if isinstance(m, Deconvolution) and not m.weight.requires_grad}
+    return sum(p.numel() for p in model.parameters() if id(p) not in fixed)
+
+
 @dataclass(frozen=True)
 class LayerStat:
     name: str

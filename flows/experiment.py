@@ -25,8 +25,10 @@ from pipelines.experiment import GMAC_SIZE
 
 def _measure_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
     size = params.get("size", GMAC_SIZE)  # the key before sizes other than 500 existed
+    # "params-v2": parameters counted without the fixed upsampling (rows measured before
+    # counted it) are measured again once.
     return _digest("measure", params["checkpoint"], params["fingerprint"], params["split"],
-                   *([] if size == GMAC_SIZE else [str(size)]))
+                   *([] if size == GMAC_SIZE else [str(size)]), "params-v2")
 
 
 @task(name="measure", retries=1, retry_delay_seconds=10, cache_key_fn=_measure_key,

@@ -180,14 +180,14 @@ def measure_net(checkpoint: str, data: str, split: str, *, images: int = 8, repe
     import torch
 
     from fcn_core.inference import InferenceOptions
-    from fcn_core.profile import total_macs
+    from fcn_core.profile import learned_params, total_macs
     from pipelines.evaluate import predict_row
     from pipelines.registry import resolve_model
     from pipelines.shards import read_split_table
 
     loaded = resolve_model(checkpoint)
     net = loaded.net.eval()
-    params = sum(p.numel() for p in net.parameters())
+    params = learned_params(net)  # the paper's count: not the fixed upsampling
     c = int(getattr(getattr(net, "config", None), "in_channels", 3))
     macs = total_macs(net, torch.zeros(1, c, size, size))
     table = read_split_table(data, split).slice(0, images)

@@ -61,6 +61,20 @@ def test_full_width_trunk_matches_vgg16_and_keys_match_torchvision():
     assert all(m.ceil_mode for m in model.features if isinstance(m, torch.nn.MaxPool2d))
 
 
+def test_parameters_are_counted_as_the_paper_counts_them():
+    """FCN-VGG16 has 134M parameters in the paper's Table 1: VGG16's 138M less fc8's 4.1M,
+    plus score_fr; the fixed bilinear upscore (21 x 21 kernels of 64 x 64) is no parameter
+    there. A deconvolution that learns is counted."""
+    from fcn_core.profile import learned_params
+
+    model = fcn32s(width=1.0)
+    total = sum(p.numel() for p in model.parameters())
+    assert learned_params(model) == 134_346_581
+    assert total - learned_params(model) == 21 * 21 * 64 * 64
+    model.heads["out"].upscore.weight.requires_grad_(True)
+    assert learned_params(model) == total
+
+
 def test_width_scales_every_conv_including_fc6_fc7():
     model = fcn32s(width=0.125)
     convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]

@@ -11,7 +11,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     import torch
 
     from fcn_core.models import build_model
-    from fcn_core.profile import layer_stats
+    from fcn_core.profile import layer_stats, learned_params
     from pipelines.errors import UsageError
 
     try:
@@ -30,10 +30,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print(f"{s.name:<{n}}{s.kind:<17}{str(s.out_shape):<22}{s.params:>12,}"
               f"{s.macs / 1e6:>12.1f}")
     n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_learned = learned_params(model)
     if hasattr(model, "offsets"):
         print(f"crop offsets: {model.offsets}")
-    print(f"parameters: {n_params:,} ({n_train:,} trainable)   "
+    fixed = n_params - n_learned
+    print(f"parameters: {n_learned:,}" + (f" (+ {fixed:,} of fixed bilinear upsampling)"
+                                          if fixed else "") + "   "
           f"GMAC per image: {sum(s.macs for s in stats) / 1e9:.2f}")
     return 0
 
