@@ -95,3 +95,31 @@ def test_bench_predict_times_each_case_and_prints_the_ratio():
                             "one image, checkpoint", "one image, registry",
                             "one image, registry, no cache"], out
     assert all(v > 0 for v in rows.values()) and "from the start = " in out
+
+
+def test_bench_shift_stitch_scores_every_row_of_a_demo_project(tmp_path):
+    """A demo-like project (an ingested synthetic set, a run with 32s/16s/8s final
+    checkpoints): each row is scored and the table printed; without a run it says how to
+    make one."""
+    import torch
+
+    from fcn_core import fcn8s, fcn16s, fcn32s
+    from pipelines.ingest import IngestConfig, ingest
+    from pipelines.train.checkpoint import write_checkpoint
+
+    ingest(IngestConfig(dataset="synthetic", root=tmp_path / "raw", out=tmp_path / "shards",
+                        synthetic_size=(32, 32), synthetic_counts=(2, 3)), log=lambda m: None)
+    cmd = [sys.executable, "bench/bench_shift_stitch.py", "--project", str(tmp_path),
+           "--factors", "1,2", "--repeats", "1"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "run `.venv/bin/fcn demo --project-dir" in r.stderr
+    torch.manual_seed(0)
+    for stage, build in (("32s", fcn32s), ("16s", fcn16s), ("8s", fcn8s)):
+        write_checkpoint(str(tmp_path / "runs" / "demo-x" / stage / "final" / "checkpoint.pt"),
+                         build(width=1 / 16), config={"dataset": "synthetic", "input": "rgb"})
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    rows = [ln.split()[0:2] for ln in out.splitlines() if ln.startswith("FCN-") and "x" in ln]
+    assert [" ".join(r) for r in rows] == ["FCN-32s 32", "FCN-32s, shift-and-stitch",
+                                           "FCN-16s 16", "FCN-8s 8"], out
+    assert "demo-x on " in out and "(3 images)" in out
