@@ -160,13 +160,15 @@ def predict_labels(model: nn.Module, images: Sequence[np.ndarray], mean_bgr: Seq
                    options: InferenceOptions = InferenceOptions(),
                    device: torch.device | str = "cpu", *, input: str = "rgb",
                    hha: Sequence[np.ndarray] | None = None,
-                   depth: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+                   depth: Sequence[np.ndarray] | None = None,
+                   head: str | None = None) -> list[np.ndarray]:
     """uint8 RGB images (H, W, 3) of any sizes -> uint8 class-id maps (H, W), one at a time
     (no padding, so every image is scored exactly as it is).
 
     A NYUD net (``input`` hha, rgbd or rgb-hha) also takes each image's uint8 HHA (H, W, 3)
     and/or uint16 depth in mm (H, W), in the lists ``hha`` and ``depth``; its input is built
-    by ``net_input`` as in training and evaluation (an hha net reads no RGB)."""
+    by ``net_input`` as in training and evaluation (an hha net reads no RGB). A multi-head
+    net's ``head`` by name (None: the first)."""
     out = []
     for i, im in enumerate(images):
         if input == "rgb":
@@ -175,6 +177,6 @@ def predict_labels(model: nn.Module, images: Sequence[np.ndarray], mean_bgr: Seq
             x = net_input(_frame(im), input, mean_bgr, _frame(hha[i] if hha else None),
                           _frame(depth[i] if depth else None))
         x = x.to(device)
-        scores = predict_scores(model, x, options, mean_bgr=mean_bgr)
+        scores = predict_scores(model, x, options, head=head, mean_bgr=mean_bgr)
         out.append(scores.argmax(1)[0].to(torch.uint8).cpu().numpy())
     return out

@@ -48,6 +48,7 @@ class PredictResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     format: str = "default"
     tarball: str | None = None  # --format voc: OUT/results.tgz
+    heads: tuple[str, ...] = ()  # a multi-head net's heads after the first
 
     def summary(self, out: str) -> str:
         """The closing line: what was written where, and how many inputs were skipped."""
@@ -56,8 +57,9 @@ class PredictResult:
             return (f"wrote {len(self.written)} VOC result(s) to "
                     f"{storage.join(out, VOC_RESULTS)} ('P' PNGs, VOC colour map) and "
                     f"{self.tarball} for the evaluation server; {skipped}")
+        more = "".join(f", <name>_{h}.png {h} class ids" for h in self.heads)
         return (f"wrote {len(self.written)} prediction(s) to {out} (<name>.png class ids, "
-                f"<name>_color.png overlay); {skipped}")
+                f"<name>_color.png overlay{more}); {skipped}")
 
 
 def collect_inputs(inputs: Sequence[str]) -> tuple[list[StoragePath], list[tuple[str, str]]]:
@@ -86,14 +88,23 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndar
     return out.round().astype(np.uint8)
 
 
-def _output_names(files: list[StoragePath]) -> list[str]:
-    """<stem>, made unique when two inputs share a stem (a/x.jpg, b/x.png)."""
-    seen: dict[str, int] = {}
+def _output_names(files: list[StoragePath], heads: Sequence[str] = ()) -> list[str]:
+    """<stem> per input, made unique (<stem>_1, ...) where its files would be another
+    input's: two inputs that share a stem (a/x.jpg, b/x.png), or x.jpg beside x_color.jpg
+    (x's overlay) or, with ``heads``, beside x_geometric.jpg (x's other head)."""
+    used: set[str] = set()
     names = []
     for f in files:
-        n = seen.get(f.stem, 0)
-        seen[f.stem] = n + 1
-        names.append(f.stem if n == 0 else f"{f.stem}_{n}")
+        n = 0
+        while True:
+            name = f.stem if n == 0 else f"{f.stem}_{n}"
+            stems = [name, *(f"{name}_{h}" for h in heads)]
+            outs = {*stems, *(f"{x}_color" for x in stems)}
+            if not outs & used:
+                break
+            n += 1
+        used |= outs
+        names.append(name)
     return names
 
 
@@ -177,12 +188,20 @@ def check_options(loaded: Any, options: InferenceOptions, model_uri: str) -> Non
                          f"{e}") from None
 
 
+def extra_heads(loaded: Any) -> list[str]:
+    """A multi-head net's heads after the first (SIFT Flow: ["geometric"]); [] otherwise."""
+    heads = dict(getattr(getattr(loaded.net, "config", None), "heads", None) or {})
+    return list(heads)[1:]
+
+
 def predict_one(loaded: Any, path: str, out_dir: str, name: str, options: InferenceOptions,
                 device: Any = "cpu", max_pixels: int | None = None, fmt: str = "default",
                 frame: Mapping[str, str] | None = None, camera: companions.Camera | None = None
                 ) -> tuple[str | None, str | None]:
     """(written label location, None) or (None, why it was skipped: one line naming it).
-    ``frame``: a NYUD model's companion files of this image (``pipelines.companions``)."""
+    ``frame``: a NYUD model's companion files of this image (``pipelines.companions``).
+    A multi-head net's first head is <name>.png; each other head <name>_<head>.png (and its
+    overlay), from a pass of its own."""
     from fcn_core.inference import predict_labels
 
     nyud = loaded.input != "rgb"
@@ -192,9 +211,13 @@ def predict_one(loaded: Any, path: str, out_dir: str, name: str, options: Infere
                                            max_pixels) if nyud else (None, None)
     except images.ImageError as e:
         return None, str(e)
-    (label,) = predict_labels(loaded.net, [image], loaded.mean_bgr, options, device,
-                              input=loaded.input, hha=[hha] if hha is not None else None,
-                              depth=[depth] if depth is not None else None)
+    def labels(head: str | None = None) -> np.ndarray:
+        (label,) = predict_labels(loaded.net, [image], loaded.mean_bgr, options, device,
+                                  input=loaded.input, hha=[hha] if hha is not None else None,
+                                  depth=[depth] if depth is not None else None, head=head)
+        return label
+
+    label = labels()  # the first head's: the model's answer
     if fmt == "voc":
         target = storage.join(out_dir, VOC_RESULTS, f"{name}.png")
         storage.write_bytes(target, voc_png(label))
@@ -203,6 +226,11 @@ def predict_one(loaded: Any, path: str, out_dir: str, name: str, options: Infere
     storage.write_bytes(target, _png(label))
     storage.write_bytes(storage.join(out_dir, f"{name}_color.png"),
                         _png(overlay(image, label)))
+    for head in extra_heads(loaded):  # SIFT Flow's geometric labels beside the semantic ones
+        other = labels(head)
+        storage.write_bytes(storage.join(out_dir, f"{name}_{head}.png"), _png(other))
+        storage.write_bytes(storage.join(out_dir, f"{name}_{head}_color.png"),
+                            _png(overlay(image, other)))
     return target, None
 
 
@@ -413,8 +441,10 @@ def predict(model_uri: str, inputs: Sequence[str], out: str, *,
     if not files and not missing:
         raise UsageError(f"no image files in {', '.join(map(str, inputs))} (looked for "
                          f"{', '.join(sorted(IMAGE_SUFFIXES))})")
-    result = PredictResult(skipped=list(missing), format=fmt)
-    names = _output_names(files)
+    result = PredictResult(skipped=list(missing), format=fmt, heads=tuple(extra_heads(loaded)))
+    # --format voc names results by image id (unique, checked above); the default layout
+    # keeps every input's files apart
+    names = [f.stem for f in files] if fmt == "voc" else _output_names(files, result.heads)
     frames: list[dict[str, str]] = [{} for _ in files]
     if kinds:  # a NYUD model: each image with its HHA / depth, or skipped saying which lacks
         matched = companions.plan(files, kinds, sources)

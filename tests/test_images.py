@@ -419,6 +419,56 @@ def check_outputs(out: Path, good: dict[str, tuple[int, int]]) -> dict[str, np.n
     return ids
 
 
+def test_output_names_never_let_one_inputs_files_overwrite_anothers():
+    from pipelines.predict import _output_names
+    from pipelines.storage import path
+
+    def names(*files: str, heads: tuple[str, ...] = ()) -> list[str]:
+        return _output_names([path(f"/in/{f}") for f in files], heads)
+
+    assert names("a/x.jpg", "b/x.png", "c/x.jpg") == ["x", "x_1", "x_2"]
+    assert names("x.jpg", "x_color.jpg") == ["x", "x_color_1"]  # not x's overlay
+    assert names("x_color.jpg", "x.jpg") == ["x_color", "x_1"]
+    assert names("x_1.jpg", "a/x.jpg", "b/x.jpg") == ["x_1", "x", "x_2"]
+    assert names("x.jpg", "x_geometric.jpg", heads=("geometric",)) == ["x", "x_geometric_1"]
+    assert names("x.jpg", "x_geometric.jpg") == ["x", "x_geometric"]
+
+
+def test_a_two_head_siftflow_net_writes_both_heads_labels(tmp_path):
+    """SIFT Flow's net scores 33 semantic and 3 geometric classes: <name>.png holds the first
+    head's labels (what the served model answers), <name>_geometric.png the second's, each
+    with its overlay, exactly the net's argmax per head; the closing line names both."""
+    from fcn_core import fcn16s
+    from fcn_core.transforms import image_to_tensor
+    from pipelines.predict import predict
+    from pipelines.registry import resolve_model
+    from pipelines.train.checkpoint import write_checkpoint
+
+    torch.manual_seed(0)
+    net = fcn16s(width=1 / 16, heads={"semantic": 33, "geometric": 3})
+    for name, m in net.named_modules():
+        if name.split(".")[-1].startswith("score_"):
+            torch.nn.init.normal_(m.weight, std=1.0)
+    write_checkpoint(str(tmp_path / "ck" / "checkpoint.pt"), net,
+                     config={"dataset": "siftflow", "input": "rgb"})
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    rgb[:, :48] //= 8  # a dark half and a bright one: both heads' labels vary
+    save(Image.fromarray(rgb), tmp_path / "in" / "coast.png")
+    result = predict(str(tmp_path / "ck"), [str(tmp_path / "in")], str(tmp_path / "out"),
+                     log=lambda m: None)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "coast.png", "coast_color.png", "coast_geometric.png", "coast_geometric_color.png"]
+    loaded = resolve_model(str(tmp_path / "ck"))
+    with torch.no_grad():
+        scores = loaded.net(image_to_tensor(rgb, loaded.mean_bgr)[None])
+    for file, head, classes in (("coast.png", "semantic", 33),
+                                ("coast_geometric.png", "geometric", 3)):
+        got = np.array(Image.open(tmp_path / "out" / file))
+        assert np.array_equal(got, scores[head].argmax(1)[0].numpy()), head
+        assert got.max() < classes and len(np.unique(got)) > 1, head
+    assert "<name>_geometric.png geometric class ids" in result.summary("OUT")
+
+
 def test_predict_writes_the_good_files_and_reports_and_skips_the_bad(tmp_path):
     from pipelines.predict import predict
 

@@ -202,7 +202,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="segment image files or folders",
         description="Write <name>.png (uint8 class ids, the input's size as a viewer shows it: "
-                    "EXIF orientation applied) and <name>_color.png (overlay) for every image; "
+                    "EXIF orientation applied) and <name>_color.png (overlay) for every image "
+                    "(a two-head SIFT Flow net: also <name>_geometric.png and its overlay); "
                     "folders are searched recursively. Images are predicted in this process; "
                     "a folder of 64 or more goes on through Ray Data once the rest would take "
                     "over 20 s here (--actors N: all of it on N Ray actors from the start). "
