@@ -219,6 +219,48 @@ def test_predict_reads_a_checkpoint_and_images_from_a_bucket_and_writes_there(
 
 
 @pytest.mark.slow
+def test_nyud_predict_pairs_images_and_depth_maps_in_a_bucket(bucket, tmp_path):
+    """fcn predict of an RGB + HHA net with --depth from a bucket: the images and depth maps
+    are listed and matched by name in the bucket, HHA is computed from the depth read
+    there, and the labels written to the bucket are those of the same files on disk."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from fcn_core.fcn import LateFusion, fcn8s
+    from pipelines.companions import Sources
+    from pipelines.predict import predict
+    from pipelines.train.checkpoint import write_checkpoint
+
+    torch.manual_seed(0)
+    write_checkpoint(str(tmp_path / "ck" / "checkpoint.pt"),
+                     LateFusion(fcn8s(num_classes=40, width=1 / 16),
+                                fcn8s(num_classes=40, width=1 / 16)),
+                     config={"dataset": "nyud", "input": "rgb-hha"})
+    rng = np.random.default_rng(4)
+    for name in ("img_1", "img_2"):
+        for kind, a in (("images", rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)),
+                        ("depth", rng.integers(500, 6000, (30, 44)).astype(np.uint16))):
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="PNG")
+            storage.write_bytes(storage.join(bucket, "nyud", kind, f"{name}.png"),
+                                buf.getvalue())
+            (tmp_path / kind).mkdir(exist_ok=True)
+            (tmp_path / kind / f"{name}.png").write_bytes(buf.getvalue())
+    remote = predict(str(tmp_path / "ck"), [storage.join(bucket, "nyud", "images")],
+                     storage.join(bucket, "nyud", "pred"), log=lambda m: None,
+                     sources=Sources(depth=(storage.join(bucket, "nyud", "depth"),)))
+    local = predict(str(tmp_path / "ck"), [str(tmp_path / "images")], str(tmp_path / "pred"),
+                    log=lambda m: None, sources=Sources(depth=(str(tmp_path / "depth"),)))
+    assert len(remote.written) == len(local.written) == 2 and not remote.skipped
+    for name in ("img_1", "img_2"):
+        got = np.array(Image.open(io.BytesIO(storage.read_bytes(
+            storage.join(bucket, "nyud", "pred", f"{name}.png")))))
+        assert np.array_equal(got, np.array(Image.open(tmp_path / "pred" / f"{name}.png")))
+
+
+@pytest.mark.slow
 def test_backbone_weights_from_a_bucket_pass_preflight_and_load_without_pickle(bucket):
     """Nodes share no disk: --backbone-weights may be a bucket URI, checked on the driver and
     read by each worker (tensors only); a missing object is a usage error naming the URI."""
