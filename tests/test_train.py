@@ -220,7 +220,6 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
             if name.isdigit():
                 with open(os.path.join(warm_dir(), name)) as f:
                     marked[int(name)] = f.read()
-        connected = sorted(int(p[:-3]) for p in os.listdir(warm_dir()) if p.endswith(".up"))
 
         def has_torch(pid):
             try:
@@ -233,6 +232,9 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
             time.sleep(0.2)
         time.sleep(1.0)  # an unmarked process that (wrongly) imported ahead would be seen
         torch_before = [pid for pid in up if has_torch(pid)]
+        # read after the imports: a marked process touches <pid>.up just before its import,
+        # so read earlier a loaded machine could list a worker not yet connected
+        connected = sorted(int(p[:-3]) for p in os.listdir(warm_dir()) if p.endswith(".up"))
         from ray.train.torch import TorchTrainer
         from ray.util.state import list_actors
         before = {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
