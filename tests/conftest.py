@@ -16,26 +16,43 @@ ENGINE_FIXTURES = {"ray_local", "s3_server", "postgres", "mlflow_server"}
 
 
 # `make test` runs two pytest sessions side by side (pytest-xdist, -n 2 --dist loadgroup):
-# these modules and tests, which start Ray clusters and servers of their own, in one; the
-# rest, with the session's local Ray and servers, in the other. Each session starts only the
-# engines its own tests use. The experiment flow's test (its own Prefect API and a local Ray
-# in-process; ~70 s) goes with the first group to even the two out: measured, with
-# --durations=0, 568 s of tests in the first and 740 s in the second without it.
+# these modules and tests, which start Ray clusters, Rays in subprocesses and servers of their
+# own, in one; the rest, with the session's local Ray and servers, in the other. Each session
+# starts only the engines its own tests use, so the two-node cluster and the shared Ray start
+# once each. The experiment flow's test (its own Prefect API and a local Ray in-process) goes
+# with the first group to even the two out (see the README's "make test" figures).
 OWN_ENGINES = ("test_cluster.py", "test_servers.py",
                "test_infra.py::test_local_stack_up_and_down",
-               "test_bench.py::test_bench_predict",
+               "test_bench.py::test_bench_predict", "test_bench.py::test_bench_stage_start_runs",
                "test_flows.py::test_an_experiment_runs_its_rows",
-               "test_train.py::test_a_local_ray_trains_without")
+               "test_train.py::test_a_local_ray_trains_without",
+               "test_train.py::test_fcn_train_keeps_the_local_ray")
+
+
+def own_engines(nodeid: str) -> bool:
+    return any(k in nodeid for k in OWN_ENGINES)
 
 
 def pytest_collection_modifyitems(config, items):
-    parallel = config.pluginmanager.hasplugin("xdist")
     for item in items:
         if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if parallel:
-            own = any(k in item.nodeid for k in OWN_ENGINES)
-            item.add_marker(pytest.mark.xdist_group("own-engines" if own else "shared"))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """The two sessions of ``--dist loadgroup``, by node id. xdist's own loadgroup reads
+    the ``xdist_group`` mark from a suffix its worker hook adds to ``item._nodeid``, which
+    pytest 9 no longer reads (node ids live in ``_id``): every test went to either session,
+    and a module's fixtures (the two-node cluster) could start in both."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TwoSessions(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "own-engines" if own_engines(nodeid) else "shared"
+
+    return TwoSessions(config, log)
 
 
 _REALDATA_CANDIDATES = [
