@@ -1,7 +1,9 @@
 """One way to reach Ray: the cluster in RAY_ADDRESS, or a local one started on demand.
 
 RAY_ADDRESS forms:
-- unset: a local Ray with this machine's CPUs (dashboard on 127.0.0.1:8265);
+- unset: a local Ray of this process's own with this machine's CPUs (dashboard on
+  127.0.0.1:8265), also where a ``ray start`` cluster runs on this machine (``ray.init()``
+  would join that one: the "Ray:" line names it, and ``auto`` joins it);
 - ``host:6379`` (the head's GCS) or ``auto``: this process is a driver on that cluster;
 - ``http://host:8265`` (the dashboard): Ray Jobs; ``flows`` submits each cluster task as a
   job (``pipelines.jobs``) and this module refuses to start a driver on it;
@@ -27,6 +29,7 @@ from pipelines.errors import ServiceUnavailable
 
 DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 _DASHBOARD: dict[str, str] = {}  # the dashboard URL ray.init() returned in this process
+_OTHER: dict[str, str] = {}  # a `ray start` cluster this process's local Ray is not
 _WARM: dict[str, str] = {}  # the folder of pipelines.warm's marks, for this process's Ray
 
 
@@ -171,6 +174,10 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     """A GCS address (host:port) that does not accept a connection fails here in one line,
     instead of after Ray's own long retries."""
     if address == "auto":
+        if ray_start_address() is None:
+            raise RayUnavailable("RAY_ADDRESS=auto joins the cluster `ray start` began on this "
+                                 "machine, and none runs here: start one, set its address, or "
+                                 "unset RAY_ADDRESS for a local Ray")
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
@@ -242,6 +249,20 @@ def _warm_hook() -> Iterator[None]:
         os.environ.pop(warm.DIR_ENV, None)
 
 
+def ray_start_address() -> str | None:
+    """The GCS address the last ``ray start`` on this machine recorded (what ``ray.init()``
+    without an address would join), if it still answers."""
+    from ray._private.utils import read_ray_address
+
+    try:
+        address = read_ray_address()
+        host, _, port = (address or "").rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return address
+    except (OSError, ValueError):
+        return None
+
+
 def init_ray(num_cpus: int | None = None) -> str:
     """Connect once per process and say where."""
     import ray
@@ -278,9 +299,13 @@ def init_ray(num_cpus: int | None = None) -> str:
             if not verbose():  # "Token authentication is enabled for this Ray cluster ..."
                 logging.getLogger("ray._private.authentication.authentication_token_setup"
                                   ).setLevel(logging.ERROR)
+            # address="local": a Ray of our own even where `ray start` left one to join (Ray
+            # would join it, and refuse num_cpus there); the "Ray:" line says how to use it.
+            _OTHER["ray start"] = ray_start_address() or ""
             with _warm_hook():
-                ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, logging_level=level,
-                               dashboard_host="127.0.0.1", log_to_driver=True)
+                ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                               logging_level=level, dashboard_host="127.0.0.1",
+                               log_to_driver=True)
             _start_autoscaling_coordinator()
         if ctx.dashboard_url:
             _DASHBOARD["url"] = ctx.dashboard_url
@@ -289,6 +314,11 @@ def init_ray(num_cpus: int | None = None) -> str:
     cpus = ray.cluster_resources().get("CPU", 0)
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     where = address or "a local Ray"
+    if address == "auto":
+        where = f"{ray.get_runtime_context().gcs_address} (RAY_ADDRESS=auto)"
     dash = _DASHBOARD.get("url")
     ui = f", dashboard http://{dash.removeprefix('http://')}" if dash else ""
-    return f"Ray: {where} ({cpus:g} CPUs, {nodes} node(s), job {job}{ui})"
+    other = "" if address else _OTHER.get("ray start")
+    aside = (f"; not the Ray that `ray start` runs at {other}: RAY_ADDRESS=auto uses that one"
+             if other else "")
+    return f"Ray: {where} ({cpus:g} CPUs, {nodes} node(s), job {job}{ui}){aside}"

@@ -122,6 +122,45 @@ def test_custom_resources_place_tasks_on_each_node(cluster, tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [head.node_id, node.node_id]
 
 
+def test_without_ray_address_a_ray_start_cluster_is_named_not_joined(cluster, tmp_path):
+    """A user's own `ray start` on this machine (Ray records its address where `ray.init()`
+    without one looks, and joins it, refusing num_cpus there: it was a ValueError
+    traceback): with RAY_ADDRESS unset, commands start their local Ray as documented, and
+    the "Ray:" line names the other one and how to use it."""
+    import shutil
+    import tempfile
+
+    head, _ = cluster
+    recorded = head.temp_dir / "ray_current_cluster"  # what `ray start` wrote
+    assert recorded.is_file()
+    # RAY_TMPDIR: the driver's default temp dir, where its `ray.init()` reads the record;
+    # short, for Ray's socket paths
+    tmp = Path(tempfile.mkdtemp(prefix="fcnrt-", dir="/tmp"))
+    try:
+        (tmp / "ray").mkdir()
+        shutil.copy(recorded, tmp / "ray" / "ray_current_cluster")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(RAY_TMPDIR=str(tmp), RAY_USAGE_STATS_ENABLED="0")
+        code = ("from pipelines.ray_env import init_ray\nprint(init_ray(1 if {own} else None))"
+                "\nimport ray\nprint(ray.get_runtime_context().gcs_address)")
+        runs = [subprocess.run([sys.executable, "-c", code.format(own=own)], cwd=ROOT, env={
+            **env, **({} if own else {"RAY_ADDRESS": "auto", "RAY_AUTH_MODE": "token"})},
+            capture_output=True, text=True, timeout=180) for own in (True, False)]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-3000:] for r in runs]
+    (line, gcs), (joined_line, joined) = (r.stdout.strip().splitlines()[-2:] for r in runs)
+    other = recorded.read_text().strip()
+    assert line.startswith("Ray: a local Ray (1 CPUs, 1 node(s)"), line
+    assert line.endswith(f"; not the Ray that `ray start` runs at {other}: RAY_ADDRESS=auto "
+                         "uses that one"), line
+    assert gcs != other and gcs.rpartition(":")[2] != other.rpartition(":")[2]
+    # and RAY_ADDRESS=auto joins that one, as the line says
+    assert joined == other and joined_line.startswith(
+        f"Ray: {other} (RAY_ADDRESS=auto) (6 CPUs, 2 node(s)"), (
+        joined_line, joined)
+
+
 @pytest.fixture(scope="module")
 def shards(cluster, s3_server, mlflow_server, tmp_path_factory) -> str:
     """The generated set, ingested once into the bucket by a driver on the cluster."""
@@ -206,6 +245,10 @@ def test_ray_addresses_that_cannot_work_are_one_line_exit_2(tmp_path, s3_server)
         ({"RAY_ADDRESS": f"127.0.0.1:{port}"},
          ["ingest", "synthetic", "--root", raw, "--out", str(tmp_path / "o")],
          f"the Ray cluster at RAY_ADDRESS=127.0.0.1:{port} does not answer"),
+        ({"RAY_ADDRESS": "auto", "RAY_TMPDIR": str(tmp_path / "no-ray-here")},
+         ["ingest", "synthetic", "--root", raw, "--out", str(tmp_path / "o")],
+         "RAY_ADDRESS=auto joins the cluster `ray start` began on this machine, and none "
+         "runs here"),
         ({"RAY_ADDRESS": f"ray://127.0.0.1:{port}"},
          ["ingest", "synthetic", "--root", raw, "--out", str(tmp_path / "o")],
          "is a Ray Client address"),

@@ -16,7 +16,8 @@ from flows.cli import data, errors, experiment, models, nets, pipeline, training
 from flows.cli.training import stage_table
 
 EPILOG = ("environment: RAY_ADDRESS (a Ray cluster: head:6379, or http://head:8265 to submit "
-          "Ray jobs), MLFLOW_TRACKING_URI (an MLflow server), PREFECT_API_URL (a Prefect "
+          "Ray jobs; auto: the `ray start` cluster of this machine; unset: a local Ray of "
+          "this command's own), MLFLOW_TRACKING_URI (an MLflow server), PREFECT_API_URL (a Prefect "
           "server), FCN_DATA_DIR (local state, default ./data), FCN_MODEL_CACHE (registered "
           "models' checkpoints, default FCN_DATA_DIR/model-cache; off), AWS_ENDPOINT_URL / "
           "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION (s3:// locations). "
