@@ -26,7 +26,8 @@ OWN_ENGINES = ("test_cluster.py", "test_servers.py",
                "test_bench.py::test_bench_predict", "test_bench.py::test_bench_stage_start_runs",
                "test_flows.py::test_an_experiment_runs_its_rows",
                "test_train.py::test_a_local_ray_trains_without",
-               "test_train.py::test_fcn_train_keeps_the_local_ray")
+               "test_train.py::test_fcn_train_keeps_the_local_ray",
+               "test_train.py::test_ctrl_c_stops_fcn_train")
 
 
 def own_engines(nodeid: str) -> bool:

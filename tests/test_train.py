@@ -19,6 +19,7 @@ from pipelines.ingest import IngestConfig, ingest
 from pipelines.shards import read_manifest
 from pipelines.sources import synthetic as synth
 from pipelines.train import CHECKPOINT_FILE, StageFailed, load_model, train_pipeline
+from pipelines.train.driver import start_pipeline_run
 from pipelines.train.step import build_stage_model
 from pipelines.train.worker import DONE_FILE
 
@@ -179,14 +180,25 @@ def test_resume_continues_an_interrupted_stage_from_its_checkpoint(shards, tmp_p
     with pytest.raises(StageFailed, match="stage 32s failed.*--resume"):
         train_pipeline(cfg, shards["voc"], storage=tmp_path / "runs", log=lambda m: None)
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
-    # `fcn train --resume RUN_ID`: same run folder, Ray Train picks up the latest checkpoint.
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.pipeline_run = '{run_dir.name}'")
+    assert {r.data.tags["stage"]: r.info.status for r in runs} == {
+        "pipeline": "FAILED", "32s": "FAILED"}
+    # `fcn train --resume RUN_ID`: same run folder, Ray Train picks up the latest checkpoint;
+    # the parent run is running again as soon as it is found
     again = dataclasses.replace(cfg, fail_at_step=None)
+    found = start_pipeline_run(again, shards["voc"], tmp_path / "runs", resume=run_dir.name,
+                               log=lambda m: None)
+    assert client.get_run(found.mlflow_parent).info.status == "RUNNING"
     run, (res,) = train_pipeline(again, shards["voc"], storage=tmp_path / "runs",
                                  resume=run_dir.name, log=lambda m: None)
     assert run.run_id == run_dir.name
     assert res.metrics["resumed_from"] == 2 and res.steps == 6
-    parent = MlflowClient(mlflow_uri).get_run(run.mlflow_parent)
+    parent = client.get_run(run.mlflow_parent)
     assert parent.data.tags["pipeline_run"] == run_dir.name  # the same MLflow parent run
+    assert parent.info.status == "FINISHED"
+    assert client.get_run(res.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.timeout(300)
@@ -316,3 +328,52 @@ def test_fcn_train_keeps_the_local_ray_it_started_alive_to_the_end(shards, tmp_p
     from bench_train_cli import MARKS  # the lines bench/bench_train_cli.py times
 
     assert all(text in r.stdout for _, text in MARKS), r.stdout
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_fcn_train_marks_its_mlflow_runs_killed_and_says_how_to_resume(
+        shards, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) in the middle of a stage: exit 130
+    with one line that says how to resume, the parent and stage runs KILLED in MLflow (as
+    MLflow marks a cancelled run; they were FAILED), and no process of the command left."""
+    import signal
+    import time
+
+    from servers import descendant_pids, pid_alive
+
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text("name: long\ndataset: voc\nwidth: 0.0625\noptimizer: adam\n"
+                   "stages:\n  - {name: 32s, steps: 1000, lr: 0.001}\nbatch_size: 2\n"
+                   "workers: 1\ncpus_per_worker: 1\ncheckpoint_every: 1000\nval_every: 0\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
+    env["FCN_DATA_DIR"] = str(tmp_path / "state")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "--config", str(cfg),
+                             "--data", str(shards["voc"])], cwd=Path(__file__).parents[1],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "[32s] step 1/1000" in line:
+                break
+        family = descendant_pids(proc.pid)
+        assert family, "no process under fcn train"
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fcn train: interrupted; MLflow runs marked KILLED; resume with "
+                           "--resume long-"), err[-3000:]
+    run_id = last.rsplit(" ", 1)[1]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'state' / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.pipeline_run = '{run_id}'")
+    assert {r.data.tags["stage"]: r.info.status for r in runs} == {
+        "pipeline": "KILLED", "32s": "KILLED"}
+    deadline = time.monotonic() + 20
+    while [p for p in family if pid_alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in family if pid_alive(p)], family

@@ -42,8 +42,9 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     except StageFailed as exc:
         print(f"fcn {command}: {_redact(str(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"fcn {command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # with what to do next, where the command knows it
+        notes = "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
+        print(f"fcn {command}: interrupted{notes}", file=sys.stderr)
         return 130
     except Exception:
         print(_redact(traceback.format_exc()), file=sys.stderr, end="")

@@ -285,7 +285,9 @@ def start_pipeline_run(cfg: TrainConfig, data: str | Path, where: str | Path | N
             [exp], f"tags.pipeline_run = '{resume}' and tags.stage = 'pipeline'",
             max_results=1)), f"MLflow experiment {experiment!r}")
     parent = _find_or_create_run(client, exp, run_id, None, "pipeline", cfg.name)
-    if not resume:
+    if resume:  # FAILED or KILLED when it stopped: running again
+        client.update_run(parent, status="RUNNING")
+    else:
         for k, v in flatten(cfg.to_dict()).items():
             client.log_param(parent, k, v[:6000])
         from pipelines.registry import log_dataset_input
@@ -327,6 +329,8 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: Pipel
     else:
         from pipelines.ray_env import init_ray
 
+        if client.get_run(child).info.status != "RUNNING":  # resumed: running again
+            client.update_run(child, status="RUNNING")
         # Here, not in the chain's thread: Ray's local processes die with the thread that
         # started them (and the driver's exit then waits ~15 s for timeouts).
         init_ray()
@@ -339,21 +343,27 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: Pipel
             log(f"stage {stage.name}: in the same worker group, from {init_checkpoint}")
         try:
             res = current.wait(stage.name, child)
-        except BaseException:
-            client.set_terminated(child, "FAILED")
+        except BaseException as exc:
+            client.set_terminated(child, end_status(exc))
             raise
     _log_stage_artifacts(client, child, res, cfg)
     client.set_terminated(child, "FINISHED")
     return res
 
 
-def finish_pipeline_run(run: PipelineRun, ok: bool) -> None:
+def end_status(exc: BaseException) -> str:
+    """The MLflow status of a run that ``exc`` ended: KILLED for Ctrl-C (as MLflow marks a
+    cancelled run), FAILED otherwise."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
+def finish_pipeline_run(run: PipelineRun, ok: bool, status: str | None = None) -> None:
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking import tracking_uri
 
-    MlflowClient(tracking_uri()).set_terminated(run.mlflow_parent, "FINISHED" if ok
-                                                else "FAILED")
+    MlflowClient(tracking_uri()).set_terminated(
+        run.mlflow_parent, status or ("FINISHED" if ok else "FAILED"))
 
 
 def train_pipeline(cfg: TrainConfig, data: str | Path, storage: str | Path | None = None,
@@ -377,8 +387,10 @@ def train_pipeline(cfg: TrainConfig, data: str | Path, storage: str | Path | Non
         for stage in cfg.stages:
             results.append(run_stage(cfg, stage, data, run, init, log))
             init = results[-1].checkpoint
-    except BaseException:
-        finish_pipeline_run(run, ok=False)
+    except BaseException as exc:
+        finish_pipeline_run(run, ok=False, status=end_status(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            exc.add_note(f"MLflow runs marked KILLED; resume with --resume {run.run_id}")
         raise
     if run.run_id in _CHAINS:  # the last stage returned on its done file: the workers let
         _CHAINS[run.run_id].join()  # go before `fcn train` (or the Ray job running it) ends
