@@ -72,8 +72,10 @@ def train_stages(config: dict[str, Any], data: str, fingerprint: str, storage: s
                 config, stage["name"], data, fingerprint, run, init)
             results.append(res)
             init = res["checkpoint"]
-    except BaseException:
-        finish_run_task(run, ok=False)
+    except BaseException as exc:
+        from pipelines.train.driver import end_status
+
+        finish_run_task(run, ok=False, status=end_status(exc))  # KILLED for Ctrl-C
         raise
     finish_run_task(run, ok=True)
     publish_stages(results)

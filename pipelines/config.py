@@ -511,12 +511,27 @@ def from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(**data)
 
 
+PROJECT = Path(__file__).resolve().parents[1]  # the checkout, or /app in the image
+
+
+def preset_path(path: str | Path) -> str | Path:
+    """``path``, or where a relative one that is not here is in the project (its
+    ``configs/`` presets): `fcn demo` run from another folder finds ``configs/demo.yaml``."""
+    if isinstance(path, str) and "://" in path:
+        return path
+    p = Path(path)
+    if p.is_absolute() or p.exists() or not (PROJECT / p).is_file():
+        return path
+    return PROJECT / p
+
+
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
-    """Read a YAML preset; ``overrides`` (e.g. from the CLI) win over the file. Errors start
+    """Read a YAML preset (a relative path not found here is looked up in the project, as
+    ``preset_path``); ``overrides`` (e.g. from the CLI) win over the file. Errors start
     with ``config <path>:``."""
     from pipelines import storage
 
-    p = storage.as_location(path)
+    p = storage.as_location(preset_path(path))
     where = f"config {path}"
     try:
         text = storage.read_text(p)

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import ConfigError, TrainConfig, from_dict
+from pipelines.config import ConfigError, TrainConfig, from_dict, preset_path
 
 Log = Callable[[str], None]
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+()-]{0,63}")
@@ -75,7 +75,7 @@ class Experiment:
 def load_experiment(path: str | Path) -> Experiment:
     """Read and check an experiment file: every row's config is built (and so validated)
     now, and every problem is one ConfigError line naming the row and the key."""
-    p = Path(path)
+    p = Path(preset_path(path))
     where = f"experiment {path}"
     if not p.is_file():
         raise ConfigError(f"experiment file not found: {p}")

@@ -354,3 +354,21 @@ def test_the_config_names_every_successor_of_the_model_table():
 
     assert MODELS == SUCCESSORS
     assert FIXED_WIDTH == tuple(n for n in SUCCESSORS if n not in SCALABLE)
+
+
+def test_a_preset_path_from_another_folder_is_the_projects_unless_one_is_here(
+        tmp_path, monkeypatch):
+    """`fcn demo` (default --config configs/demo.yaml) or `fcn experiment
+    configs/paper/table2.yaml` run outside the checkout: the project's presets; a file of
+    that name here wins; one that is nowhere is still the one-line error."""
+    from pipelines.experiment import load_experiment
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/demo.yaml") == load_config(ROOT / "configs/demo.yaml")
+    assert load_experiment("configs/paper/table2.yaml").name == "table2"
+    (tmp_path / "configs").mkdir()
+    text = (ROOT / "configs/demo.yaml").read_text().replace("name: demo", "name: mine")
+    (tmp_path / "configs" / "demo.yaml").write_text(text)
+    assert load_config("configs/demo.yaml").name == "mine"
+    with pytest.raises(ConfigError, match=r"config file not found: .*/configs/nope\.yaml"):
+        load_config("configs/nope.yaml")

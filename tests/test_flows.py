@@ -29,10 +29,11 @@ def prefect_api(tmp_path_factory):
     os.environ.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                       PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     seed(home)
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    server = SubprocessASGIServer()
+    from flows.cli.pipeline import prefect_api_server
+
+    server = prefect_api_server()  # as `fcn run` starts it (a session of its own)
     server.start(timeout=120)
     remember(home)
     try:

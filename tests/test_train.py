@@ -343,7 +343,8 @@ def test_ctrl_c_stops_fcn_train_marks_its_mlflow_runs_killed_and_says_how_to_res
 
     cfg = tmp_path / "long.yaml"
     cfg.write_text("name: long\ndataset: voc\nwidth: 0.0625\noptimizer: adam\n"
-                   "stages:\n  - {name: 32s, steps: 1000, lr: 0.001}\nbatch_size: 2\n"
+                   "stages:\n  - {name: 32s, steps: 1000, lr: 0.001}\n"
+                   "  - {name: 16s, steps: 10, lr: 0.001}\nbatch_size: 2\n"
                    "workers: 1\ncpus_per_worker: 1\ncheckpoint_every: 1000\nval_every: 0\n")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
@@ -371,8 +372,8 @@ def test_ctrl_c_stops_fcn_train_marks_its_mlflow_runs_killed_and_says_how_to_res
     client = MlflowClient(f"sqlite:///{tmp_path / 'state' / 'mlflow' / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               f"tags.pipeline_run = '{run_id}'")
-    assert {r.data.tags["stage"]: r.info.status for r in runs} == {
-        "pipeline": "KILLED", "32s": "KILLED"}
+    assert {r.data.tags["stage"]: r.info.status for r in runs} == {  # the next one's too
+        "pipeline": "KILLED", "32s": "KILLED", "16s": "KILLED"}
     deadline = time.monotonic() + 20
     while [p for p in family if pid_alive(p)] and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -57,12 +58,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return errors.run(func, args)
 
 
+def _hangup(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def entry() -> None:
     """The ``fcn`` console script: ``main``, then the end of the process as Python ends it
     (threads joined, then the exit handlers: Ray's shutdown, Prefect's temporary server,
     MLflow's runs, logging), without the teardown that follows them: clearing the thousands
     of modules torch, Ray, Prefect and MLflow load took 1.6-2 s on 2 cores after a command
-    was done (measured after `fcn demo`; ~0.3 s with torch alone)."""
+    was done (measured after `fcn demo`; ~0.3 s with torch alone).
+
+    A hangup (the terminal closed) ends a command as Ctrl-C does, through its cleanup and
+    those exit handlers, unless it is ignored (nohup): Prefect's temporary server runs in a
+    session of its own (``flows.cli.pipeline.prefect_api_server``) and would outlive it."""
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, _hangup)
     code = main()
     shutdown_threads = getattr(threading, "_shutdown", None)  # what Python does first
     if shutdown_threads is not None:

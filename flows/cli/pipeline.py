@@ -34,6 +34,36 @@ def prefect_env(project: Path) -> None:
     os.environ.setdefault("FCN_DATA_DIR", str(project.resolve()))
 
 
+def prefect_api_server() -> Any:
+    """Prefect's temporary API server (``SubprocessASGIServer``, the one Prefect's flows
+    find), started in a session of its own. A terminal's Ctrl-C signals its whole foreground
+    process group: the server died with this process's KeyboardInterrupt, and Prefect then
+    retried every state and log it sent for minutes (measured: 217 s to exit after
+    `fcn demo`'s Ctrl-C, then a ConnectError traceback). This process stops it at exit, as
+    Prefect does, and on a hangup (``flows.cli.entry``)."""
+    import subprocess
+    import sys
+
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class OwnSession(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            # Prefect 3.8's command and environment, with start_new_session
+            return subprocess.Popen(
+                args=[sys.executable, "-m", "uvicorn", "--app-dir",
+                      str(prefect.__module_path__.parent), "--factory",
+                      "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                      "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                     "PREFECT__SERVER_FINAL": "1",
+                     **get_current_settings().to_environment_variables(exclude_unset=True)},
+                start_new_session=True)
+
+    return OwnSession()
+
+
 def start_services(train_workers: int = 0, prefect: bool = True) -> None:
     """Start what the flow's first steps wait for, side by side: Prefect's temporary API
     (without PREFECT_API_URL; ~15 s on 2 cores, a subprocess) in a thread, while this thread
@@ -70,9 +100,9 @@ def start_services(train_workers: int = 0, prefect: bool = True) -> None:
         return t
 
     if prefect:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        thread = in_thread("prefect-api", lambda: SubprocessASGIServer().start())
+        # made here: its imports (sqlalchemy among them) in another thread while the MLflow
+        # store's thread imports the same modules failed as a circular import
+        thread = in_thread("prefect-api", prefect_api_server().start)
 
     def open_mlflow() -> None:  # a new SQLite store runs its migrations (~2.5 s)
         from mlflow.tracking import MlflowClient
@@ -116,10 +146,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _pipeline_params(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.config import preset_path
     from pipelines.storage import as_location
 
     params: dict[str, Any] = {"dataset": args.dataset, "root": as_location(args.root),
-                              "config": str(Path(args.config).resolve()),
+                              "config": str(Path(preset_path(args.config)).resolve()),
                               "split": args.split, "force": args.force}
     for key in ("sbd_root", "context_root"):
         if getattr(args, key):
@@ -243,13 +274,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{home}/\n  ingest (128 images: in this process; Ray Data above 256) -> FCN-32s "
           "-> 16s -> 8s (Ray Train, 2 workers) -> evaluate -> register (MLflow)\n",
           flush=True)
-    from pipelines.config import load_config
+    from pipelines.config import load_config, preset_path
 
     start_services(load_config(args.config).workers if demo_trains(home, args.force) else 0)
     from flows.pipeline import fcn_pipeline
 
     summary = fcn_pipeline(dataset="synthetic", root=str(home / "raw" / "synthetic"),
-                           config=str(Path(args.config).resolve()),
+                           config=str(Path(preset_path(args.config)).resolve()),
                            out=str(home / "shards"), force=args.force)
     print_summary(summary)
     ious = [ev["metrics"]["mean_iu"] for ev in summary["evaluations"]]

@@ -344,7 +344,8 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: Pipel
         try:
             res = current.wait(stage.name, child)
         except BaseException as exc:
-            client.set_terminated(child, end_status(exc))
+            for later in children.values():  # this stage's run and those of the stages after
+                client.set_terminated(later, end_status(exc))  # it (made for the chain)
             raise
     _log_stage_artifacts(client, child, res, cfg)
     client.set_terminated(child, "FINISHED")
