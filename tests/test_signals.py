@@ -15,6 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _default_sigint() -> None:
+    """As in a terminal's foreground: pytest-xdist's workers ignore SIGINT, and their
+    children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow  # a Prefect server (~10 s)
 def test_prefects_temporary_server_outlives_a_ctrl_c_of_the_command_that_started_it(
         tmp_path):
@@ -55,7 +61,8 @@ def test_prefects_temporary_server_outlives_a_ctrl_c_of_the_command_that_started
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=240, start_new_session=True)
+                       text=True, timeout=240, start_new_session=True,
+                       preexec_fn=_default_sigint)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["health"] == 200 and out["answer"] == 42, out

@@ -330,6 +330,14 @@ def test_fcn_train_keeps_the_local_ray_it_started_alive_to_the_end(shards, tmp_p
     assert all(text in r.stdout for _, text in MARKS), r.stdout
 
 
+def _default_sigint() -> None:
+    """A terminal's foreground command takes Ctrl-C; pytest-xdist's workers ignore SIGINT,
+    and their children would inherit that (as a shell's background jobs do)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.timeout(300)
 def test_ctrl_c_stops_fcn_train_marks_its_mlflow_runs_killed_and_says_how_to_resume(
         shards, tmp_path):
@@ -352,7 +360,7 @@ def test_ctrl_c_stops_fcn_train_marks_its_mlflow_runs_killed_and_says_how_to_res
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "--config", str(cfg),
                              "--data", str(shards["voc"])], cwd=Path(__file__).parents[1],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_default_sigint)
     try:
         for line in proc.stdout:
             if "[32s] step 1/1000" in line:
