@@ -11,7 +11,8 @@ after it connects, before it takes work) and a folder in ``FCN_WARM_DIR``. The p
 each process it started with a file named by its pid there, holding the kind of actor it is
 for (``worker`` or ``controller``); ``hook`` imports what that kind needs, in marked processes
 only. Every other process (Ray Data tasks, evaluation actors, any Ray Train run not started
-ahead) checks one path and goes on.
+ahead) checks one path and goes on. Every process also gets its cluster's GCS address in
+RAY_ADDRESS (``_own_cluster``).
 
 This module is imported by every worker of such a Ray: it imports nothing heavy itself.
 """
@@ -125,8 +126,24 @@ def _controller_should_import(folder: str) -> bool:
     return False
 
 
+def _own_cluster() -> None:
+    """Name this worker's cluster in RAY_ADDRESS. Ray's state API, which Ray Train's
+    PlacementGroupCleaner asks whether the controller is alive, finds its cluster by
+    RAY_ADDRESS, or else by the Ray instances running on this machine: beside a second one
+    (a user's own `ray start`, another command's local Ray) it refused to choose
+    ("Found multiple active Ray instances") and the cleaner's thread died."""
+    if not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def hook() -> None:
     """Ray's worker setup hook. Never raises: Ray ends a worker whose hook fails."""
+    try:
+        _own_cluster()
+    except Exception:  # the cleaner then looks for the cluster as before
+        pass
     try:
         kind = marked()
         if not kind:

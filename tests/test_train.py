@@ -260,11 +260,23 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
                      run_config=ray.train.RunConfig(storage_path=os.environ["STORE"])).fit()
         actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10000)
         after = {a.pid for a in actors if a.class_name == "_AutoscalingCoordinatorActor"}
+        # this test's own Ray is this machine's second (the session's is the first): Ray
+        # Train's PlacementGroupCleaner must still find its cluster (pipelines.warm)
+        time.sleep(2.0)
+        logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+        confused = []
+        for name in os.listdir(logs):
+            try:
+                with open(os.path.join(logs, name), errors="replace") as f:
+                    confused += [name] if "Found multiple active Ray instances" in f.read() else []
+            except OSError:
+                pass
         train = {a.class_name: a.pid for a in actors
                  if a.class_name != "_AutoscalingCoordinatorActor"}
         print(json.dumps([sorted({a.class_name for a in actors}), sorted(before),
                           sorted(after), train, up, marked, connected, torch_before,
-                          os.environ.get("__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR")]))
+                          os.environ.get("__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"),
+                          confused]))
         """)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_ADDRESS", "RAY_TRAIN_"))}
@@ -272,8 +284,9 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=240, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
-    classes, before, after, train, up, marked, connected, torch_before, hook_env = json.loads(
-        r.stdout.strip().splitlines()[-1])
+    classes, before, after, train, up, marked, connected, torch_before, hook_env, confused = (
+        json.loads(r.stdout.strip().splitlines()[-1]))
+    assert confused == [], confused
     assert "TrainController" in classes and "RayTrainWorker" in classes, classes
     assert "PreemptionWatcher" not in classes, classes
     assert len(before) == 1 and after == before, (before, after)  # made once, by init_ray
