@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import time
 
 DIR_ENV = "FCN_WARM_DIR"
@@ -132,9 +133,8 @@ def _own_cluster() -> None:
     RAY_ADDRESS, or else by the Ray instances running on this machine: beside a second one
     (a user's own `ray start`, another command's local Ray) it refused to choose
     ("Found multiple active Ray instances") and the cleaner's thread died."""
-    if not os.environ.get("RAY_ADDRESS"):
-        import ray
-
+    ray = sys.modules.get("ray")  # a Ray worker has it; elsewhere asking would start a Ray
+    if ray is not None and ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
