@@ -34,6 +34,17 @@ def prefect_env(project: Path) -> None:
     os.environ.setdefault("FCN_DATA_DIR", str(project.resolve()))
 
 
+def venv_bin(cwd: Path | None = None) -> str:
+    """How the commands the demo suggests name this environment's programs: ``.venv/bin/``
+    from the checkout (as the README writes them), its absolute folder from anywhere else."""
+    import sys
+
+    here = Path(sys.executable).parent
+    if (cwd or Path.cwd()).absolute() / ".venv" / "bin" == here.absolute():
+        return ".venv/bin/"
+    return f"{here}/"
+
+
 def prefect_api_server() -> Any:
     """Prefect's temporary API server (``SubprocessASGIServer``, the one Prefect's flows
     find), started in a session of its own. A terminal's Ctrl-C signals its whole foreground
@@ -289,16 +300,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\nthe paper's point, finer strides help (8s >= 16s >= 32s mean IU): {verdict} "
               f"({ious[0]:.3f} -> {ious[1]:.3f} -> {ious[2]:.3f})")
     env = "" if str(home) == str(Path("data").resolve()) else f"FCN_DATA_DIR={home} "
+    bin_ = venv_bin()
     print("\nexplore it:")
-    print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri "
+    print(f"  MLflow UI:   {bin_}mlflow ui --backend-store-uri "
           f"sqlite:///{home}/mlflow/mlflow.db --port 5000   # http://127.0.0.1:5000")
-    print(f"  Prefect UI:  PREFECT_HOME={home}/prefect .venv/bin/prefect server start"
+    print(f"  Prefect UI:  PREFECT_HOME={home}/prefect {bin_}prefect server start"
           "   # http://127.0.0.1:4200")
-    print(f"  predict:     {env}.venv/bin/fcn predict --model models:/"
+    print(f"  predict:     {env}{bin_}fcn predict --model models:/"
           f"{summary['registration']['name']}@champion {home}/raw/synthetic/VOCdevkit"
           f"/VOC2012/JPEGImages --out {home}/predictions")
-    print(f"  models:      {env}.venv/bin/fcn models {summary['registration']['name']}")
-    print(f"  the paper:   {env}.venv/bin/fcn experiment configs/paper/table2.yaml   # Table 2; "
+    print(f"  models:      {env}{bin_}fcn models {summary['registration']['name']}")
+    print(f"  the paper:   {env}{bin_}fcn experiment configs/paper/table2.yaml   # Table 2; "
           "reuses these stages")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s (a second `make demo` reuses the cached "
           "ingest and stages; `fcn demo --force` retrains)")
