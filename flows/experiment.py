@@ -11,7 +11,7 @@ parent run, which holds the table (markdown, JSON table, bar chart).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -21,6 +21,9 @@ from flows.pipeline import ingest_flow, train_stages
 from flows.results import result_storage
 from flows.tasks import SHORT, _digest, _hours, _job, _on_cluster, retry_transient, run_link
 from pipelines.experiment import GMAC_SIZE
+
+if TYPE_CHECKING:
+    from pipelines.experiment import Experiment
 
 
 def _measure_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
@@ -151,7 +154,6 @@ def experiment_flow(spec: str, root: str, out: str | None = None, storage: str |
     from pipelines.experiment import load_experiment
     from pipelines.tracking import data_dir
 
-    logger = get_run_logger()
     exp = load_experiment(spec)
     exp = exp.only(rows) if rows else exp
     results_at = result_storage(storage, out)
@@ -160,6 +162,30 @@ def experiment_flow(spec: str, root: str, out: str | None = None, storage: str |
         sbd_root=sbd_root, context_root=context_root, protocol=protocol)
     parent = start_experiment_task(exp.name, exp.dataset, exp.source, shards["fingerprint"])
     results: list[dict[str, Any]] = []
+    try:
+        _run_rows(exp, shards, storage, parent, force, results_at, results)
+    except BaseException as exc:  # Ctrl-C in a row, or the orchestration failing
+        from mlflow.tracking import MlflowClient
+
+        from pipelines.tracking import tracking_uri
+        from pipelines.train.driver import end_status
+
+        MlflowClient(tracking_uri()).set_terminated(parent, end_status(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            exc.add_note("MLflow runs marked KILLED; the same command again takes what "
+                         "finished from the cache")
+        raise
+    failed = [r["label"] for r in results if r.get("error")]
+    folder = store.join(str(data_dir()), "experiments", exp.name)
+    table = table_task(spec, rows, results, folder, parent, not failed)
+    return {"experiment": exp.name, "rows": results, "failed": failed, "table": table,
+            "mlflow_parent": parent}
+
+
+def _run_rows(exp: Experiment, shards: dict[str, Any], storage: str | None, parent: str,
+              force: bool, results_at: Any, results: list[dict[str, Any]]) -> None:
+    """Each row as its own subflow, in order; a row that fails is a result with its error."""
+    logger = get_run_logger()
     for i, row in enumerate(exp.rows, 1):
         logger.info(f"row {i}/{len(exp.rows)}: {row.label}")
         state = experiment_row.with_options(
@@ -174,8 +200,3 @@ def experiment_flow(spec: str, root: str, out: str | None = None, storage: str |
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             logger.error(f"row {row.label} failed: {first}")
             results.append({"label": row.label, "error": first[:300]})
-    failed = [r["label"] for r in results if r.get("error")]
-    folder = store.join(str(data_dir()), "experiments", exp.name)
-    table = table_task(spec, rows, results, folder, parent, not failed)
-    return {"experiment": exp.name, "rows": results, "failed": failed, "table": table,
-            "mlflow_parent": parent}

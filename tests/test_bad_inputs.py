@@ -43,7 +43,7 @@ def _port() -> str:
 
 
 CASES = [
-    Case("no command", lambda p: [], r"^$"),
+    Case("no command", lambda p: [], r"^usage: fcn \[-h\] COMMAND"),
     Case("unknown command", lambda p: ["fit"], r"invalid choice: 'fit'"),
     Case("unknown dataset name", lambda p: ["ingest", "coco", "--root", "x", "--out", "y"],
          r"argument dataset: invalid choice: 'coco'"),
@@ -150,10 +150,13 @@ def test_bad_input_is_one_line_and_exit_2(case, places, capsys, monkeypatch, tmp
         code = main(case.argv(places))
     except SystemExit as e:  # argparse's own usage errors
         code = e.code
-    err = capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    err = captured.err.strip()
     assert code == case.code, err
     assert "Traceback" not in err, err
-    last = err.splitlines()[-1] if err else ""
+    # `fcn` alone prints its help (the commands) on stdout, nothing on stderr.
+    last = err.splitlines()[-1] if err else captured.out.splitlines()[0]
+    where = "" if err else " and the commands, on stdout"
     assert re.search(case.message, last), last
     if case.id != "no command" and not last.startswith("usage:"):
         assert last.startswith("fcn"), last
@@ -161,8 +164,9 @@ def test_bad_input_is_one_line_and_exit_2(case, places, capsys, monkeypatch, tmp
     # The README shows what the user really gets (temporary folders as "…", ports as PORT).
     shown = (last.replace(str(tmp_path), "…").replace(str(places["tmp"]), "…")
              .replace(port, "PORT").replace("|", "\\|"))
-    assert readme_row(case.id) == f"`{shown}` (exit {case.code})", (
-        f"README row for {case.id!r} should read: | {case.id} | `{shown}` (exit {case.code}) |")
+    row = f"`{shown}`{where} (exit {case.code})"
+    assert readme_row(case.id) == row, (
+        f"README row for {case.id!r} should read: | {case.id} | {row} |")
 
 
 def readme_row(case_id: str) -> str:

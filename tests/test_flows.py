@@ -247,6 +247,40 @@ def test_cached_results_live_in_the_bucket_and_hit_from_there(prefect_api, s3_se
         store.write_path("../escape", b"", _sync=True)
 
 
+def test_ctrl_c_in_an_experiment_row_marks_its_parent_run_killed(prefect_api, tmp_path,
+                                                                 monkeypatch):
+    """Ctrl-C while a row trains: the experiment's MLflow parent run is KILLED (it stayed
+    RUNNING), the interrupt goes on to the command with a note on what a rerun does."""
+    from mlflow.tracking import MlflowClient
+
+    import flows.experiment as experiment
+
+    monkeypatch.setenv("FCN_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "base.yaml").write_text(
+        "name: b\ndataset: synthetic\nwidth: 0.0625\nworkers: 1\n"
+        "stages: [{name: 32s, steps: 2, lr: 0.001}]\n")
+    spec = tmp_path / "t.yaml"
+    spec.write_text("name: t\nbase: base.yaml\nrows:\n  - {label: A}\n  - {label: B}\n")
+    calls = []
+
+    def interrupted(config, *args, **kwargs):
+        calls.append(config["name"])
+        raise KeyboardInterrupt  # what the terminal's SIGINT raises in the main thread
+
+    monkeypatch.setattr(experiment, "train_stages", interrupted)
+    with pytest.raises(KeyboardInterrupt) as info:
+        experiment.experiment_flow(spec=str(spec), root=str(tmp_path / "raw"),
+                                   out=str(tmp_path / "shards"), synthetic_size=32)
+    assert len(calls) == 1  # the next row did not start
+    assert info.value.__notes__ == ["MLflow runs marked KILLED; the same command again takes "
+                                    "what finished from the cache"]
+    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()],
+                              "tags.fcn_experiment = 't'")
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("experiment-t", "KILLED")]
+
+
 def test_an_experiment_runs_its_rows_isolates_a_failure_and_reruns_only_it(
         prefect_api, tmp_path, monkeypatch):
     """`fcn experiment`'s flow on one of Table 1's trunks (GoogLeNet) and a successor
