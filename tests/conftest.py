@@ -1,6 +1,7 @@
 """Shared test settings: few threads (the CI machine has 2 cores), one Ray per session."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,11 @@ import torch
 torch.set_num_threads(2)
 # Tests never talk to a user's cluster by accident.
 os.environ.pop("RAY_ADDRESS", None)
+# The Rays that tests start keep their sessions (logs, sockets; ~2 MB each, ~40 a run) in a
+# folder of this test run (xdist's workers inherit it), not in the machine's /tmp/ray, where
+# they stayed for good. Short: Ray's socket paths must stay under 107 bytes.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ["RAY_TMPDIR"] = f"/tmp/fcn-tests-{os.getpid()}"
 
 # A test that uses one of these starts a real engine or server: it is `slow` whether or not
 # it says so, and `make test-fast` (-m "not slow") leaves it out.
@@ -38,6 +44,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The run's Ray sessions go once it passed and no process of theirs is left; a failed
+    run keeps them to read (the path is printed)."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    folder = Path(os.environ["RAY_TMPDIR"])
+    if not folder.exists():
+        return
+    if exitstatus == 0 and not _used_by_a_process(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        print(f"\nthe tests' Ray sessions (logs) are in {folder}")
+
+
+def _used_by_a_process(folder: Path) -> bool:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(folder).encode() in cmdline.read_bytes():
+                return True
+        except OSError:  # gone meanwhile
+            continue
+    return False
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -462,8 +462,11 @@ class SeaweedS3(ServerProcess):
         s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer, filer_grpc = free_ports(8)
         self.port = s3
         self._ports = [s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer, filer_grpc]
+        logs = self.workdir / "seaweedfs-logs"  # glog's default is the system's /tmp
+        logs.mkdir(exist_ok=True)
         argv = [
-            weed, "server", f"-ip={HOST}", f"-ip.bind={HOST}", f"-dir={self.data_dir}",
+            weed, f"-logdir={logs}", "server", f"-ip={HOST}", f"-ip.bind={HOST}",
+            f"-dir={self.data_dir}",
             f"-master.port={master}", f"-master.port.grpc={master_grpc}",
             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
             f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",

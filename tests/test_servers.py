@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -210,6 +211,7 @@ def test_stop_s3_postgres_mlflow_leaves_nothing(workdir):
     pids = {name: srv.pids() for name, srv in servers.items()}
     ports = [mlflow_server.port, pg.port, s3.port]
     pg_base = pg.base
+    weed_pid = s3.proc.pid
     assert len(pids["postgres"]) > 1  # the postmaster and its (setsid) children
     for name, srv in servers.items():
         srv.stop()
@@ -217,6 +219,9 @@ def test_stop_s3_postgres_mlflow_leaves_nothing(workdir):
         assert srv.pids() == []
     assert [p for p in ports if _port_open(p)] == []
     assert pg_base is not None and not pg_base.exists()
+    # SeaweedFS's logs go to its folder, not the system's temporary one (glog's default).
+    assert list(Path(tempfile.gettempdir()).glob(f"weed.*.{weed_pid}")) == []
+    assert list((workdir / "s3-stop" / "seaweedfs-logs").glob(f"weed.*.{weed_pid}"))
     print({name: (srv.ready_seconds, srv.stop_seconds) for name, srv in servers.items()})
 
 
