@@ -944,8 +944,8 @@ def _session_members(sid: int) -> list[int]:
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "MLFLOW_", "PREFECT_", "FCN_"))}
+    env = {k: v for k, v in os.environ.items()  # (the test run's folder for Ray sessions)
+           if not k.startswith(("RAY_", "MLFLOW_", "PREFECT_", "FCN_")) or k == "RAY_TMPDIR"}
     env.update(extra)
     return env
 

@@ -34,8 +34,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AWS_", "MLFLOW_", "RAY_", "PREFECT_"))}
+    env = {k: v for k, v in os.environ.items()  # (the test run's folder for Ray sessions)
+           if not k.startswith(("AWS_", "MLFLOW_", "RAY_", "PREFECT_")) or k == "RAY_TMPDIR"}
     env.update(extra)
     return env
 
