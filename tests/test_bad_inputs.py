@@ -45,6 +45,9 @@ def _port() -> str:
 CASES = [
     Case("no command", lambda p: [], r"^usage: fcn \[-h\] COMMAND"),
     Case("unknown command", lambda p: ["fit"], r"invalid choice: 'fit'"),
+    Case("an option the command does not have",
+         lambda p: ["train", "--config", "c", "--data", "d", "--epochs", "3"],
+         r"^fcn train: error: unrecognized arguments: --epochs 3$"),
     Case("unknown dataset name", lambda p: ["ingest", "coco", "--root", "x", "--out", "y"],
          r"argument dataset: invalid choice: 'coco'"),
     Case("--width 0 (describe)", lambda p: ["describe", "--width", "0"], r"must be > 0, got 0"),

@@ -173,6 +173,39 @@ def test_siftflow_two_heads_and_nyud_rgbd_complete_a_few_steps(shards, tmp_path,
     assert changed == {"heads.out.score_fr.weight", "heads.out.score_fr.bias"}
 
 
+def test_a_diverging_stage_stops_at_the_first_non_finite_loss_and_says_which_lr(
+        shards, tmp_path, mlflow_uri):
+    """A learning rate far too high: the stage stops at the first NaN/inf loss instead of
+    running its steps on NaN weights, without Ray Train's retries (a retry diverges again),
+    the chain's later stage does not start, and the error names the stage, step and lr."""
+    from pipelines.train.driver import Diverged
+    from pipelines.train.worker import DIVERGED_FILE
+
+    cfg = TrainConfig(name="dv", dataset="voc", **{**TINY, "normalize_loss": False,
+                                                    "val_every": 0, "momentum": 0.99},
+                      stages=(StageConfig("32s", 200, 1e6), StageConfig("16s", 4, 1e-3)))
+    before = _train_workers()
+    with pytest.raises(Diverged) as info:
+        train_pipeline(cfg, shards["voc"], storage=tmp_path / "runs", log=lambda m: None)
+    msg = str(info.value)
+    assert msg.startswith("stage 32s diverged: the training loss is "), msg
+    assert msg.endswith("(lr 1e+06; normalize_loss: false sums the loss over every pixel, as "
+                        "the paper does with lr 1e-10 for FCN-32s); lower the stage's lr or "
+                        "set normalize_loss: true and train again"), msg
+    step = int(msg.split(" at step ")[1].split()[0])
+    assert step < 200
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    written = json.loads((run_dir / "32s" / DIVERGED_FILE).read_text())
+    assert written["step"] == step and written["loss"] in ("nan", "inf", "-inf")
+    assert not list(run_dir.rglob(DONE_FILE)) and not (run_dir / "16s").exists()
+    assert len(_new_train_workers(before)) == 2  # one worker group: no retry
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.pipeline_run = '{run_dir.name}'")
+    assert {r.data.tags["stage"]: r.info.status for r in runs} == {
+        "pipeline": "FAILED", "32s": "FAILED", "16s": "FAILED"}
+
+
 def test_resume_continues_an_interrupted_stage_from_its_checkpoint(shards, tmp_path,
                                                                    mlflow_uri):
     cfg = TrainConfig(name="rs", dataset="voc", **{**TINY, "checkpoint_every": 2},

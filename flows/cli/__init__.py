@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from flows.cli import data, errors, experiment, models, nets, pipeline, training
 from flows.cli.training import stage_table
@@ -41,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser: its usage, not the top-level one
+        command = _subcommands(parser).get(args.command, parser)
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "project_dir", None):  # the commands' local state (pipelines.tracking)
+        os.environ["FCN_DATA_DIR"] = str(Path(args.project_dir).resolve())
     # Our own lines name the runs; MLflow would add a "View run ..." pair per run, and its
     # INFO lines (creating the SQLite tables, ...) are its internals: -v shows them.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -56,6 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     return errors.run(func, args)
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next((a.choices for a in parser._actions
+                 if isinstance(a, argparse._SubParsersAction)), {})
 
 
 def _hangup(signum: int, frame: object) -> None:

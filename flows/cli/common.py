@@ -101,3 +101,13 @@ def inference_options(args: argparse.Namespace) -> Any:
 
     return InferenceOptions(window=args.window, scales=args.scales or (1.0,), flip=args.flip,
                             shift_stitch=args.shift_stitch, crf=args.crf)
+
+
+MLFLOW_STATE = "MLflow's SQLite store, unless MLFLOW_TRACKING_URI names a server"
+
+
+def add_project_dir(p: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    """``--project-dir``: the folder of the local state (``FCN_DATA_DIR``); ``main`` makes a
+    given one the command's ``FCN_DATA_DIR``, so the flag wins over the variable."""
+    p.add_argument("--project-dir", default=default, metavar="DIR",
+                   help=f"local state: {what} (default: FCN_DATA_DIR or ./data)")

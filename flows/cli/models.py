@@ -7,7 +7,9 @@ import math
 import os
 
 from flows.cli.common import (
+    MLFLOW_STATE,
     add_inference_args,
+    add_project_dir,
     add_result_arg,
     add_verbose,
     inference_options,
@@ -162,6 +164,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="one GPU per actor (GPU actors end with the call: they hold the GPU)")
     p.add_argument("--run-name", default=None, help="MLflow run name (default evaluate-SPLIT)")
     add_verbose(p)
+    add_project_dir(p, MLFLOW_STATE)
     add_inference_args(p)
     add_result_arg(p)
     p.set_defaults(func=cmd_evaluate)
@@ -186,6 +189,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="take the metrics of this MLflow evaluation run (of the same "
                         "checkpoint and split) instead of evaluating again")
     add_verbose(p)
+    add_project_dir(p, MLFLOW_STATE)
     add_result_arg(p)
     p.set_defaults(func=cmd_register)
 
@@ -197,6 +201,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="who was champion when: each version's time as champion, whom it "
                         "replaced and the gate's decision (MLflow keeps no alias history; "
                         "the registry records one in version tags)")
+    add_project_dir(p, MLFLOW_STATE)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
@@ -253,5 +258,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            "(default: NYU Depth v2's colour camera, 518.86,519.47,325.58,"
                            "253.74)")
     add_verbose(p)
+    add_project_dir(p, MLFLOW_STATE + " (models:/ URIs), and the registered models' "
+                       "cache (FCN_MODEL_CACHE)")
     add_inference_args(p)
     p.set_defaults(func=cmd_predict)

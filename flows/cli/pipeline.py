@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.cli.common import add_verbose, quiet_ray_logs
+from flows.cli.common import add_project_dir, add_verbose, quiet_ray_logs
 from pipelines.errors import UsageError
 
 
@@ -31,7 +31,7 @@ def prefect_env(project: Path) -> None:
         from flows.prefect_home import seed
 
         seed(home)  # a new project's database from a migrated copy: ~11 s sooner to start
-    os.environ.setdefault("FCN_DATA_DIR", str(project.resolve()))
+    os.environ["FCN_DATA_DIR"] = str(project.resolve())  # --project-dir wins
 
 
 def venv_bin(cwd: Path | None = None) -> str:
@@ -318,10 +318,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_project_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--project-dir", default=os.environ.get("FCN_DATA_DIR", "data"),
-                   metavar="DIR",
-                   help="local state: Prefect's and MLflow's databases and the default shard "
-                        "and checkpoint folders (default: FCN_DATA_DIR or ./data)")
+    add_project_dir(p, "Prefect's and MLflow's databases and the default shard and checkpoint "
+                       "folders", default=os.environ.get("FCN_DATA_DIR", "data"))
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -7,6 +7,8 @@ import dataclasses
 from typing import Any
 
 from flows.cli.common import (
+    MLFLOW_STATE,
+    add_project_dir,
     add_result_arg,
     add_verbose,
     positive_int,
@@ -112,7 +114,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "path every node has, or a URI (s3://bucket/vgg16.pth)")
     p.add_argument("--storage", default=None,
                    help="checkpoints: a folder or a URI every Ray node can reach, e.g. "
-                        "s3://bucket/runs (default ./data/runs)")
+                        "s3://bucket/runs (default PROJECT_DIR/runs)")
     p.add_argument("--resume", default=None, metavar="RUN_ID",
                    help="continue an interrupted pipeline run from its latest checkpoints")
     p.add_argument("--fusion-init", default=None, metavar="color=CKPT,hha=CKPT",
@@ -125,4 +127,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="leave the MLflow parent run open (a scheduler runs the next stages)")
     add_result_arg(p)
     add_verbose(p)
+    add_project_dir(p, MLFLOW_STATE + ", and the default checkpoint folder (--storage)")
     p.set_defaults(func=cmd_train)

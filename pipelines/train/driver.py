@@ -16,16 +16,22 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.config import StageConfig, StageResult, TrainConfig
+from pipelines.errors import UserError
 from pipelines.shards import read_manifest
 from pipelines.train.checkpoint import (
     checkpoint_file,
 )
 from pipelines.train.sampling import IN_MEMORY
-from pipelines.train.worker import DONE_FILE, Log, train_loop_per_worker
+from pipelines.train.worker import DIVERGED_FILE, DONE_FILE, Log, train_loop_per_worker
 
 
 class StageFailed(RuntimeError):
     """A stage ended in failure after its retries; the message says how to resume."""
+
+
+class Diverged(UserError):
+    """A stage's training loss stopped being finite: its config (the learning rate) is the
+    thing to change; resuming would diverge again."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,8 @@ def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: Pi
     from pipelines.ray_env import warm_dir
     from pipelines.warm import fit_started
 
+    for s in stages:  # an earlier attempt's (the run resumed)
+        storage.delete_file(_diverged_file(run, s.name))
     fit_started(warm_dir())  # a process started ahead for the controller stops waiting
     try:
         result = trainer.fit()
@@ -126,6 +134,23 @@ def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: Pi
     if result.error is not None:
         raise StageFailed(f"stage {_current(stages, run)} failed: {result.error}; continue it "
                           f"with `fcn train --resume {run.run_id}`") from result.error
+    for s in stages:
+        if storage.is_file(_diverged_file(run, s.name)):
+            raise diverged(cfg, storage.read_json(_diverged_file(run, s.name)))
+
+
+def diverged(cfg: TrainConfig, info: dict[str, Any]) -> Diverged:
+    """What the workers wrote when the loss stopped being finite, as the error to show."""
+    how = ("; normalize_loss: false sums the loss over every pixel, as the paper does with lr "
+           "1e-10 for FCN-32s" if not cfg.normalize_loss else "")
+    alt = " or set normalize_loss: true" if not cfg.normalize_loss else ""
+    return Diverged(f"stage {info['stage']} diverged: the training loss is {info['loss']} at "
+                    f"step {info['step']} (lr {info['lr']:g}{how}); lower the stage's lr{alt} "
+                    f"and train again")
+
+
+def _diverged_file(run: PipelineRun, stage: str) -> str:
+    return storage.join(run.storage, run.run_id, stage, DIVERGED_FILE)
 
 
 def _class_weights(cfg: TrainConfig, manifest: Any) -> list[float] | None:

@@ -292,6 +292,18 @@ def _all_reduce_hist(cms: dict[str, ConfusionMatrix], images: int = 0,
     return int(n.item())
 
 
+def mean_over_workers(value: float, device: torch.device | str = "cpu") -> float:
+    """``value`` averaged over the worker group (itself outside one): a NaN or inf on any
+    worker makes the mean NaN or inf, so every worker takes the same decision on it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
 def replicas_in_sync(model: nn.Module) -> bool:
     """True when every worker holds bit-identical parameters (what DDP promises); a cheap
     end-of-stage guard against silent desynchronisation."""

@@ -3,6 +3,7 @@ reports, checkpoints to the run's storage, failure injection for tests)."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from pipelines.train.step import (
     _scores,
     build_stage_model,
     make_optimizer,
+    mean_over_workers,
     output_stride,
     replicas_in_sync,
     sampled_labels,
@@ -39,6 +41,8 @@ from pipelines.train.step import (
 )
 
 DONE_FILE = "stage_done.json"
+# Written by rank 0 when a stage's training loss stops being finite; the driver reads it.
+DIVERGED_FILE = "stage_diverged.json"
 # What the in-memory samplers keep of each training row (the encoded bytes, as stored).
 TRAIN_COLUMNS = ["id", "image", "label", "label_geo", "depth", "hha"]
 Log = Callable[[str], None]
@@ -148,9 +152,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             init, previous = storage.read_json(done)["checkpoint"], None
             continue
         state = resume if resume is not None and resume.get("stage") == name else None
-        previous = _train_stage(loop, cfg, stage, stage_dir, init, previous, state, data,
-                                rank, world)
+        try:
+            previous = _train_stage(loop, cfg, stage, stage_dir, init, previous, state, data,
+                                    rank, world)
+        except _Diverged:
+            return  # not an error: Ray Train would retry it, and diverge again
         init = None
+
+
+class _Diverged(Exception):
+    """The stage's loss stopped being finite (every worker raises it at the same step)."""
 
 
 class _WorkerData:
@@ -324,6 +335,13 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
             loss = train_step(model, optimizer, x, labels, heads, cfg.normalize_loss,
                               amp, scaler, weight)
             step += 1
+            mean_loss = mean_over_workers(loss, device)
+            if not math.isfinite(mean_loss):  # diverged: the next steps would all be NaN
+                if rank == 0:
+                    storage.write_json(storage.join(stage_dir, DIVERGED_FILE), {
+                        "stage": stage.name, "step": step, "loss": str(mean_loss), "lr": lr})
+                log(f"step {step}/{stage.steps}  loss {mean_loss}: diverged, stopping")
+                raise _Diverged
             window_imgs += x.shape[0] * world
             timing["images"] += x.shape[0] * world
             metrics = {"loss": loss, "lr": lr, "step": step, "resumed_from": resumed_from}
