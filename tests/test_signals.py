@@ -70,6 +70,9 @@ def test_prefects_temporary_server_outlives_a_ctrl_c_of_the_command_that_started
     while os.path.exists(f"/proc/{out['pid']}") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not os.path.exists(f"/proc/{out['pid']}"), "the server outlived its command"
+    # ... quietly: Prefect's "Stopping temporary server" came after the command's last line.
+    assert "| INFO    | Flow run" in r.stderr, r.stderr[-3000:]  # Prefect's INFO lines show
+    assert "Stopping temporary server" not in r.stderr, r.stderr[-3000:]
 
 
 ENTRY = textwrap.dedent("""

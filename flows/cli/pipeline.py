@@ -52,6 +52,7 @@ def prefect_api_server() -> Any:
     retried every state and log it sent for minutes (measured: 217 s to exit after
     `fcn demo`'s Ctrl-C, then a ConnectError traceback). This process stops it at exit, as
     Prefect does, and on a hangup (``flows.cli.entry``)."""
+    import logging
     import subprocess
     import sys
 
@@ -71,6 +72,18 @@ def prefect_api_server() -> Any:
                      "PREFECT__SERVER_FINAL": "1",
                      **get_current_settings().to_environment_variables(exclude_unset=True)},
                 start_new_session=True)
+
+        def stop(self) -> None:
+            # Prefect says "Stopping temporary server on ..." at exit, after the command's
+            # own last line (its summary, or "interrupted"); -v keeps it.
+            logger = logging.getLogger("prefect")
+            level = logger.level
+            if not os.environ.get("FCN_VERBOSE"):
+                logger.setLevel(logging.WARNING)
+            try:
+                super().stop()
+            finally:
+                logger.setLevel(level)
 
     return OwnSession()
 
