@@ -627,3 +627,11 @@ def test_the_warm_hook_imports_ahead_only_in_a_marked_process(tmp_path):
 
     with pytest.raises(ValueError, match="unknown kind"):
         warm.mark(str(tmp_path), 1, "driver")
+
+
+def test_the_step_lines_eta_reads_as_time_left():
+    from pipelines.train.worker import _eta
+
+    assert [_eta(s) for s in (0, 0.4, 5, 59.6, 61, 3599, 3600, 7322)] == [
+        "", "", "  ETA 5s", "  ETA 1m00s", "  ETA 1m01s", "  ETA 59m59s", "  ETA 1h00m",
+        "  ETA 2h02m"]

@@ -255,7 +255,7 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
         tracker = MetricLogger(loop["tracking_uri"], run_ids[stage.name])
 
     last_val: dict[str, float] = {}
-    window_t, window_imgs = time.perf_counter(), 0
+    window_t, window_imgs, window_step = time.perf_counter(), 0, step
     epoch = 0
 
     def report(metrics: dict[str, float]) -> None:
@@ -355,9 +355,11 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
                              **(last_val if val_due else {})}, step)
             if step % max(1, min(cfg.checkpoint_every, 10)) == 0 or step == 1:
                 miou = f"  val mean IU {last_val['mean_iu']:.3f}" if "mean_iu" in last_val else ""
+                # (step 1's window holds the stage's setup: no ETA from it)
+                eta = _eta((stage.steps - step) * dt / (step - window_step)) if step > 1 else ""
                 log(f"step {step}/{stage.steps}  loss {loss:.4g}  lr {lr:.3g}  "
-                    f"{window_imgs / dt:.1f} img/s{miou}")
-                window_t, window_imgs = time.perf_counter(), 0
+                    f"{window_imgs / dt:.1f} img/s{miou}{eta}")
+                window_t, window_imgs, window_step = time.perf_counter(), 0, step
             if step % cfg.checkpoint_every == 0 and step < stage.steps:
                 report(metrics)
             if step >= stage.steps:
@@ -373,6 +375,15 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
     log(f"done: {step} steps" + (f", mean IU {last_val['mean_iu']:.3f}{precision}"
                                   if "mean_iu" in last_val else ""))
     return unwrap(model)
+
+
+def _eta(seconds: float) -> str:
+    """The stage's time left at the last window's pace: "  ETA 4m05s" ("" at its end)."""
+    s = round(seconds)
+    if s <= 0:
+        return ""
+    h, m = divmod(s // 60, 60)
+    return f"  ETA {h}h{m:02d}m" if h else f"  ETA {m}m{s % 60:02d}s" if m else f"  ETA {s}s"
 
 
 def _first_injection(stage_dir: str) -> bool:
