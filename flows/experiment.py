@@ -168,9 +168,12 @@ def experiment_flow(spec: str, root: str, out: str | None = None, storage: str |
         from mlflow.tracking import MlflowClient
 
         from pipelines.tracking import tracking_uri
-        from pipelines.train.driver import end_status
+        from pipelines.train.driver import FAILURE_TAG, end_status, failure
 
-        MlflowClient(tracking_uri()).set_terminated(parent, end_status(exc))
+        client = MlflowClient(tracking_uri())
+        if failure(exc):
+            client.set_tag(parent, FAILURE_TAG, failure(exc))
+        client.set_terminated(parent, end_status(exc))
         if isinstance(exc, KeyboardInterrupt):
             exc.add_note("MLflow runs marked KILLED; the same command again takes what "
                          "finished from the cache")

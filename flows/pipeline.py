@@ -73,9 +73,10 @@ def train_stages(config: dict[str, Any], data: str, fingerprint: str, storage: s
             results.append(res)
             init = res["checkpoint"]
     except BaseException as exc:
-        from pipelines.train.driver import end_status
+        from pipelines.train.driver import end_status, failure
 
-        finish_run_task(run, ok=False, status=end_status(exc))  # KILLED for Ctrl-C
+        finish_run_task(run, ok=False, status=end_status(exc),  # KILLED for Ctrl-C
+                        reason=failure(exc))
         raise
     finish_run_task(run, ok=True)
     publish_stages(results)

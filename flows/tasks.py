@@ -208,11 +208,12 @@ def _stage_job(cfg: Any, stage: str, data: str, run: Any, init: str | None) -> A
 
 @task(name="finish-pipeline-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=retry_transient, timeout_seconds=SHORT)
-def finish_run_task(run: dict[str, Any], ok: bool, status: str | None = None) -> None:
+def finish_run_task(run: dict[str, Any], ok: bool, status: str | None = None,
+                    reason: str | None = None) -> None:
     from pipelines.train import PipelineRun, finish_pipeline_run
 
     finish_pipeline_run(PipelineRun(run["run_id"], run["storage"], run["mlflow_parent"]),
-                        ok, status)
+                        ok, status, reason)
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,

@@ -204,6 +204,9 @@ def test_a_diverging_stage_stops_at_the_first_non_finite_loss_and_says_which_lr(
                               f"tags.pipeline_run = '{run_dir.name}'")
     assert {r.data.tags["stage"]: r.info.status for r in runs} == {
         "pipeline": "FAILED", "32s": "FAILED", "16s": "FAILED"}
+    # Why, in MLflow: on the stage that failed and its pipeline run.
+    assert {r.data.tags["stage"]: r.data.tags.get("failure") for r in runs} == {
+        "pipeline": f"Diverged: {msg}", "32s": f"Diverged: {msg}", "16s": None}
 
 
 def test_resume_continues_an_interrupted_stage_from_its_checkpoint(shards, tmp_path,
@@ -218,12 +221,14 @@ def test_resume_continues_an_interrupted_stage_from_its_checkpoint(shards, tmp_p
                               f"tags.pipeline_run = '{run_dir.name}'")
     assert {r.data.tags["stage"]: r.info.status for r in runs} == {
         "pipeline": "FAILED", "32s": "FAILED"}
+    assert all(r.data.tags["failure"].startswith("StageFailed: stage 32s failed") for r in runs)
     # `fcn train --resume RUN_ID`: same run folder, Ray Train picks up the latest checkpoint;
-    # the parent run is running again as soon as it is found
+    # the parent run is running again as soon as it is found, without its failure tag
     again = dataclasses.replace(cfg, fail_at_step=None)
     found = start_pipeline_run(again, shards["voc"], tmp_path / "runs", resume=run_dir.name,
                                log=lambda m: None)
     assert client.get_run(found.mlflow_parent).info.status == "RUNNING"
+    assert "failure" not in client.get_run(found.mlflow_parent).data.tags
     run, (res,) = train_pipeline(again, shards["voc"], storage=tmp_path / "runs",
                                  resume=run_dir.name, log=lambda m: None)
     assert run.run_id == run_dir.name
@@ -232,6 +237,7 @@ def test_resume_continues_an_interrupted_stage_from_its_checkpoint(shards, tmp_p
     assert parent.data.tags["pipeline_run"] == run_dir.name  # the same MLflow parent run
     assert parent.info.status == "FINISHED"
     assert client.get_run(res.run_id).info.status == "FINISHED"
+    assert "failure" not in client.get_run(res.run_id).data.tags
 
 
 @pytest.mark.timeout(300)

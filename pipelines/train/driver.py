@@ -311,7 +311,7 @@ def start_pipeline_run(cfg: TrainConfig, data: str | Path, where: str | Path | N
             max_results=1)), f"MLflow experiment {experiment!r}")
     parent = _find_or_create_run(client, exp, run_id, None, "pipeline", cfg.name)
     if resume:  # FAILED or KILLED when it stopped: running again
-        client.update_run(parent, status="RUNNING")
+        running_again(client, parent)
     else:
         for k, v in flatten(cfg.to_dict()).items():
             client.log_param(parent, k, v[:6000])
@@ -355,7 +355,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: Pipel
         from pipelines.ray_env import init_ray
 
         if client.get_run(child).info.status != "RUNNING":  # resumed: running again
-            client.update_run(child, status="RUNNING")
+            running_again(client, child)
         # Here, not in the chain's thread: Ray's local processes die with the thread that
         # started them (and the driver's exit then waits ~15 s for timeouts).
         init_ray()
@@ -369,6 +369,9 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: Pipel
         try:
             res = current.wait(stage.name, child)
         except BaseException as exc:
+            reason = failure(exc)
+            if reason:
+                client.set_tag(child, FAILURE_TAG, reason)
             for later in children.values():  # this stage's run and those of the stages after
                 client.set_terminated(later, end_status(exc))  # it (made for the chain)
             raise
@@ -383,13 +386,36 @@ def end_status(exc: BaseException) -> str:
     return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
 
 
-def finish_pipeline_run(run: PipelineRun, ok: bool, status: str | None = None) -> None:
+# The tag on a FAILED run (the stage's and its pipeline's) that says why, as the command did.
+FAILURE_TAG = "failure"
+
+
+def failure(exc: BaseException) -> str | None:
+    """What ended a run, for its ``failure`` tag (secrets masked); None for Ctrl-C."""
+    if isinstance(exc, KeyboardInterrupt):
+        return None
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return storage.redact(f"{type(exc).__name__}: {first}" if first else
+                          type(exc).__name__)[:5000]
+
+
+def running_again(client: Any, run_id: str) -> None:
+    """A resumed run: RUNNING, and no longer saying why it failed."""
+    client.update_run(run_id, status="RUNNING")
+    if FAILURE_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, FAILURE_TAG)
+
+
+def finish_pipeline_run(run: PipelineRun, ok: bool, status: str | None = None,
+                        reason: str | None = None) -> None:
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking import tracking_uri
 
-    MlflowClient(tracking_uri()).set_terminated(
-        run.mlflow_parent, status or ("FINISHED" if ok else "FAILED"))
+    client = MlflowClient(tracking_uri())
+    if reason:
+        client.set_tag(run.mlflow_parent, FAILURE_TAG, reason)
+    client.set_terminated(run.mlflow_parent, status or ("FINISHED" if ok else "FAILED"))
 
 
 def train_pipeline(cfg: TrainConfig, data: str | Path, storage: str | Path | None = None,
@@ -414,7 +440,7 @@ def train_pipeline(cfg: TrainConfig, data: str | Path, storage: str | Path | Non
             results.append(run_stage(cfg, stage, data, run, init, log))
             init = results[-1].checkpoint
     except BaseException as exc:
-        finish_pipeline_run(run, ok=False, status=end_status(exc))
+        finish_pipeline_run(run, ok=False, status=end_status(exc), reason=failure(exc))
         if isinstance(exc, KeyboardInterrupt):
             exc.add_note(f"MLflow runs marked KILLED; resume with --resume {run.run_id}")
         raise
