@@ -139,10 +139,15 @@ def train_stages(cfg: TrainConfig, stages: list[StageConfig], data: str, run: Pi
             raise diverged(cfg, storage.read_json(_diverged_file(run, s.name)))
 
 
+# The reference's learning rates for its summed (unnormalized) loss, per stage (DESIGN.md).
+PAPER_LR = {"32s": "1e-10", "16s": "1e-12", "8s": "1e-14"}
+
+
 def diverged(cfg: TrainConfig, info: dict[str, Any]) -> Diverged:
     """What the workers wrote when the loss stopped being finite, as the error to show."""
+    stage = info["stage"] if info["stage"] in PAPER_LR else "32s"
     how = ("; normalize_loss: false sums the loss over every pixel, as the paper does with lr "
-           "1e-10 for FCN-32s" if not cfg.normalize_loss else "")
+           f"{PAPER_LR[stage]} for FCN-{stage}" if not cfg.normalize_loss else "")
     alt = " or set normalize_loss: true" if not cfg.normalize_loss else ""
     return Diverged(f"stage {info['stage']} diverged: the training loss is {info['loss']} at "
                     f"step {info['step']} (lr {info['lr']:g}{how}); lower the stage's lr{alt} "
