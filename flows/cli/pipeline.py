@@ -312,18 +312,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         verdict = "holds" if ious[2] >= ious[1] >= ious[0] else "does NOT hold this time"
         print(f"\nthe paper's point, finer strides help (8s >= 16s >= 32s mean IU): {verdict} "
               f"({ious[0]:.3f} -> {ious[1]:.3f} -> {ious[2]:.3f})")
-    env = "" if str(home) == str(Path("data").resolve()) else f"FCN_DATA_DIR={home} "
+    here = "" if str(home) == str(Path("data").resolve()) else f" --project-dir {home}"
     bin_ = venv_bin()
     print("\nexplore it:")
     print(f"  MLflow UI:   {bin_}mlflow ui --backend-store-uri "
           f"sqlite:///{home}/mlflow/mlflow.db --port 5000   # http://127.0.0.1:5000")
     print(f"  Prefect UI:  PREFECT_HOME={home}/prefect {bin_}prefect server start"
           "   # http://127.0.0.1:4200")
-    print(f"  predict:     {env}{bin_}fcn predict --model models:/"
+    print(f"  predict:     {bin_}fcn predict --model models:/"
           f"{summary['registration']['name']}@champion {home}/raw/synthetic/VOCdevkit"
-          f"/VOC2012/JPEGImages --out {home}/predictions")
-    print(f"  models:      {env}{bin_}fcn models {summary['registration']['name']}")
-    print(f"  the paper:   {env}{bin_}fcn experiment configs/paper/table2.yaml   # Table 2; "
+          f"/VOC2012/JPEGImages --out {home}/predictions{here}")
+    print(f"  models:      {bin_}fcn models {summary['registration']['name']}{here}")
+    print(f"  the paper:   {bin_}fcn experiment configs/paper/table2.yaml{here}   # Table 2; "
           "reuses these stages")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s (a second `make demo` reuses the cached "
           "ingest and stages; `fcn demo --force` retrains)")
