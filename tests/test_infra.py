@@ -20,7 +20,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.parse
 import urllib.request
@@ -955,13 +954,6 @@ def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.Com
                           timeout=timeout)
 
 
-def _py(code: str, env: dict[str, str], timeout: float = 120):
-    """Run CODE in a fresh interpreter; its last stdout line is JSON (libraries print too)."""
-    r = _run([sys.executable, "-c", textwrap.dedent(code)], env, timeout)
-    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 TINY_CONFIG = """\
 name: tiny
 dataset: synthetic
@@ -1159,65 +1151,12 @@ def test_local_stack_up_and_down(tmp_path: Path):
         assert r.returncode == 0 and "already up" in r.stdout, r.stdout + r.stderr
         assert {svc: int((state / f"{svc}.pid").read_text()) for svc in pids} == pids
 
-        # (a) Ray: a driver joins the head (not a Ray of its own) and runs a task.
-        res = _py("""
-            import json, os, ray
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-            answer = ray.get(ray.remote(lambda: 6 * 7).remote())
-            print(json.dumps([answer, ray.cluster_resources().get("CPU", 0),
-                              ray.get_runtime_context().gcs_address]))
-        """, client_env)
-        assert res[0] == 42 and res[1] > 0
-        assert res[2].endswith(f":{ray_port}")
-
-        # (b) MLflow: experiment, metric and an artifact through the server's artifact proxy.
-        res = _py("""
-            import json
-            import mlflow
-            from mlflow import MlflowClient
-            c = MlflowClient()
-            exp = c.create_experiment("infra-smoke")
-            run = c.create_run(exp)
-            c.log_metric(run.info.run_id, "miou", 0.625, step=3)
-            c.log_text(run.info.run_id, "hello", "notes/a.txt")
-            c.set_terminated(run.info.run_id)
-            hist = c.get_metric_history(run.info.run_id, "miou")
-            path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                                       artifact_path="notes/a.txt")
-            print(json.dumps([hist[0].value, hist[0].step, c.get_run(run.info.run_id).info.status,
-                              open(path).read(), run.info.artifact_uri]))
-        """, client_env)
-        assert res[:3] == [0.625, 3, "FINISHED"]
-        assert res[3] == "hello" and res[4].startswith("mlflow-artifacts:")
-        stored = list((state / "mlflow" / "artifacts").rglob("a.txt"))
-        assert stored and stored[0].read_text() == "hello"
-
-        # (c) Prefect: health, then a flow run that the API reports as completed.
-        api = stack["PREFECT_API_URL"]
-        with urllib.request.urlopen(f"{api}/health", timeout=10) as resp:
+        # The real pipeline (`fcn run`) against the three servers: its drivers join the head
+        # (not a Ray of their own), its runs, checkpoints and model go through the MLflow
+        # server's artifact proxy, its flow run is on the Prefect server (separate smoke runs
+        # of each server, three more interpreters importing their clients, proved no more).
+        with urllib.request.urlopen(f"{stack['PREFECT_API_URL']}/health", timeout=10) as resp:
             assert resp.status == 200
-        run_id = _py("""
-            import json
-            from prefect import flow
-
-            @flow(name="infra-smoke")
-            def smoke(x: int) -> int:
-                return x + 1
-
-            state = smoke(41, return_state=True)
-            assert state.result() == 42
-            print(json.dumps(str(state.state_details.flow_run_id)))
-        """, client_env)
-        with urllib.request.urlopen(f"{api}/flow_runs/{run_id}", timeout=10) as resp:
-            fr = json.load(resp)
-        assert fr["state_type"] == "COMPLETED", fr["state_type"]
-        req = urllib.request.Request(
-            f"{api}/flow_runs/filter", data=json.dumps({}).encode(), method="POST",
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            assert run_id in {r["id"] for r in json.load(resp)}
-
-        # (d) The real pipeline (`fcn run`) against the three servers.
         _pipeline_on_the_stack(tmp_path, stack, client_env, state)
     finally:
         r = _run([down, str(state)], env, timeout=120)
