@@ -212,7 +212,9 @@ def test_a_diverging_stage_stops_at_the_first_non_finite_loss_and_says_which_lr(
 
 def test_resume_continues_an_interrupted_stage_from_its_checkpoint(shards, tmp_path,
                                                                    mlflow_uri):
-    cfg = TrainConfig(name="rs", dataset="voc", **{**TINY, "checkpoint_every": 2},
+    # one worker (restoring every rank of a worker group: the test above)
+    cfg = TrainConfig(name="rs", dataset="voc", **{**TINY, "checkpoint_every": 2, "workers": 1,
+                                                    "cpus_per_worker": 1},
                       stages=(StageConfig("32s", 6, 0.01),), fail_at_step=3, max_failures=0)
     with pytest.raises(StageFailed, match="stage 32s failed.*--resume"):
         train_pipeline(cfg, shards["voc"], storage=tmp_path / "runs", log=lambda m: None)
