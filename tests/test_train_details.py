@@ -2,6 +2,7 @@
 of Caffe's SoftmaxWithLoss, fixed deconvolutions in every stage, and the sampling order."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -635,3 +636,27 @@ def test_the_step_lines_eta_reads_as_time_left():
     assert [_eta(s) for s in (0, 0.4, 5, 59.6, 61, 3599, 3600, 7322)] == [
         "", "", "  ETA 5s", "  ETA 1m00s", "  ETA 1m01s", "  ETA 59m59s", "  ETA 1h00m",
         "  ETA 2h02m"]
+
+
+def _means_on_rank(rank: int, cases: list[list[float]], init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from pipelines.train.step import mean_over_workers
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        means = [repr(mean_over_workers(values[rank])) for values in cases]
+        Path(out, str(rank)).write_text(" ".join(means))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_worker_sees_the_same_mean_loss_so_all_stop_at_a_nan(tmp_path):
+    """The divergence check: a NaN or inf on one worker reaches every worker (two real gloo
+    ranks), so they all stop at the same step (one that went on would hang the others)."""
+    import torch.multiprocessing as mp
+
+    cases = [[1.0, 3.0], [1.0, float("nan")], [float("inf"), 1.0]]
+    mp.spawn(_means_on_rank, args=(cases, f"file://{tmp_path / 'pg'}", str(tmp_path)),
+             nprocs=2)
+    assert [(tmp_path / str(r)).read_text() for r in (0, 1)] == ["2.0 nan inf"] * 2

@@ -297,7 +297,7 @@ def mean_over_workers(value: float, device: torch.device | str = "cpu") -> float
     worker makes the mean NaN or inf, so every worker takes the same decision on it."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
