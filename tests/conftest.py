@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ os.environ.pop("RAY_ADDRESS", None)
 # they stayed for good. Short: Ray's socket paths must stay under 107 bytes.
 if "PYTEST_XDIST_WORKER" not in os.environ:
     os.environ["RAY_TMPDIR"] = f"/tmp/fcn-tests-{os.getpid()}"
+STARTED = time.time()
 
 # A test that uses one of these starts a real engine or server: it is `slow` whether or not
 # it says so, and `make test-fast` (-m "not slow") leaves it out.
@@ -51,6 +54,7 @@ def pytest_sessionfinish(session, exitstatus):
     run keeps them to read (the path is printed)."""
     if "PYTEST_XDIST_WORKER" in os.environ:
         return
+    _remove_dead_pymp_folders(since=STARTED)
     folder = Path(os.environ["RAY_TMPDIR"])
     if not folder.exists():
         return
@@ -58,6 +62,21 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(folder, ignore_errors=True)
     else:
         print(f"\nthe tests' Ray sessions (logs) are in {folder}")
+
+
+def _remove_dead_pymp_folders(since: float) -> None:
+    """Ray's dashboard leaves a multiprocessing folder (``pymp-*``, one listener socket) in
+    /tmp for every local Ray that ran it, as do the spawned ranks of the gloo test: Python
+    cannot remove it when the process is killed. The folders this run made go, those whose
+    socket no live process holds (a bound socket is listed in /proc/net/unix)."""
+    live = Path("/proc/net/unix").read_text()
+    for folder in Path(tempfile.gettempdir()).glob("pymp-*"):
+        try:
+            if folder.stat().st_mtime < since or any(str(f) in live for f in folder.iterdir()):
+                continue
+        except OSError:  # gone meanwhile
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _used_by_a_process(folder: Path) -> bool:
