@@ -100,7 +100,8 @@ def fcn_pipeline(dataset: Dataset, root: str, config: str, out: str | None = Non
                  overrides: dict[str, Any] | None = None,
                  evaluate_every_stage: bool = True, sbd_root: str | None = None,
                  context_root: str | None = None, protocol: str | None = None,
-                 allow_missing: bool = False, compute_hha: bool = False) -> dict[str, Any]:
+                 allow_missing: bool = False, compute_hha: bool = False,
+                 synthetic_size: int = 128) -> dict[str, Any]:
     """ingest -> train (32s -> 16s -> 8s) -> evaluate -> register (candidate; the champion
     alias moves only when the new mean IU is at least the champion's)."""
     from pipelines.config import load_config
@@ -113,7 +114,7 @@ def fcn_pipeline(dataset: Dataset, root: str, config: str, out: str | None = Non
     shards = ingest_flow.with_options(result_storage=results)(
         dataset, root, out, splits, split_file, force=force, sbd_root=sbd_root,
         context_root=context_root, protocol=protocol, allow_missing=allow_missing,
-        compute_hha=compute_hha)
+        compute_hha=compute_hha, synthetic_size=synthetic_size)
     split = split or cfg.val_split
     stages = train_flow.with_options(result_storage=results)(
         config, shards["data"], shards["fingerprint"], storage, None, force, overrides)

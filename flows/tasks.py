@@ -91,16 +91,9 @@ def ingest_task(cfg: dict[str, Any]) -> dict[str, Any]:
     logger = get_run_logger()
     c = IngestConfig(**cfg)
     if _on_cluster():
-        args = ["ingest", c.dataset, "--root", c.root, "--out", c.out,
-                "--shard-rows", str(c.shard_rows)]
-        args += ["--splits", ",".join(c.splits)] if c.splits else []
-        args += ["--split-file", c.split_file] if c.split_file else []
-        for flag, value in (("--sbd-root", c.sbd_root), ("--context-root", c.context_root),
-                            ("--protocol", c.protocol)):
-            args += [flag, value] if value else []
-        args += ["--allow-missing"] if c.allow_missing else []
-        args += ["--compute-hha"] if c.compute_hha else []
-        args += ["--engine", c.engine] if c.engine != "auto" else []
+        from flows.cli.data import ingest_args
+
+        args = ingest_args(c)
         dataset_dir = _job(args, storage.join(c.out, "_jobs"))["dataset_dir"]
     else:
         result = ingest(c, log=logger.info)

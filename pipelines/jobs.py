@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipelines import storage
-from pipelines.ray_env import RayUnavailable, address_kind, quiet_env
+from pipelines.ray_env import RayUnavailable, address_kind, quiet_env, verbose
 
 Log = Callable[[str], None]
 # Settings a job needs that are not secrets (credentials stay in the cluster's environment).
@@ -80,6 +80,24 @@ def error_line(logs: str) -> str | None:
     return None
 
 
+# The job manager's own notes in a job's log ("Runtime env is setting up.", and the
+# entrypoint again): shown with -v only.
+_JOB_MANAGER_NOTE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+\w+ job_manager\.py:\d+ -- "
+                               r"|Running entrypoint for job ")
+
+
+def new_lines(logs: str, shown: int, final: bool) -> tuple[list[str], int]:
+    """The lines of a job's log after its first ``shown`` characters, and the new ``shown``:
+    only whole lines while the job runs (a line still being written comes whole in a later
+    poll), everything once it has ended; blank lines and the job manager's notes left out."""
+    end = len(logs) if final else logs.rfind("\n", shown) + 1
+    if end <= shown:
+        return [], shown
+    keep_notes = verbose()
+    return [ln for ln in logs[shown:end].splitlines()
+            if ln.strip() and (keep_notes or not _JOB_MANAGER_NOTE.match(ln))], end
+
+
 def run_job(args: list[str], result_dir: str, log: Log = print, *,
             address: str | None = None, poll_s: float = 1.0,
             entrypoint_num_cpus: float = 0.25) -> dict[str, Any]:
@@ -99,10 +117,9 @@ def run_job(args: list[str], result_dir: str, log: Log = print, *,
     while True:
         status = str(client.get_job_status(job_id).value)
         logs = client.get_job_logs(job_id)
-        for line in logs[shown:].splitlines():
-            if line.strip():
-                log(storage.redact(line))
-        shown = len(logs)
+        lines, shown = new_lines(logs, shown, final=status in TERMINAL)
+        for line in lines:
+            log(storage.redact(line))
         if status in TERMINAL:
             break
         time.sleep(poll_s)

@@ -169,7 +169,7 @@ def shards(cluster, s3_server, mlflow_server, tmp_path_factory) -> str:
     env = _client_env(tmp, s3_server, mlflow_server, RAY_ADDRESS=head.address)
     base = f"s3://{BUCKET}/gcs"
     proc = _fcn(["ingest", "synthetic", "--root", f"{base}/raw", "--out", f"{base}/shards",
-                 "--engine", "ray"], env)  # Ray Data on the two nodes
+                 "--engine", "ray", "--synthetic-size", "64"], env)  # Ray Data on two nodes
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"Ray: {head.address} (6 CPUs, 2 node(s)" in proc.stdout
     return f"{base}/shards/synthetic"
@@ -183,10 +183,13 @@ def test_prefect_submits_ray_jobs_and_the_model_lands_in_the_registry(
     proc = _fcn(["run", "--config", str(_config(tmp_path, steps=(4, 2))), "--dataset",
                  "synthetic", "--root", f"{base}/raw", "--out", f"{base}/shards", "--storage",
                  f"{base}/runs", "--name", "fcn-cluster", "--project-dir", str(tmp_path / "data"),
-                 "--evaluate", "final"],
+                 "--evaluate", "final", "--synthetic-size", "64"],
                 env, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
+    # The ingest job generated what the flow asked for (its size was once dropped: 64 px
+    # whatever was asked).
+    assert "(96 train + 32 val, 64x64)" in out, out[-6000:]
     submitted = [ln for ln in out.splitlines() if "Ray job raysubmit_" in ln and " on " in ln]
     # ingest, the 2 stages as one job (one worker group), evaluation, registration
     assert len(submitted) == 4, submitted

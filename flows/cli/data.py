@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import TYPE_CHECKING
 
 from flows.cli.common import (
     add_result_arg,
@@ -11,27 +12,57 @@ from flows.cli.common import (
     positive_int,
     quiet_ray_logs,
     say,
+    size,
     write_result,
 )
 
+if TYPE_CHECKING:
+    from pipelines.ingest import IngestConfig
 
-def cmd_ingest(args: argparse.Namespace) -> int:
+
+def ingest_config(args: argparse.Namespace) -> IngestConfig:
+    """The ingest that ``fcn ingest ARGS`` asks for (what a Ray job of it will do)."""
     from pipelines.errors import UsageError
-    from pipelines.ingest import IngestConfig, ingest
+    from pipelines.ingest import IngestConfig
     from pipelines.sources.datasets import DATASETS
 
-    quiet_ray_logs(args.verbose)
     first = DATASETS[args.dataset].roots[0]
     if args.root is None:
         flag = "--root" if first == "root" else f"--{first}-root"
         raise UsageError(f"{args.dataset} needs {flag} (the dataset folder as downloaded)")
     splits = tuple(s for s in args.splits.split(",") if s) if args.splits else None
-    cfg = IngestConfig(dataset=args.dataset, root=args.root, out=args.out,
-                       splits=splits, split_file=args.split_file, shard_rows=args.shard_rows,
-                       sbd_root=args.sbd_root, context_root=args.context_root,
-                       protocol=args.protocol, allow_missing=args.allow_missing,
-                       compute_hha=args.compute_hha, engine=args.engine)
-    result = ingest(cfg, log=say)
+    return IngestConfig(dataset=args.dataset, root=args.root, out=args.out,
+                        splits=splits, split_file=args.split_file, shard_rows=args.shard_rows,
+                        synthetic_size=args.synthetic_size, sbd_root=args.sbd_root,
+                        context_root=args.context_root, protocol=args.protocol,
+                        allow_missing=args.allow_missing, compute_hha=args.compute_hha,
+                        engine=args.engine)
+
+
+def ingest_args(cfg: IngestConfig) -> list[str]:
+    """``fcn ingest`` arguments for ``cfg`` (a Ray job's entrypoint); ``ingest_config`` of
+    them gives ``cfg`` back (tested), so a job ingests what the flow asked for."""
+    args = ["ingest", cfg.dataset, "--root", cfg.root, "--out", cfg.out,
+            "--shard-rows", str(cfg.shard_rows)]
+    args += ["--splits", ",".join(cfg.splits)] if cfg.splits else []
+    args += ["--split-file", cfg.split_file] if cfg.split_file else []
+    if cfg.dataset == "synthetic":
+        h, w = cfg.synthetic_size
+        args += ["--synthetic-size", str(h) if h == w else f"{h}x{w}"]
+    for flag, value in (("--sbd-root", cfg.sbd_root), ("--context-root", cfg.context_root),
+                        ("--protocol", cfg.protocol)):
+        args += [flag, value] if value else []
+    args += ["--allow-missing"] if cfg.allow_missing else []
+    args += ["--compute-hha"] if cfg.compute_hha else []
+    args += ["--engine", cfg.engine] if cfg.engine != "auto" else []
+    return args
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from pipelines.ingest import ingest
+
+    quiet_ray_logs(args.verbose)
+    result = ingest(ingest_config(args), log=say)
     print(result.summary())
     write_result(args, dataclasses.asdict(result))
     return 0
@@ -80,6 +111,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="a split file to use instead (ids, or 'image label' pairs per line)")
     p.add_argument("--shard-rows", type=positive_int, default=500,
                    help="rows per shard (default 500)")
+    p.add_argument("--synthetic-size", type=size, default=(128, 128), metavar="HxW",
+                   help="synthetic: the generated images' size, N or HxW (default 128, as "
+                        "fcn demo and fcn run); ROOT is generated when empty")
     p.add_argument("--engine", choices=("auto", "ray", "local"), default="auto",
                    help="ray: decode with Ray Data on the cluster's CPUs; local: in this "
                         "process; auto (default): ray when RAY_ADDRESS names a cluster, else "

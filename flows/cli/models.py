@@ -43,7 +43,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(args.model, args.data, args.split, options=inference_options(args),
                       actors=args.actors, batch_size=args.batch_size, use_gpu=args.gpu,
                       run_name=args.run_name, log=say)
-    print(result.table())
+    print(result.table(compact=True))
     if result.run_id:
         print(f"\nlogged to MLflow run {result.run_id}: metrics.json, per_class_iu.md, "
               "confusion_matrix.png, samples.png")
@@ -63,7 +63,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         metrics, eval_run = evaluation_metrics(args.metrics_from_run), args.metrics_from_run
     else:
         result = evaluate(args.checkpoint, args.data, args.split, log=say)
-        print(result.table())
+        print(result.table(compact=True))
         metrics, eval_run = result.metrics, result.run_id
 
     def rescore(uri: str) -> float:

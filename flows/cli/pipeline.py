@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.cli.common import add_project_dir, add_verbose, quiet_ray_logs
+from flows.cli.common import add_project_dir, add_verbose, positive_int, quiet_ray_logs
 from pipelines.errors import UsageError
 
 
@@ -185,6 +185,8 @@ def _pipeline_params(args: argparse.Namespace) -> dict[str, Any]:
         params["allow_missing"] = True
     if args.compute_hha:
         params["compute_hha"] = True
+    if getattr(args, "synthetic_size", None):
+        params["synthetic_size"] = args.synthetic_size
     if args.out:
         params["out"] = as_location(args.out)
     if args.storage:
@@ -353,6 +355,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        help="pascal: go on when validation ids are missing or leak")
         p.add_argument("--compute-hha", action="store_true",
                        help="nyud: compute HHA from depth at ingest (see fcn ingest --help)")
+        p.add_argument("--synthetic-size", type=positive_int, default=None, metavar="N",
+                       help="synthetic: generate NxN images when ROOT is empty (default 128)")
         p.add_argument("--backbone-weights", default=None, metavar="LOC",
                        help="torchvision vgg16 state dict to start FCN-32s from: a path every "
                             "node has, or a URI (s3://bucket/vgg16-397923af.pth)")
