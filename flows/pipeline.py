@@ -4,8 +4,10 @@ Flows only call tasks. Parameters are typed (Prefect validates them) and are pat
 names, so a flow run can be scheduled, retried and cached.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: a served deployment runs its flow in a
+# subprocess from a cloudpickled copy whose globals hold only the names the code uses, so a
+# string annotation (``Dataset``) could not be resolved there and every scheduled run failed
+# parameter validation. Evaluated annotations travel with the function.
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +47,23 @@ def ingest_flow(dataset: Dataset, root: str, out: str | None = None,
            "synthetic_size": (synthetic_size, synthetic_size), "sbd_root": sbd_root,
            "context_root": context_root, "protocol": protocol, "allow_missing": allow_missing,
            "compute_hha": compute_hha}
-    return ingest_task.with_options(refresh_cache=force)(cfg)
+    shards = ingest_task.with_options(refresh_cache=force)(cfg)
+    if not force and not _shards_intact(shards):  # a cache hit whose shards were deleted
+        get_run_logger().warning(f"the cached ingest's shards at {shards['data']} (version "
+                                 f"{shards['version']}) are gone: ingesting again")
+        shards = ingest_task.with_options(refresh_cache=True)(cfg)
+    return shards
+
+
+def _shards_intact(shards: dict[str, Any]) -> bool:
+    """The ingest result's manifest still exists at the version it names (a cached result
+    outlives the files it points at: deleted by hand, or by a bucket's lifecycle rule)."""
+    from pipelines.shards import ManifestError, read_manifest
+
+    try:
+        return bool(read_manifest(shards["data"]).data["version"] == shards["version"])
+    except (ManifestError, FileNotFoundError):
+        return False
 
 
 @flow(name="train", log_prints=True)
@@ -62,7 +80,10 @@ def train_flow(config: str, data: str, fingerprint: str, storage: str | None = N
 def train_stages(config: dict[str, Any], data: str, fingerprint: str, storage: str | None,
                  resume: str | None = None, force: bool = False) -> list[dict[str, Any]]:
     """The tasks of ``train_flow`` for a config dict, in the calling flow: one pipeline run
-    (an MLflow parent), each stage a cached task that starts from the one before."""
+    (an MLflow parent), each stage a cached task that starts from the one before; a cached
+    stage whose checkpoint is gone is trained again (and so are the stages after it)."""
+    from pipelines import storage as store
+
     run = start_run_task(config, data, storage, resume)
     results: list[dict[str, Any]] = []
     init = None
@@ -70,6 +91,11 @@ def train_stages(config: dict[str, Any], data: str, fingerprint: str, storage: s
         for stage in config["stages"]:
             res = train_stage_task.with_options(refresh_cache=force)(
                 config, stage["name"], data, fingerprint, run, init)
+            if not force and not store.exists(res["checkpoint"]):  # a hit whose files went
+                get_run_logger().warning(f"stage {stage['name']}: the cached checkpoint "
+                                         f"{res['checkpoint']} is gone: training it again")
+                res = train_stage_task.with_options(refresh_cache=True)(
+                    config, stage["name"], data, fingerprint, run, init)
             results.append(res)
             init = res["checkpoint"]
     except BaseException as exc:

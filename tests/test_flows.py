@@ -1,6 +1,7 @@
 """The Prefect DAG end to end on real Prefect, Ray and MLflow; caching; a served schedule."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -135,6 +136,19 @@ def test_pipeline_runs_through_prefect_registers_and_caches(prefect_api, tmp_pat
         assert {"train-32s", "train-16s", "train-8s"} <= cached, states2
         assert second.result()["stages"] == summary["stages"]
 
+        # The shards and the 16s checkpoint deleted (by hand, or a bucket's lifecycle rule):
+        # the cached results that point at them are not trusted. Ingest runs again, 32s
+        # stays a hit, 16s and 8s train again. (Every run after such a deletion failed.)
+        shutil.rmtree(tmp_path / "shards")
+        shutil.rmtree(summary["stages"][1]["checkpoint"])
+        third = fcn_pipeline(**params, evaluate_every_stage=False, return_state=True)
+        assert third.is_completed(), third
+        stages3 = third.result()["stages"]
+        assert stages3[0] == summary["stages"][0]
+        assert all(Path(s["checkpoint"]).is_dir() for s in stages3)
+        assert stages3[1]["checkpoint"] != summary["stages"][1]["checkpoint"]
+        assert (tmp_path / "shards" / "synthetic" / "manifest.json").exists()
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -152,7 +166,7 @@ def test_served_deployment_with_cron_has_scheduled_runs(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-           "PREFECT_API_URL": api}
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_API_URL": api}
     bin_dir = Path(sys.executable).parent
     server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host",
                                "127.0.0.1", "--port", str(port)], env=env,
@@ -172,8 +186,9 @@ def test_served_deployment_with_cron_has_scheduled_runs(tmp_path):
         cfg = _tiny_config(tmp_path)
         served = subprocess.Popen(
             [str(bin_dir / "fcn"), "deploy", "--cron", "0 3 * * *", "--config", str(cfg),
-             "--dataset", "synthetic", "--root", str(tmp_path / "raw"), "--project-dir",
-             str(tmp_path / "data"), "--deployment", "nightly"], env=env, cwd=ROOT,
+             "--dataset", "synthetic", "--root", str(tmp_path / "raw"), "--synthetic-size",
+             "32", "--project-dir", str(tmp_path / "data"), "--deployment", "nightly"],
+            env=env, cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 120
         while True:
@@ -191,6 +206,26 @@ def test_served_deployment_with_cron_has_scheduled_runs(tmp_path):
         assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
         assert all(r["expected_start_time"] for r in runs)
         assert {r["parameters"]["dataset"] for r in runs} == {"synthetic"}
+        assert dep["global_concurrency_limit"]["limit"] == 1
+        assert dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+
+        # Two runs come due at once: the served process runs one to the end (it loads the
+        # flow from a cloudpickled copy: every run once failed its parameter validation
+        # there) and skips the other.
+        made = [httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", timeout=10,
+                           json={}).json()["id"] for _ in range(2)]
+        deadline = time.monotonic() + 240
+        while True:
+            got = {r["id"]: r["state"] for r in httpx.post(
+                f"{api}/flow_runs/filter", timeout=5,
+                json={"flow_runs": {"id": {"any_": made}}}).json()}
+            kinds = sorted(st["type"] for st in got.values())
+            if "FAILED" in kinds or "CRASHED" in kinds or kinds == ["CANCELLED", "COMPLETED"]:
+                break
+            assert served.poll() is None, "fcn deploy exited"
+            assert time.monotonic() < deadline, f"the runs did not end: {got}"
+            time.sleep(2)
+        assert kinds == ["CANCELLED", "COMPLETED"], got
     finally:
         for proc in (served, server):
             if proc is not None and proc.poll() is None:

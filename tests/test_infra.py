@@ -494,6 +494,13 @@ def test_prefect_deployment_matches_the_flow(dep: dict):
     flow.validate_parameters(params)
     # The pool the k8s worker serves, and values that work there (Ray Jobs: the bucket).
     assert dep["work_pool"]["name"] == _worker_pool()
+    # One run at a time, as `fcn deploy` serves it, in the form `prefect deploy` reads.
+    from prefect.cli.deploy._models import DeploymentConfig
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    limit = DeploymentConfig.model_validate(dep).concurrency_limit
+    assert (limit.limit, ConcurrencyLimitStrategy(limit.collision_strategy)) == (
+        1, ConcurrencyLimitStrategy.CANCEL_NEW)
     cfg = load_config(ROOT / params["config"])
     preflight.check_dataset_name(cfg, params["dataset"])
     for key in ("root", "sbd_root", "context_root", "out", "storage"):

@@ -258,10 +258,16 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--cron {args.cron!r} is not a cron schedule: {exc}") from None
     _check_cluster_locations(args)
-    print(f"serving deployment fcn-pipeline/{args.deployment} on cron {args.cron!r}; "
-          "Ctrl-C stops it (runs stay scheduled in the Prefect API)", flush=True)
-    fcn_pipeline.serve(name=args.deployment, cron=args.cron,
-                       parameters=_pipeline_params(args))
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    strategy = {"skip": ConcurrencyLimitStrategy.CANCEL_NEW,
+                "queue": ConcurrencyLimitStrategy.ENQUEUE}[args.when_running]
+    then = "skipped" if args.when_running == "skip" else "queued"
+    print(f"serving deployment fcn-pipeline/{args.deployment} on cron {args.cron!r}, one run "
+          f"at a time (a run due while one goes is {then}); Ctrl-C stops it (runs stay "
+          "scheduled in the Prefect API)", flush=True)
+    fcn_pipeline.serve(name=args.deployment, cron=args.cron, parameters=_pipeline_params(args),
+                       global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=strategy))
     return 0
 
 
@@ -395,6 +401,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pipeline_args(p)
     p.add_argument("--cron", required=True, help='e.g. "0 3 * * *" (every day at 03:00)')
     p.add_argument("--deployment", default="scheduled", help="deployment name")
+    p.add_argument("--when-running", choices=("skip", "queue"), default="skip",
+                   help="a run that comes due while the last one still runs: skip it "
+                        "(default; Prefect marks it Cancelled) or queue it to start after")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser(
