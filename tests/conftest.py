@@ -28,12 +28,14 @@ ENGINE_FIXTURES = {"ray_local", "s3_server", "postgres", "mlflow_server"}
 # these modules and tests, which start Ray clusters, Rays in subprocesses and servers of their
 # own, in one; the rest, with the session's local Ray and servers, in the other. Each session
 # starts only the engines its own tests use, so the two-node cluster and the shared Ray start
-# once each. The experiment flow's test (its own Prefect API and a local Ray in-process) goes
-# with the first group to even the two out (see the README's "make test" figures).
+# once each. The experiment flow's test (its own Prefect API and a local Ray in-process) and
+# the served deployment's (its own Prefect server; its run's Ray) go with the first group to
+# even the two out (see the README's "make test" figures).
 OWN_ENGINES = ("test_cluster.py", "test_servers.py",
                "test_infra.py::test_local_stack_up_and_down",
                "test_bench.py::test_bench_predict", "test_bench.py::test_bench_stage_start_runs",
                "test_flows.py::test_an_experiment_runs_its_rows",
+               "test_flows.py::test_served_deployment",
                "test_train.py::test_a_local_ray_trains_without",
                "test_train.py::test_fcn_train_keeps_the_local_ray",
                "test_train.py::test_ctrl_c_stops_fcn_train")

@@ -168,6 +168,11 @@ def test_served_deployment_with_cron_has_scheduled_runs(tmp_path):
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
            "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_API_URL": api}
     bin_dir = Path(sys.executable).parent
+    served_log = tmp_path / "served.log"
+
+    def tail() -> str:
+        return "\nfcn deploy's output ends:\n" + served_log.read_text()[-4000:]
+
     server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host",
                                "127.0.0.1", "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -188,8 +193,8 @@ def test_served_deployment_with_cron_has_scheduled_runs(tmp_path):
             [str(bin_dir / "fcn"), "deploy", "--cron", "0 3 * * *", "--config", str(cfg),
              "--dataset", "synthetic", "--root", str(tmp_path / "raw"), "--synthetic-size",
              "32", "--project-dir", str(tmp_path / "data"), "--deployment", "nightly"],
-            env=env, cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            env=env, cwd=ROOT, stdout=served_log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
         deadline = time.monotonic() + 120
         while True:
             r = httpx.get(f"{api}/deployments/name/fcn-pipeline/nightly", timeout=5)
@@ -200,20 +205,25 @@ def test_served_deployment_with_cron_has_scheduled_runs(tmp_path):
                     "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
                 if runs:
                     break
-            assert served.poll() is None, "fcn deploy exited"
-            assert time.monotonic() < deadline, "no scheduled runs appeared"
+            assert served.poll() is None, f"fcn deploy exited: {tail()}"
+            assert time.monotonic() < deadline, f"no scheduled runs appeared: {tail()}"
             time.sleep(2)
         assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
         assert all(r["expected_start_time"] for r in runs)
         assert {r["parameters"]["dataset"] for r in runs} == {"synthetic"}
-        assert dep["global_concurrency_limit"]["limit"] == 1
-        assert dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+        assert (dep.get("global_concurrency_limit") or {}).get("limit") == 1, dep
+        assert (dep.get("concurrency_options") or {}).get("collision_strategy") == \
+            "CANCEL_NEW", dep
 
         # Two runs come due at once: the served process runs one to the end (it loads the
         # flow from a cloudpickled copy: every run once failed its parameter validation
         # there) and skips the other.
-        made = [httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", timeout=10,
-                           json={}).json()["id"] for _ in range(2)]
+        made = []
+        for _ in range(2):
+            r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", timeout=10,
+                           json={"parameters": {"evaluate_every_stage": False}})
+            assert r.status_code == 201, r.text
+            made.append(r.json()["id"])
         deadline = time.monotonic() + 240
         while True:
             got = {r["id"]: r["state"] for r in httpx.post(
@@ -222,10 +232,10 @@ def test_served_deployment_with_cron_has_scheduled_runs(tmp_path):
             kinds = sorted(st["type"] for st in got.values())
             if "FAILED" in kinds or "CRASHED" in kinds or kinds == ["CANCELLED", "COMPLETED"]:
                 break
-            assert served.poll() is None, "fcn deploy exited"
-            assert time.monotonic() < deadline, f"the runs did not end: {got}"
+            assert served.poll() is None, f"fcn deploy exited: {tail()}"
+            assert time.monotonic() < deadline, f"the runs did not end: {got} {tail()}"
             time.sleep(2)
-        assert kinds == ["CANCELLED", "COMPLETED"], got
+        assert kinds == ["CANCELLED", "COMPLETED"], f"{got} {tail()}"
     finally:
         for proc in (served, server):
             if proc is not None and proc.poll() is None:
