@@ -70,11 +70,14 @@ def _remove_dead_pymp_folders(since: float) -> None:
     """Ray's dashboard leaves a multiprocessing folder (``pymp-*``, one listener socket) in
     /tmp for every local Ray that ran it, as do the spawned ranks of the gloo test: Python
     cannot remove it when the process is killed. The folders this run made go, those whose
-    socket no live process holds (a bound socket is listed in /proc/net/unix)."""
+    sockets no live process holds (a bound socket is listed in /proc/net/unix; a socket file
+    appears when it is bound, so an empty folder may be another process's, starting)."""
     live = Path("/proc/net/unix").read_text()
     for folder in Path(tempfile.gettempdir()).glob("pymp-*"):
         try:
-            if folder.stat().st_mtime < since or any(str(f) in live for f in folder.iterdir()):
+            entries = list(folder.iterdir())  # empty: a process between mkdir and bind
+            if folder.stat().st_mtime < since or not entries or any(
+                    str(f) in live for f in entries):
                 continue
         except OSError:  # gone meanwhile
             continue
