@@ -56,8 +56,11 @@ def pytest_sessionfinish(session, exitstatus):
     run keeps them to read (the path is printed)."""
     if "PYTEST_XDIST_WORKER" in os.environ:
         return
-    _remove_dead_pymp_folders(since=STARTED)
     folder = Path(os.environ["RAY_TMPDIR"])
+    deadline = time.monotonic() + 20  # a Ray the last tests started may still be exiting
+    while folder.exists() and _used_by_a_process(folder) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    _remove_dead_pymp_folders(since=STARTED)
     if not folder.exists():
         return
     if exitstatus == 0 and not _used_by_a_process(folder):
