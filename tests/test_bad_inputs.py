@@ -197,6 +197,61 @@ def test_a_bug_shows_its_traceback_and_exit_1(monkeypatch, capsys, tmp_path):
         "with the command line and the traceback above")
 
 
+def test_prefect_logs_a_mistake_without_its_tracebacks_and_a_bug_with_them(monkeypatch):
+    """The filter `fcn run/demo/deploy/experiment` put on Prefect's run loggers: a record
+    carrying a UserError (or a failed job or stage) is dropped, any other exception's stays,
+    and -v (FCN_VERBOSE) keeps them all."""
+    import logging
+    import sys
+
+    from flows.cli.errors import quiet_prefect_tracebacks
+    from pipelines.errors import UsageError
+
+    quiet_prefect_tracebacks()
+    quiet_prefect_tracebacks()  # once is enough
+    logger = logging.getLogger("prefect.flow_runs")
+    (one,) = [f for f in logger.filters if type(f).__name__ == "_OneLineFailures"]
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            return logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "Encountered "
+                                     "exception during execution", None, sys.exc_info())
+
+    monkeypatch.delenv("FCN_VERBOSE", raising=False)
+    assert not one.filter(record(UsageError("no VOC layout under /x")))
+    assert one.filter(record(ValueError("a bug")))
+    assert one.filter(logger.makeRecord(logger.name, logging.INFO, __file__, 1, "Finished in "
+                                        "state Failed('…')", None, None))
+    monkeypatch.setenv("FCN_VERBOSE", "1")
+    assert one.filter(record(UsageError("no VOC layout under /x")))
+
+
+def test_fcn_run_with_a_wrong_root_is_one_line_not_prefects_tracebacks(tmp_path):
+    """The mistake is found inside the flow (the ingest task and its cache key): Prefect
+    logged its traceback three times, 221 lines on stderr before the command's own one."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "voc.yaml"
+    cfg.write_text("name: v\ndataset: voc\nwidth: 0.0625\nstages:\n"
+                   "  - {name: 32s, steps: 2, lr: 0.001}\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    r = subprocess.run([str(Path(sys.executable).parent / "fcn"), "run", "--config", str(cfg),
+                        "--dataset", "voc", "--root", str(tmp_path / "nowhere"),
+                        "--project-dir", str(tmp_path / "p")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"fcn run: error: no VOC layout under {tmp_path / 'nowhere'}: the folder does not "
+        "exist")
+    assert len(r.stderr.splitlines()) <= 8, r.stderr
+
+
 def test_readme_lists_every_case():
     readme = (ROOT / "README.md").read_text()
     missing = [c.id for c in CASES if f"| {c.id} |" not in readme]

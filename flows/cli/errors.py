@@ -11,12 +11,39 @@ Every line is redacted (no secret from the environment or a URI reaches the term
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from collections.abc import Callable
 
 BUG_LINE = ("this is a bug in fcn, not a problem with your input: please report it with the "
             "command line and the traceback above")
+
+
+class _OneLineFailures(logging.Filter):
+    """Drops Prefect's records that carry a one-line failure's traceback: a mistake in the
+    input (``UserError``), a failed Ray job or stage. Prefect logs each with its traceback
+    where it is raised (the task's cache key, the task, every flow it passes through), ~70
+    lines apiece, before the command's own line; its state lines ("Finished in state
+    Failed('…')") stay. ``-v`` keeps everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pipelines.errors import UserError
+        from pipelines.jobs import JobFailed
+        from pipelines.ray_env import verbose
+        from pipelines.train import StageFailed
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, UserError | JobFailed | StageFailed) or verbose()
+
+
+def quiet_prefect_tracebacks() -> None:
+    """Install ``_OneLineFailures`` on the loggers of Prefect's flow and task runs (before
+    or after Prefect configures logging: its dictConfig keeps a logger's filters)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OneLineFailures) for f in logger.filters):
+            logger.addFilter(_OneLineFailures())
 
 
 def _redact(text: str) -> str:

@@ -32,6 +32,9 @@ def prefect_env(project: Path) -> None:
 
         seed(home)  # a new project's database from a migrated copy: ~11 s sooner to start
     os.environ["FCN_DATA_DIR"] = str(project.resolve())  # --project-dir wins
+    from flows.cli.errors import quiet_prefect_tracebacks
+
+    quiet_prefect_tracebacks()
 
 
 def venv_bin(cwd: Path | None = None) -> str:
