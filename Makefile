@@ -23,11 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/fcn demo --project-dir $(DATA)
 
-# Two sessions side by side (pytest-xdist): the tests that start Ray clusters and servers of
-# their own in one, the rest (one shared local Ray and servers) in the other; see
-# tests/conftest.py. PYTEST_ARGS="-n 0" runs them in one session.
+# Three sessions side by side (pytest-xdist), one per group of tests in tests/conftest.py
+# (SESSION_GROUPS): they keep both cores busy. PYTEST_ARGS="-n 0" runs them in one session.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 3 --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 # The inner loop: the model core, configs, readers, images, manifests and the CPU side of the
 # GPU path; no Ray, MLflow, Prefect or server is started (tests marked slow are left out).

@@ -804,7 +804,10 @@ class _RayNode(ServerProcess):
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
                    # On SIGTERM stop at once (no drain of up to 30 s).
-                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+                   # Under make test's parallel sessions a head's dashboard can need more
+                   # than Ray's 60 s to come up (`ray start` then fails).
+                   RAY_DASHBOARD_STARTUP_TIMEOUT_S="240")
         env.update(self.extra_env)
         return env
 
