@@ -6,8 +6,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-import torch
+# Several test sessions (and their Ray workers) share 2 cores. OpenMP's threads otherwise spin
+# after each parallel region, taking the cores the other sessions need: `make test-fast` on 3
+# workers took 122-131 s with spinning threads and 78 s without. Set before torch starts its
+# OpenMP runtime; every process the tests start inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(2)
 # Tests never talk to a user's cluster by accident.
