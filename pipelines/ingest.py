@@ -349,6 +349,31 @@ def _check_roots(cfg: IngestConfig) -> None:
         raise UsageError(f"--protocol for {cfg.dataset} is {have}, got {cfg.protocol!r}")
 
 
+def check_sources(cfg: IngestConfig, layouts: bool = True) -> None:
+    """What can be checked before anything starts, in one line each: the --*-root options
+    the dataset needs, and (``layouts``) that each root holds its layout: a few folder
+    lookups, no file listing. A synthetic root is generated when empty, so only its options
+    are checked. ``fcn run`` and ``fcn experiment`` call it before Prefect and Ray start."""
+    datasets.check(cfg.dataset)
+    _check_roots(cfg)
+    if not layouts:
+        return
+    root = storage.path(cfg.root)
+    if cfg.dataset == "pascal":
+        from pipelines.sources import sbd, voc
+
+        assert cfg.sbd_root is not None
+        voc.find_root(root)
+        sbd.find_root(root.view(cfg.sbd_root))
+    elif cfg.dataset == "context":
+        from pipelines.sources import context
+
+        assert cfg.context_root is not None
+        context.find_roots(root, root.view(cfg.context_root))
+    elif cfg.dataset != "synthetic":
+        source(cfg.dataset).find_root(root)
+
+
 def _list_pascal(cfg: IngestConfig) -> Listing:
     from pipelines.sources import pascal
 

@@ -27,6 +27,9 @@ ensure_logging_setup()
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
+VOC_CONFIG = "name: v\ndataset: voc\nwidth: 0.0625\nstages:\n  - {name: 32s, steps: 2, lr: 0.001}\n"
+
+
 @dataclass(frozen=True)
 class Case:
     id: str  # the README row's first column
@@ -121,6 +124,28 @@ CASES = [
          lambda p: ["run", "--config", str(ROOT / "configs/demo.yaml"), "--dataset", "voc",
                     "--root", str(p["voc"]), "--project-dir", str(p["tmp"] / "proj")],
          r"config 'demo' is for dataset 'synthetic' but the run ingests 'voc'"),
+    Case("fcn run with a --root that does not exist",
+         lambda p: ["run", "--config", str(p["voc.yaml"]), "--dataset", "voc", "--root",
+                    str(p["tmp"] / "nowhere"), "--project-dir", str(p["tmp"] / "proj")],
+         r"no VOC layout under .*nowhere: the folder does not exist$"),
+    Case("fcn run with a --root of another layout (SBD tree given as VOC)",
+         lambda p: ["run", "--config", str(p["voc.yaml"]), "--dataset", "voc", "--root",
+                    str(p["sbd"]), "--project-dir", str(p["tmp"] / "proj")],
+         r"no VOC layout under .*: expected JPEGImages/"),
+    Case("fcn run with --sbd-root for a dataset that takes none",
+         lambda p: ["run", "--config", str(p["voc.yaml"]), "--dataset", "voc", "--root",
+                    str(p["voc"]), "--sbd-root", str(p["sbd"]),
+                    "--project-dir", str(p["tmp"] / "proj")],
+         r"--sbd-root is not used by voc$"),
+    Case("fcn run pascal with an --sbd-root that is not SBD",
+         lambda p: ["run", "--config", str(p["pascal.yaml"]), "--dataset", "pascal", "--root",
+                    str(p["voc"]), "--sbd-root", str(p["voc"]),
+                    "--project-dir", str(p["tmp"] / "proj")],
+         r"no SBD layout under .*: expected "),
+    Case("fcn experiment with a --root that does not exist",
+         lambda p: ["experiment", str(p["voc-exp.yaml"]), "--root", str(p["tmp"] / "nowhere"),
+                    "--project-dir", str(p["tmp"] / "proj")],
+         r"no VOC layout under .*nowhere: the folder does not exist$"),
     Case("fcn run on Ray Jobs with a local --root",
          lambda p: ["run", "--config", str(ROOT / "configs/demo.yaml"), "--dataset", "synthetic",
                     "--root", str(p["voc"]), "--project-dir", str(p["tmp"] / "proj")],
@@ -136,9 +161,14 @@ def places(tmp_path_factory) -> dict[str, Path]:
     data = ingest(IngestConfig(dataset="voc", root=voc, out=tmp / "shards"),
                   log=lambda m: None).dataset_dir
     (tmp / "a_file").write_text("not a folder")
+    (tmp / "voc.yaml").write_text(VOC_CONFIG)
+    (tmp / "pascal.yaml").write_text(VOC_CONFIG.replace("dataset: voc", "dataset: pascal"))
+    (tmp / "voc-exp.yaml").write_text(f"name: v\nbase: {tmp / 'voc.yaml'}\nrows:\n"
+                                      "  - {label: FCN-32s}\n")
     (tmp / "exp.yaml").write_text(f"name: e\nbase: {ROOT / 'configs/demo.yaml'}\nrows:\n"
                                   "  - {label: FCN-32s}\n  - {label: FCN-16s, set: {widht: 1}}\n")
-    return {"tmp": tmp, "voc": voc, "sbd": sbd, "data": Path(data), "file": tmp / "a_file"}
+    return {"tmp": tmp, "voc": voc, "sbd": sbd, "data": Path(data), "file": tmp / "a_file",
+            **{name: tmp / name for name in ("voc.yaml", "pascal.yaml", "voc-exp.yaml")}}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -164,6 +194,8 @@ def test_bad_input_is_one_line_and_exit_2(case, places, capsys, monkeypatch, tmp
     if case.id != "no command" and not last.startswith("usage:"):
         assert last.startswith("fcn"), last
     assert not (tmp_path / "mlflow.db").exists()  # nothing stray in the working folder
+    # found before anything starts (a mistake found in the flow: the test below)
+    assert "starting Prefect's temporary API" not in captured.out, captured.out
     # The README shows what the user really gets (temporary folders as "…", ports as PORT).
     shown = (last.replace(str(tmp_path), "…").replace(str(places["tmp"]), "…")
              .replace(port, "PORT").replace("|", "\\|"))
@@ -228,27 +260,33 @@ def test_prefect_logs_a_mistake_without_its_tracebacks_and_a_bug_with_them(monke
     assert one.filter(record(UsageError("no VOC layout under /x")))
 
 
-def test_fcn_run_with_a_wrong_root_is_one_line_not_prefects_tracebacks(tmp_path):
-    """The mistake is found inside the flow (the ingest task and its cache key): Prefect
-    logged its traceback three times, 221 lines on stderr before the command's own one."""
+def test_fcn_run_with_a_mistake_found_in_the_flow_is_one_line_not_prefects_tracebacks(
+        tmp_path):
+    """A VOC layout without its split lists passes the check before Prefect starts (its
+    folders are there) and is found inside the flow (the ingest task and its cache key):
+    Prefect logged its traceback three times, 221 lines on stderr before the command's own."""
     import os
     import subprocess
     import sys
 
     cfg = tmp_path / "voc.yaml"
-    cfg.write_text("name: v\ndataset: voc\nwidth: 0.0625\nstages:\n"
-                   "  - {name: 32s, steps: 2, lr: 0.001}\n")
+    cfg.write_text(VOC_CONFIG)
+    root = tmp_path / "voc"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
     env = {k: v for k, v in os.environ.items()
            if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     r = subprocess.run([str(Path(sys.executable).parent / "fcn"), "run", "--config", str(cfg),
-                        "--dataset", "voc", "--root", str(tmp_path / "nowhere"),
+                        "--dataset", "voc", "--root", str(root),
                         "--project-dir", str(tmp_path / "p")], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
+    assert "starting Prefect's temporary API" in r.stdout, r.stdout  # found in the flow
     assert r.stderr.strip().splitlines()[-1] == (
-        f"fcn run: error: no VOC layout under {tmp_path / 'nowhere'}: the folder does not "
-        "exist")
+        f"fcn run: error: no split files (*.txt) in {root / 'ImageSets/Segmentation'}: the "
+        "layout lists each split's ids there (e.g. train.txt, val.txt); add them, or name a "
+        "list with fcn ingest --split-file")
     assert len(r.stderr.splitlines()) <= 8, r.stderr
 
 

@@ -184,7 +184,8 @@ def test_real_voc_drsleep_list_file(real: Path) -> None:
 
 def test_real_voc_labelme_palette_labels(real: Path, tmp_path: Path) -> None:
     root = real / "voc" / "labelme_data_dataset_voc"
-    with pytest.raises(LayoutError, match="pass split_file"):
+    with pytest.raises(LayoutError, match=r"has no ImageSets/Segmentation/ \(its split "
+                       r"lists\): name a list of ids with fcn ingest --split-file"):
         voc.list_records(root)  # no ImageSets/ in this sample
     ids = ["2011_000003", "2011_000006", "2011_000025"]
     split = tmp_path / "three.txt"

@@ -7,7 +7,12 @@ import time
 from pathlib import Path
 
 from flows.cli.common import add_verbose, quiet_ray_logs
-from flows.cli.pipeline import _add_project_dir, _check_cluster_locations, prefect_env
+from flows.cli.pipeline import (
+    _add_project_dir,
+    _check_cluster_locations,
+    check_sources,
+    prefect_env,
+)
 from pipelines.errors import UsageError
 
 
@@ -35,6 +40,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.out is None and exp.dataset == "synthetic":
         args.out = str(project.resolve() / "shards")  # the demo's: its ingest is cached
     _check_cluster_locations(args)
+    check_sources(args, exp.dataset)
     t0 = time.perf_counter()
     print(f"fcn experiment {exp.name}: {len(exp.rows)} rows on {exp.dataset} [{exp.split}]: "
           f"{', '.join(r.label for r in exp.rows)}", flush=True)

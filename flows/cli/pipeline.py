@@ -224,6 +224,22 @@ def _check_cluster_locations(args: argparse.Namespace) -> None:
     check_jobs_api(address)  # a dashboard that does not answer fails now, in one line
 
 
+def check_sources(args: argparse.Namespace, dataset: str, layouts: bool = True) -> None:
+    """A root without its layout (``layouts``), or a --*-root or --protocol the dataset does
+    not take, fails here in one line: found by the flow's ingest task, it took ~15 s of
+    starting Prefect and Ray and came under Prefect's own error lines. With Ray Jobs the
+    cluster reads the roots (through its own endpoints), so only the options are checked."""
+    from pipelines.ingest import IngestConfig
+    from pipelines.ingest import check_sources as check
+    from pipelines.jobs import jobs_address
+
+    out = args.out or str(Path(args.project_dir) / "shards")
+    cfg = IngestConfig(dataset=dataset, root=args.root, out=out, sbd_root=args.sbd_root,
+                       context_root=args.context_root, protocol=args.protocol,
+                       compute_hha=getattr(args, "compute_hha", False))
+    check(cfg, layouts=layouts and not jobs_address())
+
+
 def _preflight(args: argparse.Namespace) -> Any:
     """A bad config, a config for another dataset or missing weights fail here, in one line,
     before Prefect starts and the data is ingested."""
@@ -241,6 +257,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     quiet_ray_logs(args.verbose)
     cfg = _preflight(args)
     _check_cluster_locations(args)
+    check_sources(args, args.dataset)
     start_services(cfg.workers)
     from flows.pipeline import fcn_pipeline
 
@@ -261,6 +278,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--cron {args.cron!r} is not a cron schedule: {exc}") from None
     _check_cluster_locations(args)
+    # the options only: a scheduled run may read data that is written after the deployment
+    check_sources(args, args.dataset, layouts=False)
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     strategy = {"skip": ConcurrencyLimitStrategy.CANCEL_NEW,

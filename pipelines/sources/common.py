@@ -320,7 +320,9 @@ def choose_splits(
         return [(splits[0] if splits else path.stem, path)]
     available = {p.stem: p for p in sorted(split_dir.glob("*.txt"))}
     if not available:
-        raise LayoutError(f"no split files (*.txt) in {split_dir}; pass split_file")
+        raise LayoutError(f"no split files (*.txt) in {split_dir}: the layout lists each "
+                          "split's ids there (e.g. train.txt, val.txt); add them, or name a "
+                          "list with fcn ingest --split-file")
     if splits is None:
         return list(available.items())
     missing = [s for s in splits if s not in available]

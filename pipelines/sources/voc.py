@@ -85,7 +85,8 @@ def list_records(
     base = find_root(root)
     if split_file is None and not (base / SPLIT_DIR).is_dir():
         raise LayoutError(
-            f"VOC layout at {base} has no {SPLIT_DIR}/: pass split_file (a file of ids)"
+            f"VOC layout at {base} has no {SPLIT_DIR}/ (its split lists): name a list of ids "
+            "with fcn ingest --split-file"
         )
     records: list[RawRecord] = []
     problems: list[Problem] = []
