@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import ServiceUnavailable
+from pipelines.errors import ServiceUnavailable, UsageError
 
 
 def data_dir() -> Path:
@@ -54,7 +54,13 @@ def tracking_uri() -> str:
     if uri:
         check_server(uri)
         return uri
-    (data_dir() / "mlflow").mkdir(parents=True, exist_ok=True)
+    folder = data_dir() / "mlflow"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # FCN_DATA_DIR under a folder that cannot be written, say
+        raise UsageError(f"cannot create {folder}, the MLflow store of FCN_DATA_DIR (or "
+                         f"--project-dir): {exc.strerror or exc}; or set MLFLOW_TRACKING_URI"
+                         ) from None
     return _default_uri()
 
 

@@ -7,6 +7,7 @@ the two in step). Commands run in-process (``flows.cli.main``) so the table cost
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,6 +147,10 @@ CASES = [
          lambda p: ["experiment", str(p["voc-exp.yaml"]), "--root", str(p["tmp"] / "nowhere"),
                     "--project-dir", str(p["tmp"] / "proj")],
          r"no VOC layout under .*nowhere: the folder does not exist$"),
+    Case("--project-dir that cannot be created",
+         lambda p: ["models", "--project-dir", str(p["file"] / "proj")],
+         r"cannot create .*a_file/proj/mlflow, the MLflow store of FCN_DATA_DIR \(or "
+         r"--project-dir\): Not a directory; or set MLFLOW_TRACKING_URI$"),
     Case("fcn run on Ray Jobs with a local --root",
          lambda p: ["run", "--config", str(ROOT / "configs/demo.yaml"), "--dataset", "synthetic",
                     "--root", str(p["voc"]), "--project-dir", str(p["tmp"] / "proj")],
@@ -288,6 +293,27 @@ def test_fcn_run_with_a_mistake_found_in_the_flow_is_one_line_not_prefects_trace
         "layout lists each split's ids there (e.g. train.txt, val.txt); add them, or name a "
         "list with fcn ingest --split-file")
     assert len(r.stderr.splitlines()) <= 8, r.stderr
+
+
+def test_a_prefect_folder_that_cannot_be_created_is_one_line_naming_where_it_came_from(
+        tmp_path, monkeypatch):
+    from flows.cli.pipeline import prefect_env
+    from pipelines.errors import UsageError
+
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    monkeypatch.setenv("FCN_DATA_DIR", str(tmp_path / "before"))
+    with pytest.raises(UsageError) as info:
+        prefect_env(tmp_path / "a_file" / "proj")
+    assert str(info.value) == (f"cannot create {tmp_path}/a_file/proj/prefect, the Prefect "
+                               "folder of --project-dir (or FCN_DATA_DIR): Not a directory")
+    assert os.environ["FCN_DATA_DIR"] == str(tmp_path / "before")  # nothing half-set
+    assert "PREFECT_HOME" not in os.environ
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "a_file" / "ph"))
+    with pytest.raises(UsageError, match=r"cannot create .*/a_file/ph, the Prefect folder of "
+                                         r"PREFECT_HOME: Not a directory$"):
+        prefect_env(tmp_path / "proj")
 
 
 def test_readme_lists_every_case():

@@ -25,9 +25,15 @@ def prefect_env(project: Path) -> None:
     # The temporary local API can take longer than Prefect's default to start on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if not os.environ.get("PREFECT_API_URL"):
-        home = Path(os.environ.setdefault("PREFECT_HOME",
-                                          str((project / "prefect").resolve())))
-        home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
+        given = os.environ.get("PREFECT_HOME")
+        home = Path(given or (project / "prefect").resolve())
+        try:
+            home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
+        except OSError as exc:
+            where = "PREFECT_HOME" if given else "--project-dir (or FCN_DATA_DIR)"
+            raise UsageError(f"cannot create {home}, the Prefect folder of {where}: "
+                             f"{exc.strerror or exc}") from None
+        os.environ["PREFECT_HOME"] = str(home)
         from flows.prefect_home import seed
 
         seed(home)  # a new project's database from a migrated copy: ~11 s sooner to start
