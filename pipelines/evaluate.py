@@ -332,10 +332,13 @@ def _score_on_ray(model_uri: str, uri: str | None, data: str | Path, split: str,
     """A Ray task per shard reads the split; the scoring actors (``pipelines.scorer_pool``:
     kept for the next evaluation in this driver) take a batch of a shard at a time."""
     from pipelines import scorer_pool
-    from pipelines.ray_env import init_ray
+    from pipelines.ray_env import check_gpus, init_ray
     from pipelines.shards import ManifestError
 
     log(init_ray())
+    note = check_gpus(actors, "actor", "lower --actors") if use_gpu else None
+    if note:
+        log(note)
     shards = manifest.shards(split)
     if not shards:
         raise ManifestError(f"split {split!r} of {data} has no rows")

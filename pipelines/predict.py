@@ -364,12 +364,15 @@ def _predict_with_ray(loaded: Any, files: list[StoragePath], names: list[str], o
     from ray.data import ActorPoolStrategy
 
     from pipelines.evaluate import actor_resources
-    from pipelines.ray_env import init_ray, quiet_ray_data, remote_args_allowed
+    from pipelines.ray_env import check_gpus, init_ray, quiet_ray_data, remote_args_allowed
 
     quiet_ray_data()
     log(init_ray())
-    model_ref = ray.put(loaded)
     actors = max(1, min(actors, len(files)))  # an actor per block at least (Ray Data warns)
+    note = check_gpus(actors, "actor", "lower --actors") if use_gpu else None
+    if note:
+        log(note)
+    model_ref = ray.put(loaded)
     frames = frames or [{} for _ in files]
     ds = ray.data.from_items([{"path": str(f), "name": n,
                                **{k: fr.get(k, "") for k in companions.KINDS}}

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipelines.errors import ServiceUnavailable
+from pipelines.errors import ServiceUnavailable, UsageError
 
 DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 _DASHBOARD: dict[str, str] = {}  # the dashboard URL ray.init() returned in this process
@@ -168,6 +168,26 @@ def address_kind(address: str | None) -> str:
     if address.startswith("ray://"):
         return "client"
     return "gcs"
+
+
+def check_gpus(needed: int, each: str, fewer: str) -> str | None:
+    """``needed`` GPUs (one per ``each``) against the connected Ray's. A local Ray of this
+    process cannot grow: too few is a one-line usage error now, where Ray would wait for them
+    for ever (its autoscaler only repeats "No available node types can fulfill resource
+    request {'GPU': 1.0}"). A cluster may add GPU nodes when asked (the KubeRay GPU worker
+    group starts at 0): there it is a line to show, and Ray waits for them."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0)
+    if have >= needed:
+        return None
+    if address_kind(os.environ.get("RAY_ADDRESS")) == "local":
+        fewer = f", {fewer}" if have else ""
+        raise UsageError(f"--gpu needs {needed} GPU(s), one per {each}, and this machine's Ray "
+                         f"has {have:g}: leave --gpu out{fewer}, or set RAY_ADDRESS to a "
+                         "cluster with GPUs")
+    return (f"--gpu needs {needed} GPU(s), one per {each}, and the cluster has {have:g} now: "
+            "waiting for its autoscaler to add GPU nodes (Ray waits until they come)")
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -151,6 +151,10 @@ CASES = [
          lambda p: ["models", "--project-dir", str(p["file"] / "proj")],
          r"cannot create .*a_file/proj/mlflow, the MLflow store of FCN_DATA_DIR \(or "
          r"--project-dir\): Not a directory; or set MLFLOW_TRACKING_URI$"),
+    Case("--gpu where this machine's Ray has no GPU",
+         lambda p: ["train", "--config", str(p["voc.yaml"]), "--data", str(p["data"]), "--gpu"],
+         r"--gpu needs 2 GPU\(s\), one per training worker, and this machine's Ray has 0: "
+         r"leave --gpu out, or set RAY_ADDRESS to a cluster with GPUs$"),
     Case("fcn run on Ray Jobs with a local --root",
          lambda p: ["run", "--config", str(ROOT / "configs/demo.yaml"), "--dataset", "synthetic",
                     "--root", str(p["voc"]), "--project-dir", str(p["tmp"] / "proj")],
@@ -314,6 +318,23 @@ def test_a_prefect_folder_that_cannot_be_created_is_one_line_naming_where_it_cam
     with pytest.raises(UsageError, match=r"cannot create .*/a_file/ph, the Prefect folder of "
                                          r"PREFECT_HOME: Not a directory$"):
         prefect_env(tmp_path / "proj")
+
+
+def test_too_few_gpus_fail_on_a_local_ray_and_are_awaited_on_a_cluster(monkeypatch):
+    """A local Ray cannot grow: one line now. A cluster's autoscaler may add GPU nodes when
+    asked (the KubeRay GPU worker group starts at 0): a line to show, and Ray waits."""
+    from pipelines.errors import UsageError
+    from pipelines.ray_env import check_gpus
+
+    assert check_gpus(0, "actor", "lower --actors") is None
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(UsageError, match=r"^--gpu needs 3 GPU\(s\), one per actor, and this "
+                                         r"machine's Ray has 0: leave --gpu out, or set "):
+        check_gpus(3, "actor", "lower --actors")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # what a Ray job's driver sees
+    assert check_gpus(1, "training worker", "lower workers") == (
+        "--gpu needs 1 GPU(s), one per training worker, and the cluster has 0 now: waiting "
+        "for its autoscaler to add GPU nodes (Ray waits until they come)")
 
 
 def test_readme_lists_every_case():

@@ -364,6 +364,12 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, data: str | Path, run: Pipel
         # Here, not in the chain's thread: Ray's local processes die with the thread that
         # started them (and the driver's exit then waits ~15 s for timeouts).
         init_ray()
+        if cfg.use_gpu:  # too few on a local Ray: one line now, not a wait for ever
+            from pipelines.ray_env import check_gpus
+
+            note = check_gpus(cfg.workers, "training worker", "lower workers (--workers)")
+            if note:
+                log(note)
         where = storage.as_location(data)
         current = StageChain.get(_CHAINS, run, stage.name, init_checkpoint, lambda: StageChain(
             run, [s.name for s in following], init_checkpoint,
