@@ -21,6 +21,8 @@ VGG16_CONVS: tuple[tuple[str, int], ...] = (
 VGG16_POOLS: tuple[tuple[str, int], ...] = (
     ("pool1", 4), ("pool2", 9), ("pool3", 16), ("pool4", 23), ("pool5", 30),
 )
+# The reference's name of each conv and pool of the trunk, by its index in ``features``.
+VGG16_NAMES: dict[int, str] = {i: name for name, i in (*VGG16_CONVS, *VGG16_POOLS)}
 # Output channels of each block of the real VGG16 and of fc6/fc7.
 VGG16_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
 VGG16_FC_CHANNELS = 4096

@@ -41,6 +41,24 @@ def test_fcn_describe_works_for_every_name(name, capsys):
     assert out.startswith(f"{name}  width={w}") and "GMAC per image" in out
 
 
+def test_fcn_describe_names_the_trunk_as_the_reference_does(capsys):
+    """torchvision's index (what checkpoints and weights use) and the prototxt's name, for a
+    VGG16 FCN only (DeepLab's trunk is laid out otherwise); every column stays apart."""
+    import re
+
+    from flows.cli import main
+
+    assert main(["describe", "--variant", "fcn8s", "--width", "0.0625", "--size", "64x48"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [ln.split("  ")[0] for ln in lines[2:] if ln.startswith("features.")]
+    assert names[:3] == ["features.0 (conv1_1)", "features.2 (conv1_2)", "features.4 (pool1)"]
+    assert names[-2:] == ["features.28 (conv5_3)", "features.30 (pool5)"] and len(names) == 18
+    assert any(re.match(r"^fc6 +FullyConvolutional +\(1, 256, ", ln) for ln in lines), lines
+    assert main(["describe", "--variant", "deeplab_largefov", "--width", "0.0625", "--size",
+                 "64x48"]) == 0
+    assert "(conv1_1)" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in SCALABLE])
 def test_torchvision_nets_are_built_without_downloading_and_refuse_what_they_lack(
         name, monkeypatch):

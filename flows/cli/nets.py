@@ -24,10 +24,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
     stats = layer_stats(model, x)
     print(f"{args.variant}  width={args.width}  classes={args.classes}  input 1x"
           f"{args.in_channels}x{h}x{w}")
-    n = max([28, *(len(s.name) + 2 for s in stats)])
-    print(f"{'layer':<{n}}{'kind':<17}{'output':<22}{'params':>12}{'MMAC':>12}")
-    for s in stats:
-        print(f"{s.name:<{n}}{s.kind:<17}{str(s.out_shape):<22}{s.params:>12,}"
+    names = [paper_name(model, s.name) for s in stats]
+    n = max([28, *(len(name) + 2 for name in names)])
+    k = max([17, *(len(s.kind) + 2 for s in stats)])
+    print(f"{'layer':<{n}}{'kind':<{k}}{'output':<22}{'params':>12}{'MMAC':>12}")
+    for name, s in zip(names, stats, strict=True):
+        print(f"{name:<{n}}{s.kind:<{k}}{str(s.out_shape):<22}{s.params:>12,}"
               f"{s.macs / 1e6:>12.1f}")
     n_params = sum(p.numel() for p in model.parameters())
     n_learned = learned_params(model)
@@ -38,6 +40,19 @@ def cmd_describe(args: argparse.Namespace) -> int:
                                           if fixed else "") + "   "
           f"GMAC per image: {sum(s.macs for s in stats) / 1e9:.2f}")
     return 0
+
+
+def paper_name(model: object, name: str) -> str:
+    """``features.0 (conv1_1)``: a VGG16 FCN's trunk layer with the reference's name beside
+    torchvision's index (what its checkpoints and weights use)."""
+    from fcn_core.fcn import FCN, LateFusion
+    from fcn_core.vgg import VGG16_NAMES
+
+    head, _, index = name.rpartition("features.")
+    if isinstance(model, (FCN, LateFusion)) and index.isdigit() and head in ("", *(
+            f"{tower}." for tower in ("color", "hha"))) and int(index) in VGG16_NAMES:
+        return f"{name} ({VGG16_NAMES[int(index)]})"
+    return name
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
