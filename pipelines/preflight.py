@@ -155,6 +155,23 @@ def check_start(cfg: TrainConfig, init_checkpoint: str | None = None) -> None:
         check_backbone_weights(cfg)
 
 
+def check_local_gpus(cfg: TrainConfig) -> None:
+    """``use_gpu`` where the training will run on this machine (RAY_ADDRESS unset): as many
+    CUDA devices as workers, checked before ``fcn run`` ingests (which can take an hour on a
+    real dataset) rather than when the first stage asks Ray for them. Torch's count is the
+    one that matters: a worker trains on the devices torch sees."""
+    if not cfg.use_gpu or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < cfg.workers:
+        fewer = ", lower workers (--workers)" if have else ""
+        raise UsageError(f"--gpu needs {cfg.workers} GPU(s), one per training worker, and "
+                         f"this machine has {have} that torch can use: leave --gpu out{fewer}, "
+                         "or set RAY_ADDRESS to a cluster with GPUs")
+
+
 def check_training(cfg: TrainConfig, data: str | os.PathLike[str],
                    init_checkpoint: str | None = None) -> Manifest:
     """Everything a training run (or one stage of it) needs, checked before any Ray work:

@@ -155,6 +155,11 @@ CASES = [
          lambda p: ["train", "--config", str(p["voc.yaml"]), "--data", str(p["data"]), "--gpu"],
          r"--gpu needs 2 GPU\(s\), one per training worker, and this machine's Ray has 0: "
          r"leave --gpu out, or set RAY_ADDRESS to a cluster with GPUs$"),
+    Case("fcn run --gpu on a machine without one",
+         lambda p: ["run", "--config", str(p["voc.yaml"]), "--dataset", "voc", "--root",
+                    str(p["voc"]), "--gpu", "--project-dir", str(p["tmp"] / "proj")],
+         r"--gpu needs 2 GPU\(s\), one per training worker, and this machine has 0 that torch "
+         r"can use: leave --gpu out, or set RAY_ADDRESS to a cluster with GPUs$"),
     Case("fcn run on Ray Jobs with a local --root",
          lambda p: ["run", "--config", str(ROOT / "configs/demo.yaml"), "--dataset", "synthetic",
                     "--root", str(p["voc"]), "--project-dir", str(p["tmp"] / "proj")],

@@ -255,6 +255,7 @@ def _preflight(args: argparse.Namespace) -> Any:
     cfg = load_config(args.config, **_overrides(args))
     preflight.check_dataset_name(cfg, args.dataset)
     preflight.check_start(cfg)
+    preflight.check_local_gpus(cfg)
     return cfg
 
 
