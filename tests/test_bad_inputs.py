@@ -160,6 +160,17 @@ CASES = [
                     str(p["voc"]), "--gpu", "--project-dir", str(p["tmp"] / "proj")],
          r"--gpu needs 2 GPU\(s\), one per training worker, and this machine has 0 that torch "
          r"can use: leave --gpu out, or set RAY_ADDRESS to a cluster with GPUs$"),
+    Case("Prefect server that does not answer",
+         lambda p: ["run", "--config", str(ROOT / "configs/demo.yaml"), "--dataset", "synthetic",
+                    "--root", str(p["tmp"] / "raw"), "--project-dir", str(p["tmp"] / "proj")],
+         r"the Prefect server at PREFECT_API_URL=http://127\.0\.0\.1:\d+/api does not answer",
+         env=(("PREFECT_API_URL", "http://127.0.0.1:{port}/api"),)),
+    Case("fcn deploy without a Prefect server",
+         lambda p: ["deploy", "--cron", "0 3 * * *", "--config", str(ROOT / "configs/demo.yaml"),
+                    "--dataset", "synthetic", "--root", str(p["tmp"] / "raw"),
+                    "--project-dir", str(p["tmp"] / "proj")],
+         r"^fcn deploy: error: no PREFECT_API_URL: a deployment's runs are started by a "
+         r"Prefect server's scheduler", env=(("PREFECT_API_URL", ""),)),
     Case("fcn run on Ray Jobs with a local --root",
          lambda p: ["run", "--config", str(ROOT / "configs/demo.yaml"), "--dataset", "synthetic",
                     "--root", str(p["voc"]), "--project-dir", str(p["tmp"] / "proj")],

@@ -24,7 +24,9 @@ def prefect_env(project: Path) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
     # The temporary local API can take longer than Prefect's default to start on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    if not os.environ.get("PREFECT_API_URL"):
+    if os.environ.get("PREFECT_API_URL"):
+        check_prefect_server(os.environ["PREFECT_API_URL"])
+    else:
         given = os.environ.get("PREFECT_HOME")
         home = Path(given or (project / "prefect").resolve())
         try:
@@ -41,6 +43,32 @@ def prefect_env(project: Path) -> None:
     from flows.cli.errors import quiet_prefect_tracebacks
 
     quiet_prefect_tracebacks()
+
+
+def check_prefect_server(url: str, timeout: float = 5.0) -> None:
+    """A Prefect server that does not answer is one line, not Prefect's "Failed to reach
+    API" traceback. Only a failed connection counts: a server that answers with an HTTP error
+    (a locked SQLite database's 503, a cloud workspace's own paths) is left to Prefect."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
+
+    from pipelines.errors import ServiceUnavailable
+    from pipelines.storage import redact
+
+    parts = urlsplit(url)  # credentials in the URL are Prefect's business, not the probe's
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    try:
+        with urllib.request.urlopen(f"{bare.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        cause = str(getattr(e, "reason", e))
+    raise ServiceUnavailable(redact(
+        f"the Prefect server at PREFECT_API_URL={url} does not answer ({cause}): start it "
+        "(prefect server start, or infra/local/up.sh), or unset PREFECT_API_URL for "
+        "Prefect's temporary local API"))
 
 
 def venv_bin(cwd: Path | None = None) -> str:
@@ -287,6 +315,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     _check_cluster_locations(args)
     # the options only: a scheduled run may read data that is written after the deployment
     check_sources(args, args.dataset, layouts=False)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UsageError("no PREFECT_API_URL: a deployment's runs are started by a Prefect "
+                         "server's scheduler, which Prefect's temporary local API has not (no "
+                         "run would ever start): start one (prefect server start, or "
+                         "infra/local/up.sh) and set PREFECT_API_URL, e.g. "
+                         "http://127.0.0.1:4200/api")
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     strategy = {"skip": ConcurrencyLimitStrategy.CANCEL_NEW,
