@@ -459,7 +459,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "deploy", help="serve the pipeline as a scheduled Prefect deployment",
         description="Serve fcn-pipeline as a Prefect deployment with a cron schedule from this "
-                    "process (it runs the scheduled flow runs until stopped). For a Prefect "
+                    "process (it runs the scheduled flow runs until stopped). It needs the "
+                    "Prefect server in PREFECT_API_URL, whose scheduler starts the runs "
+                    "(prefect server start, or infra/local/up.sh). For a Prefect "
                     "server with work pools, see the README's `prefect deploy` route.")
     pipeline_args(p)
     p.add_argument("--cron", required=True, help='e.g. "0 3 * * *" (every day at 03:00)')
