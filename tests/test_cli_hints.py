@@ -33,9 +33,20 @@ def test_project_dir_wins_over_fcn_data_dir_for_every_command_with_local_state(
     assert (b / "mlflow" / "mlflow.db").exists() and not a.exists()
     assert os.environ["FCN_DATA_DIR"] == str(b.resolve())
 
-    monkeypatch.setenv("FCN_DATA_DIR", str(a))
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")  # no local home to seed
-    prefect_env(b)  # `fcn run|deploy|demo|experiment --project-dir B`
+    # A server in PREFECT_API_URL (no local home to seed); prefect_env checks that it answers:
+    # an HTTP server that answers every GET with 501 does.
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    server = HTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("FCN_DATA_DIR", str(a))
+        monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{server.server_port}/api")
+        prefect_env(b)  # `fcn run|deploy|demo|experiment --project-dir B`
+    finally:
+        server.shutdown()
+        server.server_close()
     assert os.environ["FCN_DATA_DIR"] == str(b.resolve())
 
     parser = build_parser()
