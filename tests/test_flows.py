@@ -159,11 +159,13 @@ def _free_port() -> int:
 def _api(method: str, url: str, json: dict | None = None):
     """A Prefect REST call, retried as Prefect's own client does: its server answers 503
     while its SQLite database is locked (the scheduler and the runner write at the same
-    time), which made this test fail about one run in ten."""
+    time), which made this test fail about one run in ten. And with the client's timeout
+    (PREFECT_API_REQUEST_TIMEOUT, 60 s): under `make test`'s load a create_flow_run once
+    took more than the 10 s this used to allow."""
     import httpx
 
     for _ in range(10):
-        r = httpx.request(method, url, json=json, timeout=10)
+        r = httpx.request(method, url, json=json, timeout=60)
         if r.status_code not in (429, 503):
             return r
         time.sleep(1)
