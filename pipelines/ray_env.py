@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -283,6 +284,54 @@ def ray_start_address() -> str | None:
         return None
 
 
+def pymp_folders(since: float) -> list[Path]:
+    """The multiprocessing folders (``/tmp/pymp-*``) made since ``since``."""
+    found = []
+    for folder in Path(tempfile.gettempdir()).glob("pymp-*"):
+        try:
+            if folder.stat().st_mtime >= since:
+                found.append(folder)
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+def remove_dead_pymp_folders(folders: list[Path]) -> list[Path]:
+    """Remove those of ``folders`` whose sockets no live process holds; return the others.
+
+    Ray's dashboard leaves one (one listener socket) for every local Ray: its process is
+    killed, so Python cannot remove it. A bound socket is listed in /proc/net/unix, and its
+    file appears when it is bound: an empty folder may be another process's, starting, and
+    stays."""
+    try:
+        live = Path("/proc/net/unix").read_text()
+    except OSError:  # not Linux: nothing to tell a live folder by
+        return []
+    kept = []
+    for folder in folders:
+        try:
+            entries = list(folder.iterdir())
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if not entries or any(str(f) in live for f in entries):
+            kept.append(folder)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    return kept
+
+
+def _shutdown_local_ray(folders: list[Path], wait_s: float = 3.0) -> None:
+    """At exit: stop this process's local Ray (what Ray's own exit handler would do next), then
+    remove the folders its dashboard made in /tmp once their sockets are closed (~0.3 s)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    deadline = time.monotonic() + wait_s
+    while (folders := remove_dead_pymp_folders(folders)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def init_ray(num_cpus: int | None = None) -> str:
     """Connect once per process and say where."""
     import ray
@@ -322,11 +371,14 @@ def init_ray(num_cpus: int | None = None) -> str:
             # address="local": a Ray of our own even where `ray start` left one to join (Ray
             # would join it, and refuse num_cpus there); the "Ray:" line says how to use it.
             _OTHER["ray start"] = ray_start_address() or ""
+            started = time.time()
             with _warm_hook():
                 ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                                logging_level=level, dashboard_host="127.0.0.1",
                                log_to_driver=True)
             _start_autoscaling_coordinator()
+            # Before Ray's own exit handler (LIFO): the folders its dashboard made meanwhile.
+            atexit.register(_shutdown_local_ray, pymp_folders(since=started))
         if ctx.dashboard_url:
             _DASHBOARD["url"] = ctx.dashboard_url
         filter_worker_logs()

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,31 +73,17 @@ def pytest_sessionfinish(session, exitstatus):
     deadline = time.monotonic() + 20  # a Ray the last tests started may still be exiting
     while folder.exists() and _used_by_a_process(folder) and time.monotonic() < deadline:
         time.sleep(0.5)
-    _remove_dead_pymp_folders(since=STARTED)
+    # The spawned ranks of the gloo test leave multiprocessing folders too (killed, as the
+    # dashboards of the tests' own local Rays are).
+    from pipelines.ray_env import pymp_folders, remove_dead_pymp_folders
+
+    remove_dead_pymp_folders(pymp_folders(since=STARTED))
     if not folder.exists():
         return
     if exitstatus == 0 and not _used_by_a_process(folder):
         shutil.rmtree(folder, ignore_errors=True)
     else:
         print(f"\nthe tests' Ray sessions (logs) are in {folder}")
-
-
-def _remove_dead_pymp_folders(since: float) -> None:
-    """Ray's dashboard leaves a multiprocessing folder (``pymp-*``, one listener socket) in
-    /tmp for every local Ray that ran it, as do the spawned ranks of the gloo test: Python
-    cannot remove it when the process is killed. The folders this run made go, those whose
-    sockets no live process holds (a bound socket is listed in /proc/net/unix; a socket file
-    appears when it is bound, so an empty folder may be another process's, starting)."""
-    live = Path("/proc/net/unix").read_text()
-    for folder in Path(tempfile.gettempdir()).glob("pymp-*"):
-        try:
-            entries = list(folder.iterdir())  # empty: a process between mkdir and bind
-            if folder.stat().st_mtime < since or not entries or any(
-                    str(f) in live for f in entries):
-                continue
-        except OSError:  # gone meanwhile
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _used_by_a_process(folder: Path) -> bool:

@@ -352,7 +352,9 @@ def test_fcn_train_keeps_the_local_ray_it_started_alive_to_the_end(shards, tmp_p
     processes it starts (raylet, GCS, ...) to the starting thread: started in the stage
     chain's thread (as it was), they were killed when that thread ended, and the driver's
     shutdown at exit then waited ~15 s on timeouts (and Ray warned about SIGTERM handlers).
-    Here every Ray process is still alive after the command returned."""
+    Here every Ray process is still alive after the command returned. And the command's
+    exit leaves nothing in /tmp: Ray's dashboard makes a multiprocessing folder (``pymp-*``)
+    there that its killed process cannot remove; ``pipelines.ray_env`` does at exit."""
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("name: tiny\ndataset: voc\nwidth: 0.0625\noptimizer: adam\n"
                    "stages:\n  - {name: 32s, steps: 2, lr: 0.001}\nbatch_size: 2\n"
@@ -365,16 +367,22 @@ def test_fcn_train_keeps_the_local_ray_it_started_alive_to_the_end(shards, tmp_p
         from ray._private import worker
         alive = {{kind: [p.process.poll() is None for p in procs]
                  for kind, procs in worker._global_node.all_processes.items()}}
-        print(json.dumps({{"code": code, "alive": alive}}))
+        from pipelines.ray_env import pymp_folders
+        made = [str(f) for f in pymp_folders(since=0)]
+        print(json.dumps({{"code": code, "alive": alive, "pymp": made}}))
         """)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
     env["FCN_DATA_DIR"] = str(tmp_path / "state")
+    (tmp_path / "tmp").mkdir()
+    env["TMPDIR"] = str(tmp_path / "tmp")  # this command's /tmp (Ray's sessions: RAY_TMPDIR)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=240, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["code"] == 0
+    assert len(result["pymp"]) == 1, result["pymp"]  # the dashboard's, while Ray ran
+    assert not list((tmp_path / "tmp").glob("pymp-*"))
     assert {"raylet", "gcs_server"} <= set(result["alive"]), result
     assert all(all(v) for v in result["alive"].values()), result["alive"]
     assert "SIGTERM handler is not set" not in r.stdout + r.stderr
