@@ -3,8 +3,10 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -374,15 +376,20 @@ def test_fcn_train_keeps_the_local_ray_it_started_alive_to_the_end(shards, tmp_p
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
     env["FCN_DATA_DIR"] = str(tmp_path / "state")
-    (tmp_path / "tmp").mkdir()
-    env["TMPDIR"] = str(tmp_path / "tmp")  # this command's /tmp (Ray's sessions: RAY_TMPDIR)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=240, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert result["code"] == 0
-    assert len(result["pymp"]) == 1, result["pymp"]  # the dashboard's, while Ray ran
-    assert not list((tmp_path / "tmp").glob("pymp-*"))
+    # This command's /tmp (Ray's sessions go to RAY_TMPDIR). Short: a socket's path has at
+    # most 107 bytes, and under tmp_path the dashboard's did not fit (Ray hung at start).
+    own_tmp = Path(tempfile.mkdtemp(prefix="fcn-t-", dir="/tmp"))
+    env["TMPDIR"] = str(own_tmp)
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, timeout=240, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+        assert result["code"] == 0
+        assert len(result["pymp"]) == 1, result["pymp"]  # the dashboard's, while Ray ran
+        assert not list(own_tmp.glob("pymp-*"))
+    finally:
+        shutil.rmtree(own_tmp, ignore_errors=True)
     assert {"raylet", "gcs_server"} <= set(result["alive"]), result
     assert all(all(v) for v in result["alive"].values()), result["alive"]
     assert "SIGTERM handler is not set" not in r.stdout + r.stderr
