@@ -153,5 +153,9 @@ def fcn_pipeline(dataset: Dataset, root: str, config: str, out: str | None = Non
                         stages[-1]["mlflow_run"])
     publish_decision(reg, final["mlflow_run"])
     summary = {"dataset": shards, "stages": stages, "evaluations": evals, "registration": reg}
-    logger.info(f"registered {reg['name']} version {reg['version']}: {reg['decision']}")
+    if reg.get("reused"):  # a scheduled run on unchanged data and config
+        logger.info(f"{reg['name']} version {reg['version']} was registered from this "
+                    f"checkpoint before: {reg['decision']}")
+    else:
+        logger.info(f"registered {reg['name']} version {reg['version']}: {reg['decision']}")
     return summary

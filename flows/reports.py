@@ -46,8 +46,10 @@ def evaluation_markdown(summary: dict[str, Any], label: str, link: Link) -> str:
 
 def decision_markdown(reg: dict[str, Any], link: Link, run_id: str | None) -> str:
     took = "took" if reg["champion"] else "did not take"
-    return (f"## Champion gate: {reg['name']} version {reg['version']} {took} the champion "
-            f"alias\n\n{reg['decision']}\n\n"
+    head = (f"{reg['name']} version {reg['version']} was registered from this checkpoint "
+            "before" if reg.get("reused") else
+            f"{reg['name']} version {reg['version']} {took} the champion alias")
+    return (f"## Champion gate: {head}\n\n{reg['decision']}\n\n"
             f"Look it up as `models:/{reg['name']}/{reg['version']}` or "
             f"`models:/{reg['name']}@candidate`"
             + (f", `models:/{reg['name']}@champion`" if reg["champion"] else "")

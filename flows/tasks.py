@@ -269,7 +269,7 @@ def register_task(checkpoint: str, data: str, split: str, metrics: dict[str, flo
                    run_id=run_id, evaluate_champion=rescore, log=logger.info,
                    training_run_id=training_run, flow_run=flow)
     return {"name": reg.name, "version": reg.version, "champion": reg.champion,
-            "decision": reg.decision}
+            "decision": reg.decision, "reused": reg.reused}
 
 
 def publish_decision(reg: dict[str, Any], run_id: str | None) -> None:

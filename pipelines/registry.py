@@ -365,10 +365,11 @@ def register(checkpoint: str, *, name: str, metrics: dict[str, float], split: st
         mv = find_version(client, name, training, ck.sha256)
         reused = mv is not None
         if mv is not None and mv.tags.get(DECISION):  # every step was done: write nothing
+            decision = _champion_now(client, name, mv.tags[DECISION])
             log(f"{name} version {mv.version} was registered from this checkpoint already; "
-                f"{mv.tags[DECISION]}")
+                f"{decision}")
             return Registration(name, str(mv.version), str(run_id or mv.run_id),
-                                mv.tags.get(PROMOTED) == "true", mv.tags[DECISION], True)
+                                mv.tags.get(PROMOTED) == "true", decision, True)
         if mv is None:
             mv = _new_version(client, uri, name, ck.state, key, run_id, manifest)
         run_id = run_id or str(mv.run_id)
@@ -389,6 +390,26 @@ def register(checkpoint: str, *, name: str, metrics: dict[str, float], split: st
     log(f"registered {name} version {version} (alias {CANDIDATE}"
         f"{', reused' if reused else ''}); {decision}")
     return Registration(name, version, run_id, took, decision, reused)
+
+
+def _champion_now(client: Any, name: str, then: str) -> str:
+    """What a repeated registration says: where ``champion`` points now (the decision
+    recorded at the time, ``then``, may be old: "there was none"), or ``then`` when the
+    registry cannot say."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champ = read_champion(client, name)
+    except (MlflowException, OSError):
+        return f"its champion gate then: {then}"
+    if champ is None:
+        return "no version holds the champion alias now"
+    try:
+        score = (f" (mean IU {float(champ.tags['mean_iu']):.4f} on "
+                 f"{champ.tags.get('eval_split', '?')})")
+    except (KeyError, ValueError):  # registered by hand, without our tags
+        score = ""
+    return f"champion now: version {champ.version}{score}"
 
 
 def _new_version(client: Any, uri: str, name: str, state: dict[str, Any],

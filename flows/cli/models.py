@@ -77,7 +77,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     print(f"look it up as models:/{reg.name}/{reg.version}, models:/{reg.name}@candidate"
           + (f", models:/{reg.name}@champion" if reg.champion else ""))
     write_result(args, {"name": reg.name, "version": reg.version, "champion": reg.champion,
-                        "decision": reg.decision})
+                        "decision": reg.decision, "reused": reg.reused})
     return 0
 
 
