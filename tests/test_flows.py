@@ -116,7 +116,11 @@ def test_pipeline_runs_through_prefect_registers_and_caches(prefect_api, tmp_pat
             n.rsplit("-", 1)[0] if n.startswith(("ingest", "register")) else n for n in states}
         assert all(s.is_completed() for s in states.values()), states
         # The Prefect UI shows the results: stage table, evaluations, champion decision.
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterFlowRunId,
+            ArtifactFilterKey,
+        )
 
         keys = ["fcn-stages", "fcn-evaluation-8s", "fcn-champion-fcn-flowtest"]
         arts = {a.key: a.data for a in client.read_artifacts(
@@ -135,6 +139,16 @@ def test_pipeline_runs_through_prefect_registers_and_caches(prefect_api, tmp_pat
         assert any(n.startswith("ingest") for n in cached), states2
         assert {"train-32s", "train-16s", "train-8s"} <= cached, states2
         assert second.result()["stages"] == summary["stages"]
+        # ... and the registration says so, with where the champion is now (the first run's
+        # "there was none" read as if the registry were still empty).
+        reg2 = second.result()["registration"]
+        assert (reg2["version"], reg2["reused"]) == ("1", True), reg2
+        assert reg2["decision"].startswith("champion now: version 1 (mean IU"), reg2
+        arts2 = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["fcn-champion-fcn-flowtest"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[second.state_details.flow_run_id])))
+        assert len(arts2) == 1 and "version 1 was registered from this checkpoint before" in \
+            arts2[0].data, arts2
 
         # The shards and the 16s checkpoint deleted (by hand, or a bucket's lifecycle rule):
         # the cached results that point at them are not trusted. Ingest runs again, 32s
@@ -252,6 +266,17 @@ def test_served_deployment_with_cron_has_scheduled_runs(tmp_path):
             assert time.monotonic() < deadline, f"the runs did not end: {got} {tail()}"
             time.sleep(2)
         assert kinds == ["CANCELLED", "COMPLETED"], f"{got} {tail()}"
+        skipped = next(i for i, st in got.items() if st["type"] == "CANCELLED")
+        # Prefect's runner said "Aborted submission of flow run '…': Server returned a
+        # non-pending state 'CANCELLED'"; the output says what that means.
+        assert f"skipped flow run '{skipped}': it came due while the last run still went" \
+            in served_log.read_text(), tail()
+        assert "Aborted submission" not in served_log.read_text(), tail()
+        # Every stage's lines as printed: Ray's log deduplication folded the controller's and
+        # the workers' checkpoint lines of these short stages into one, printed later.
+        assert "[repeated" not in served_log.read_text(), tail()
+        assert all(f"[{s}] checkpoint at step 2: " in served_log.read_text()
+                   for s in ("32s", "16s", "8s")), tail()
     finally:
         for proc in (served, server):
             if proc is not None and proc.poll() is None:

@@ -51,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Our own lines name the runs; MLflow would add a "View run ..." pair per run, and its
     # INFO lines (creating the SQLite tables, ...) are its internals: -v shows them.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # Ray folds worker lines that differ only in their numbers, from several processes within
+    # 5 s, into one "[repeated 3x across cluster]" line printed later (with colour codes, in a
+    # file too): short stages lost their checkpoint lines so. Ours are few, each says
+    # something, and come as they are printed. (Read when Ray is imported: not yet here.)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if getattr(args, "verbose", False):
         os.environ["FCN_VERBOSE"] = "1"  # pipelines.ray_env: Ray's own logs too
     else:

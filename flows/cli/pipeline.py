@@ -8,6 +8,7 @@ and checkpoint folders) in one project folder, ``--project-dir`` (default ``./da
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 from pathlib import Path
@@ -301,6 +302,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+class SkippedRuns(logging.Filter):
+    """Says what Prefect's runner means by "Aborted submission of flow run '…': Server returned
+    a non-pending state 'CANCELLED'" under ``--when-running skip``: the run came due while the
+    last one still went, and the deployment's limit cancelled it. (The runner proposes a run
+    ~10 s before it is due, so one due just after the last run ends may be skipped too.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if str(record.msg).startswith("Aborted submission of flow run '%s': Server returned "
+                                      "a non-pending") and args[1:2] == ("CANCELLED",):
+            record.msg = ("skipped flow run '%s': it came due while the last run still went "
+                          "(--when-running skip; queue runs it after)")
+            record.args = args[:1]
+        return True
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     prefect_env(Path(args.project_dir))
     from prefect.schedules import Cron
@@ -326,6 +343,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     strategy = {"skip": ConcurrencyLimitStrategy.CANCEL_NEW,
                 "queue": ConcurrencyLimitStrategy.ENQUEUE}[args.when_running]
     then = "skipped" if args.when_running == "skip" else "queued"
+    proposer = logging.getLogger("prefect.runner.state_proposer")
+    if args.when_running == "skip" and not any(isinstance(f, SkippedRuns)
+                                                for f in proposer.filters):
+        proposer.addFilter(SkippedRuns())
     print(f"serving deployment fcn-pipeline/{args.deployment} on cron {args.cron!r}, one run "
           f"at a time (a run due while one goes is {then}); Ctrl-C stops it (runs stay "
           "scheduled in the Prefect API)", flush=True)
@@ -346,7 +367,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"FCN-{label:<4}{m['pixel_acc']:>11.3f}{m['mean_acc']:>10.3f}"
               f"{m['mean_iu']:>9.3f}{m['fw_iu']:>9.3f}")
     reg = summary["registration"]
-    print(f"\nregistered {reg['name']} version {reg['version']}: {reg['decision']}")
+    if reg.get("reused"):
+        print(f"\n{reg['name']} version {reg['version']} was registered from this checkpoint "
+              f"before: {reg['decision']}")
+    else:
+        print(f"\nregistered {reg['name']} version {reg['version']}: {reg['decision']}")
     print(f"look it up:   models:/{reg['name']}@champion   (or @candidate, or /"
           f"{reg['version']})")
     print(f"MLflow:       {tracking_uri()}")
