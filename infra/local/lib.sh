@@ -6,6 +6,9 @@
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PROG="$(basename "$0")"
+# This folder as the hints print it: relative from the repo root, else absolute (a user who ran
+# the script from elsewhere can paste the command where they are).
+if [[ "$PWD" == "$REPO_ROOT" ]]; then SCRIPTS=infra/local; else SCRIPTS="$REPO_ROOT/infra/local"; fi
 
 die() { echo "$PROG: error: $*" >&2; exit 1; }
 say() { echo "$PROG: $*"; }

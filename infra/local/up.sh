@@ -182,7 +182,7 @@ cleanup_ray_tmp() {
 
 require_free() {  # NAME PORT VARIABLE
     if port_busy "$2"; then
-        die "$1: port $2 is already in use; pick another with $3=PORT (a leftover of an earlier stack here? infra/local/down.sh $STATE_DIR)"
+        die "$1: port $2 is already in use; pick another with $3=PORT (a leftover of an earlier stack here? $SCRIPTS/down.sh $STATE_DIR)"
     fi
 }
 
@@ -463,6 +463,6 @@ printf '  %-8s %s\n' Ray "$(service_url ray)" MLflow "$(service_url mlflow)" \
 if [[ " ${STARTED[*]} " == *" mlflow "* ]]; then
     printf '  %-8s %s\n' "" "backend $masked_backend" "" "artifacts $artifacts"
 fi
-if [[ "$STATE_DIR" == "$REPO_ROOT/data/servers" ]]; then hint="source infra/local/env.sh"
-else hint="source infra/local/env.sh $STATE_DIR"; fi
-echo "Point your shell at it:  $hint    (stop: infra/local/down.sh${state_arg:+ $STATE_DIR})"
+if [[ "$STATE_DIR" == "$REPO_ROOT/data/servers" ]]; then hint="source $SCRIPTS/env.sh"
+else hint="source $SCRIPTS/env.sh $STATE_DIR"; fi
+echo "Point your shell at it:  $hint    (stop: $SCRIPTS/down.sh${state_arg:+ $STATE_DIR})"
