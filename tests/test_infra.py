@@ -1153,9 +1153,12 @@ def test_local_stack_up_and_down(tmp_path: Path):
         client_env = _clean_env(**stack, PREFECT_HOME=str(tmp_path / "prefect-client"),
                                 RAY_USAGE_STATS_ENABLED="0")
 
-        # Idempotent: a second up starts nothing.
-        r = _run([up, str(state)], env, timeout=120)
+        # Idempotent: a second up starts nothing. Run from another folder, its hints name
+        # the scripts by a path that works there.
+        r = subprocess.run([up, str(state)], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
         assert r.returncode == 0 and "already up" in r.stdout, r.stdout + r.stderr
+        assert f"source {LOCAL}/env.sh {state}    (stop: {LOCAL}/down.sh {state})" in r.stdout
         assert {svc: int((state / f"{svc}.pid").read_text()) for svc in pids} == pids
 
         # The real pipeline (`fcn run`) against the three servers: its drivers join the head
