@@ -75,9 +75,13 @@ def pytest_sessionfinish(session, exitstatus):
         time.sleep(0.5)
     # The spawned ranks of the gloo test leave multiprocessing folders too (killed, as the
     # dashboards of the tests' own local Rays are).
+    # A dashboard's forkserver holds its socket a moment after Ray's shutdown: wait for it.
     from pipelines.ray_env import pymp_folders, remove_dead_pymp_folders
 
-    remove_dead_pymp_folders(pymp_folders(since=STARTED))
+    deadline = time.monotonic() + 10
+    while remove_dead_pymp_folders(pymp_folders(since=STARTED)) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
     if not folder.exists():
         return
     if exitstatus == 0 and not _used_by_a_process(folder):
