@@ -12,9 +12,12 @@ nodes' own environment. Only non-secret settings travel with a job (``FORWARDED_
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shlex
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -98,6 +101,38 @@ def new_lines(logs: str, shown: int, final: bool) -> tuple[list[str], int]:
             if ln.strip() and (keep_notes or not _JOB_MANAGER_NOTE.match(ln))], end
 
 
+# The jobs this process submitted and still waits on (job id -> its client). A job outlives
+# the process that submitted it: a Ctrl-C, a Prefect task's time limit, a failure elsewhere in
+# the flow (or a stage chain's thread, a daemon, cut off at exit) would leave it training on
+# the cluster, unwatched, for hours.
+_LIVE: dict[str, Any] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def _stop(job_id: str, why: str) -> None:
+    """Stop ``job_id`` if this process still waits on it, saying so on stderr."""
+    with _LIVE_LOCK:
+        client = _LIVE.pop(job_id, None)
+    if client is None:
+        return
+    try:
+        client.stop_job(job_id)
+    except Exception as exc:  # noqa: BLE001  (the cluster may be what went away)
+        print(f"could not stop Ray job {job_id} ({storage.redact(str(exc).strip()[:200])}): "
+              f"stop it with `ray job stop {job_id}`", file=sys.stderr, flush=True)
+        return
+    print(f"stopped Ray job {job_id}: {why}", file=sys.stderr, flush=True)
+
+
+def stop_live_jobs() -> None:
+    """Stop every Ray job this process submitted and still waits on (at exit)."""
+    for job_id in list(_LIVE):
+        _stop(job_id, "the command that submitted it ended first")
+
+
+atexit.register(stop_live_jobs)
+
+
 def run_job(args: list[str], result_dir: str, log: Log = print, *,
             address: str | None = None, poll_s: float = 1.0,
             entrypoint_num_cpus: float = 0.25) -> dict[str, Any]:
@@ -112,17 +147,25 @@ def run_job(args: list[str], result_dir: str, log: Log = print, *,
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": job_env()},
                                entrypoint_num_cpus=entrypoint_num_cpus,
                                metadata={"fcn_command": args[0]})
-    log(f"Ray job {job_id} on {address}: {storage.redact(entrypoint)}")
-    shown = 0
-    while True:
-        status = str(client.get_job_status(job_id).value)
-        logs = client.get_job_logs(job_id)
-        lines, shown = new_lines(logs, shown, final=status in TERMINAL)
-        for line in lines:
-            log(storage.redact(line))
-        if status in TERMINAL:
-            break
-        time.sleep(poll_s)
+    with _LIVE_LOCK:
+        _LIVE[job_id] = client
+    try:
+        log(f"Ray job {job_id} on {address}: {storage.redact(entrypoint)}")
+        shown = 0
+        while True:
+            status = str(client.get_job_status(job_id).value)
+            logs = client.get_job_logs(job_id)
+            lines, shown = new_lines(logs, shown, final=status in TERMINAL)
+            for line in lines:
+                log(storage.redact(line))
+            if status in TERMINAL:
+                break
+            time.sleep(poll_s)
+    except BaseException as exc:  # Ctrl-C, a time limit, a lost connection: stop it
+        _stop(job_id, f"interrupted ({type(exc).__name__})")
+        raise
+    with _LIVE_LOCK:
+        _LIVE.pop(job_id, None)
     if status != "SUCCEEDED":
         info = client.get_job_info(job_id)
         line = error_line(logs)

@@ -288,6 +288,64 @@ def test_a_failing_ray_job_fails_the_flow_with_its_own_line_and_no_retry(
     assert s3_server.secret_key not in out
 
 
+def test_a_ray_job_is_stopped_when_its_submitter_is_interrupted_or_exits_first(
+        cluster, s3_server, mlflow_server, tmp_path):
+    """A Ray job outlives the process that submitted it: Ctrl-C on `fcn run` (or a task's
+    time limit) left its training job running on the cluster. Here one submitter is
+    interrupted while it streams the job's log, and another exits while a thread (as a
+    stage chain's) still waits on its job: both jobs end STOPPED, and each says so."""
+    head, _ = cluster
+    env = _client_env(tmp_path, s3_server, mlflow_server, RAY_ADDRESS=head.dashboard_url)
+    results = f"s3://{BUCKET}/stopped/_jobs"
+    # `fcn describe` as the job: stopped within milliseconds of its submission, long before
+    # its interpreter has even imported the project.
+    code = textwrap.dedent(f"""
+        import sys, threading
+        from pipelines.jobs import run_job
+        submitted = threading.Event()
+
+        def log(line):
+            print(line, flush=True)
+            if line.startswith("Ray job raysubmit_"):
+                submitted.set()
+                if sys.argv[1] == "interrupt":
+                    raise KeyboardInterrupt
+
+        if sys.argv[1] == "interrupt":
+            try:
+                run_job(["describe", "fcn8s"], {results!r}, log=log)
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+        else:  # a daemon thread still waiting when the process ends
+            threading.Thread(target=run_job, args=(["describe", "fcn8s"], {results!r}, log),
+                             daemon=True).start()
+            assert submitted.wait(60)
+    """)
+    status = textwrap.dedent(f"""
+        import sys, time
+        from ray.job_submission import JobSubmissionClient
+        client = JobSubmissionClient({head.dashboard_url!r})
+        for _ in range(120):
+            status = str(client.get_job_status(sys.argv[1]).value)
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            time.sleep(0.5)
+        print(status)
+    """)
+    for how in ("interrupt", "exit"):
+        proc = subprocess.run([sys.executable, "-c", code, how], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (job,) = [ln.split()[2] for ln in proc.stdout.splitlines()
+                  if ln.startswith("Ray job raysubmit_")]
+        why = ("interrupted (KeyboardInterrupt)" if how == "interrupt" else
+               "the command that submitted it ended first")
+        assert f"stopped Ray job {job}: {why}" in proc.stderr, proc.stderr[-3000:]
+        end = subprocess.run([sys.executable, "-c", status, job], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert end.stdout.strip() == "STOPPED", (how, end.stdout, end.stderr[-2000:])
+
+
 def test_gcs_driver_trains_on_two_nodes_in_s3_and_survives_losing_one(
         cluster, shards, s3_server, mlflow_server, tmp_path, monkeypatch):
     """`fcn train` as a driver on the cluster (GCS address), data and checkpoints in the
