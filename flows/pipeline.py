@@ -111,11 +111,12 @@ def train_stages(config: dict[str, Any], data: str, fingerprint: str, storage: s
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(models: list[str], data: str, split: str = "val",
-                  labels: list[str] | None = None) -> list[dict[str, Any]]:
-    """Score each model (URI or checkpoint) on the split."""
+                  labels: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """Score each model (URI or checkpoint) on the split (a checkpoint scored before on this
+    dataset version and split: its cached scores, unless ``force``)."""
     labels = labels or [f"model{i}" for i in range(len(models))]
-    return [evaluate_task(m, data, split, label) for m, label in zip(models, labels,
-                                                                      strict=True)]
+    score = evaluate_task.with_options(refresh_cache=force)
+    return [score(m, data, split, label) for m, label in zip(models, labels, strict=True)]
 
 
 @flow(name="fcn-pipeline", log_prints=True)
@@ -134,8 +135,8 @@ def fcn_pipeline(dataset: Dataset, root: str, config: str, out: str | None = Non
 
     logger = get_run_logger()
     cfg = load_config(config, **(overrides or {}))
-    # Cached results (ingest, stages) live beside the run's data when that is a bucket, so a
-    # run scheduled on another machine finds them.
+    # Cached results (ingest, stages, scores) live beside the run's data when that is a
+    # bucket, so a run scheduled on another machine finds them.
     results = result_storage(storage, out)
     shards = ingest_flow.with_options(result_storage=results)(
         dataset, root, out, splits, split_file, force=force, sbd_root=sbd_root,
@@ -145,8 +146,9 @@ def fcn_pipeline(dataset: Dataset, root: str, config: str, out: str | None = Non
     stages = train_flow.with_options(result_storage=results)(
         config, shards["data"], shards["fingerprint"], storage, None, force, overrides)
     to_score = stages if evaluate_every_stage else stages[-1:]
-    evals = evaluate_flow([s["checkpoint"] for s in to_score], shards["data"], split,
-                          [s["stage"] for s in to_score])
+    evals = evaluate_flow.with_options(result_storage=results)(
+        [s["checkpoint"] for s in to_score], shards["data"], split,
+        [s["stage"] for s in to_score], force=force)
     final = evals[-1]
     reg = register_task(stages[-1]["checkpoint"], shards["data"], split, final["metrics"],
                         model_name or f"fcn-{dataset}", cfg.digest(), final["mlflow_run"],

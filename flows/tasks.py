@@ -1,8 +1,9 @@
 """Prefect tasks: thin wrappers around pipelines functions (no business logic here).
 
 Tasks pass paths, URIs and small dicts (hashable, persistable), never Ray datasets or models.
-Cache keys make reruns cheap: an unchanged dataset skips ingest, and a stage whose manifest
-fingerprint, config digest and upstream checkpoint are unchanged is not trained again.
+Cache keys make reruns cheap: an unchanged dataset skips ingest, a stage whose manifest
+fingerprint, config digest and upstream checkpoint are unchanged is not trained again, and a
+checkpoint already scored on that dataset version and split is not scored again.
 """
 
 from __future__ import annotations
@@ -209,8 +210,25 @@ def finish_run_task(run: dict[str, Any], ok: bool, status: str | None = None,
                         ok, status, reason)
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
-      task_run_name="evaluate-{label}", retry_condition_fn=retry_transient,
+def _evaluate_key(ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
+    """A training checkpoint on a dataset version and split scores the same every time: a
+    scheduled run on unchanged data and config (every stage a cache hit) reuses the scores
+    and their MLflow run instead of adding an identical run per evaluation. An MLflow URI
+    (an alias moves) is scored every time. The project's version is in the key: a new
+    release scores again."""
+    from importlib.metadata import version
+
+    from pipelines.registry import is_mlflow_uri
+    from pipelines.shards import read_manifest
+
+    if is_mlflow_uri(params["model"]):
+        return None
+    return _digest("evaluate", params["model"], read_manifest(params["data"]).fingerprint,
+                   params["split"], version("fcn-pipeline"))
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=10, cache_key_fn=_evaluate_key,
+      persist_result=True, task_run_name="evaluate-{label}", retry_condition_fn=retry_transient,
       timeout_seconds=_hours(6))
 def evaluate_task(model: str, data: str, split: str, label: str = "model",
                   actors: int | None = None) -> dict[str, Any]:

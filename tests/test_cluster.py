@@ -214,11 +214,13 @@ def test_prefect_submits_ray_jobs_and_the_model_lands_in_the_registry(
 
     keys = [i.path for i in fs.get_file_info(FileSelector("fcn/mlflow", recursive=True))]
     assert any(k.endswith("MLmodel") for k in keys), keys[:20]
-    # Prefect's cached results (ingest, each stage) are in the bucket beside the runs, so a
-    # scheduled run on another machine finds them; none went to the local Prefect home.
+    # Prefect's cached results (ingest, each stage, the evaluation) are in the bucket beside
+    # the runs, so a scheduled run on another machine finds them; none went to the local
+    # Prefect home.
     keys = [i.base_name for i in fs.get_file_info(FileSelector(
         f"{BUCKET}/jobs/runs/_prefect/results"))]
-    assert len([k for k in keys if len(k) == 64]) == 3, keys  # cache keys: ingest + 2 stages
+    # cache keys: ingest + 2 stages + the final stage's evaluation
+    assert len([k for k in keys if len(k) == 64]) == 4, keys
     assert not list((tmp_path / "prefect").rglob("storage/*"))
 
     # No secret in anything the run produced: its output, the MLflow store (params, tags,

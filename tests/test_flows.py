@@ -131,14 +131,16 @@ def test_pipeline_runs_through_prefect_registers_and_caches(prefect_api, tmp_pat
         assert f"| {final_iu:.4f} |" in arts["fcn-evaluation-8s"]
         assert "version 1 took the champion alias" in arts["fcn-champion-fcn-flowtest"]
 
-        # Unchanged inputs: ingest and the three stages are cache hits.
+        # Unchanged inputs: ingest, the three stages and the evaluation are cache hits (no
+        # second MLflow run with the same scores).
         second = fcn_pipeline(**params, evaluate_every_stage=False, return_state=True)
         assert second.is_completed()
         states2 = task_states(second.state_details.flow_run_id)
         cached = {n for n, s in states2.items() if s.name == "Cached"}
         assert any(n.startswith("ingest") for n in cached), states2
-        assert {"train-32s", "train-16s", "train-8s"} <= cached, states2
+        assert {"train-32s", "train-16s", "train-8s", "evaluate-8s"} <= cached, states2
         assert second.result()["stages"] == summary["stages"]
+        assert second.result()["evaluations"] == summary["evaluations"]
         # ... and the registration says so, with where the champion is now (the first run's
         # "there was none" read as if the registry were still empty).
         reg2 = second.result()["registration"]
@@ -161,6 +163,9 @@ def test_pipeline_runs_through_prefect_registers_and_caches(prefect_api, tmp_pat
         assert stages3[0] == summary["stages"][0]
         assert all(Path(s["checkpoint"]).is_dir() for s in stages3)
         assert stages3[1]["checkpoint"] != summary["stages"][1]["checkpoint"]
+        # a new checkpoint on a new dataset version: scored again
+        evals3 = third.result()["evaluations"]
+        assert evals3[-1]["mlflow_run"] != summary["evaluations"][-1]["mlflow_run"]
         assert (tmp_path / "shards" / "synthetic" / "manifest.json").exists()
 
 
