@@ -21,6 +21,7 @@ from flows.tasks import (
     publish_decision,
     publish_stages,
     register_task,
+    reused_note,
     start_run_task,
     train_stage_task,
 )
@@ -86,16 +87,21 @@ def train_stages(config: dict[str, Any], data: str, fingerprint: str, storage: s
 
     run = start_run_task(config, data, storage, resume)
     results: list[dict[str, Any]] = []
+    reused: list[dict[str, Any]] = []
     init = None
     try:
         for stage in config["stages"]:
-            res = train_stage_task.with_options(refresh_cache=force)(
-                config, stage["name"], data, fingerprint, run, init)
+            state = train_stage_task.with_options(refresh_cache=force)(
+                config, stage["name"], data, fingerprint, run, init, return_state=True)
+            res = state.result()  # raises what the task raised
             if not force and not store.exists(res["checkpoint"]):  # a hit whose files went
                 get_run_logger().warning(f"stage {stage['name']}: the cached checkpoint "
                                          f"{res['checkpoint']} is gone: training it again")
-                res = train_stage_task.with_options(refresh_cache=True)(
-                    config, stage["name"], data, fingerprint, run, init)
+                state = train_stage_task.with_options(refresh_cache=True)(
+                    config, stage["name"], data, fingerprint, run, init, return_state=True)
+                res = state.result()
+            if state.name == "Cached":
+                reused.append(res)
             results.append(res)
             init = res["checkpoint"]
     except BaseException as exc:
@@ -104,7 +110,7 @@ def train_stages(config: dict[str, Any], data: str, fingerprint: str, storage: s
         finish_run_task(run, ok=False, status=end_status(exc),  # KILLED for Ctrl-C
                         reason=failure(exc))
         raise
-    finish_run_task(run, ok=True)
+    finish_run_task(run, ok=True, note=reused_note(reused, len(results)))
     publish_stages(results)
     return results
 

@@ -203,11 +203,26 @@ def _stage_job(cfg: Any, stage: str, data: str, run: Any, init: str | None) -> A
 @task(name="finish-pipeline-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=retry_transient, timeout_seconds=SHORT)
 def finish_run_task(run: dict[str, Any], ok: bool, status: str | None = None,
-                    reason: str | None = None) -> None:
+                    reason: str | None = None, note: str | None = None) -> None:
     from pipelines.train import PipelineRun, finish_pipeline_run
 
     finish_pipeline_run(PipelineRun(run["run_id"], run["storage"], run["mlflow_parent"]),
-                        ok, status, reason)
+                        ok, status, reason, note)
+
+
+def reused_note(reused: list[dict[str, Any]], total: int) -> str | None:
+    """The parent run's description when stages were Prefect cache hits: their training runs
+    belong to the earlier pipeline run that trained them, so this one shows no child run
+    for them (and none at all when every stage was reused)."""
+    if not reused:
+        return None
+    which = "every stage was" if len(reused) == total else \
+        f"{len(reused)} of {total} stages were"
+    lines = [f"{which} reused from an earlier run (unchanged data, config and starting "
+             "checkpoint: Prefect cache hits); their training runs:", ""]
+    lines += [f"- {r['stage']}: run {r['mlflow_run']}, checkpoint {r['checkpoint']}"
+              for r in reused]
+    return "\n".join(lines)
 
 
 def _evaluate_key(ctx: TaskRunContext, params: dict[str, Any]) -> str | None:

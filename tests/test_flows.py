@@ -141,6 +141,18 @@ def test_pipeline_runs_through_prefect_registers_and_caches(prefect_api, tmp_pat
         assert {"train-32s", "train-16s", "train-8s", "evaluate-8s"} <= cached, states2
         assert second.result()["stages"] == summary["stages"]
         assert second.result()["evaluations"] == summary["evaluations"]
+        # Its MLflow parent run has no stage runs of its own: its description says where they
+        # are (the first run's), which the first run's parent does not need.
+        from mlflow.tracking import MlflowClient
+
+        mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        parents = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()],
+                                     "tags.stage = 'pipeline'", order_by=["start_time ASC"])
+        assert len(parents) == 2, parents
+        assert "mlflow.note.content" not in parents[0].data.tags
+        note = parents[1].data.tags["mlflow.note.content"]
+        assert note.startswith("every stage was reused from an earlier run"), note
+        assert all(f"- {s['stage']}: run {s['mlflow_run']}, " in note for s in summary["stages"])
         # ... and the registration says so, with where the champion is now (the first run's
         # "there was none" read as if the registry were still empty).
         reg2 = second.result()["registration"]
@@ -166,6 +178,11 @@ def test_pipeline_runs_through_prefect_registers_and_caches(prefect_api, tmp_pat
         # a new checkpoint on a new dataset version: scored again
         evals3 = third.result()["evaluations"]
         assert evals3[-1]["mlflow_run"] != summary["evaluations"][-1]["mlflow_run"]
+        parents = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()],
+                                     "tags.stage = 'pipeline'", order_by=["start_time ASC"])
+        note = parents[2].data.tags["mlflow.note.content"]
+        assert note.startswith("1 of 3 stages were reused") and "- 32s: run " in note, note
+        assert "- 16s: " not in note, note
         assert (tmp_path / "shards" / "synthetic" / "manifest.json").exists()
 
 

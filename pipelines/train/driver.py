@@ -418,7 +418,9 @@ def running_again(client: Any, run_id: str) -> None:
 
 
 def finish_pipeline_run(run: PipelineRun, ok: bool, status: str | None = None,
-                        reason: str | None = None) -> None:
+                        reason: str | None = None, note: str | None = None) -> None:
+    """End the parent run; ``reason`` (a failure) and ``note`` (its description in the
+    MLflow UI) are set on it first."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking import tracking_uri
@@ -426,6 +428,8 @@ def finish_pipeline_run(run: PipelineRun, ok: bool, status: str | None = None,
     client = MlflowClient(tracking_uri())
     if reason:
         client.set_tag(run.mlflow_parent, FAILURE_TAG, reason)
+    if note:
+        client.set_tag(run.mlflow_parent, "mlflow.note.content", note)
     client.set_terminated(run.mlflow_parent, status or ("FINISHED" if ok else "FAILED"))
 
 
