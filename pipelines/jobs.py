@@ -144,7 +144,9 @@ def run_job(args: list[str], result_dir: str, log: Log = print, *,
     storage.check_writable(result_dir)
     entrypoint = shlex.join(["fcn", *args, "--result-json", result])
     client = _client(address)
+    # Named for what it runs: `ray job list` and the dashboard show fcn-train-…, fcn-ingest-…
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": job_env()},
+                               submission_id=f"fcn-{args[0]}-{uuid.uuid4().hex[:12]}",
                                entrypoint_num_cpus=entrypoint_num_cpus,
                                metadata={"fcn_command": args[0]})
     with _LIVE_LOCK:

@@ -190,7 +190,7 @@ def test_prefect_submits_ray_jobs_and_the_model_lands_in_the_registry(
     # The ingest job generated what the flow asked for (its size was once dropped: 64 px
     # whatever was asked).
     assert "(96 train + 32 val, 64x64)" in out, out[-6000:]
-    submitted = [ln for ln in out.splitlines() if "Ray job raysubmit_" in ln and " on " in ln]
+    submitted = [ln for ln in out.splitlines() if "Ray job fcn-" in ln and " on " in ln]
     # ingest, the 2 stages as one job (one worker group), evaluation, registration
     assert len(submitted) == 4, submitted
     assert "registered fcn-cluster version 1" in proc.stdout
@@ -283,9 +283,9 @@ def test_a_failing_ray_job_fails_the_flow_with_its_own_line_and_no_retry(
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-4000:]
     (last,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("fcn run: ")]
-    assert last.startswith("fcn run: Ray job raysubmit_") and " failed: fcn ingest: error: " \
+    assert last.startswith("fcn run: Ray job fcn-ingest-") and " failed: fcn ingest: error: " \
         in last and f"no VOC layout under {base}/not-a-dataset" in last, last
-    submitted = [ln for ln in out.splitlines() if "Ray job raysubmit_" in ln and " on " in ln]
+    submitted = [ln for ln in out.splitlines() if "Ray job fcn-" in ln and " on " in ln]
     assert len(submitted) == 1, submitted  # a user's mistake is not retried
     assert s3_server.secret_key not in out
 
@@ -308,7 +308,7 @@ def test_a_ray_job_is_stopped_when_its_submitter_is_interrupted_or_exits_first(
 
         def log(line):
             print(line, flush=True)
-            if line.startswith("Ray job raysubmit_"):
+            if line.startswith("Ray job fcn-describe-"):
                 submitted.set()
                 if sys.argv[1] == "interrupt":
                     raise KeyboardInterrupt
@@ -339,7 +339,7 @@ def test_a_ray_job_is_stopped_when_its_submitter_is_interrupted_or_exits_first(
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         (job,) = [ln.split()[2] for ln in proc.stdout.splitlines()
-                  if ln.startswith("Ray job raysubmit_")]
+                  if ln.startswith("Ray job fcn-describe-")]
         why = ("interrupted (KeyboardInterrupt)" if how == "interrupt" else
                "the command that submitted it ended first")
         assert f"stopped Ray job {job}: {why}" in proc.stderr, proc.stderr[-3000:]
