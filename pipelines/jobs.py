@@ -109,19 +109,41 @@ _LIVE: dict[str, Any] = {}
 _LIVE_LOCK = threading.Lock()
 
 
-def _stop(job_id: str, why: str) -> None:
-    """Stop ``job_id`` if this process still waits on it, saying so on stderr."""
+# How long a stop waits for the job to end (Ray's own `ray job stop` waits too): Ray gives the
+# entrypoint 3 s after SIGTERM, and a loaded cluster takes a while to start a job's supervisor.
+STOP_WAIT_S = 20.0
+
+
+def _stop(job_id: str, why: str, wait_s: float = STOP_WAIT_S) -> None:
+    """Stop ``job_id`` if this process still waits on it, and say on stderr how it ended."""
     with _LIVE_LOCK:
         client = _LIVE.pop(job_id, None)
     if client is None:
         return
+    status = "unknown"
     try:
         client.stop_job(job_id)
+        deadline = time.monotonic() + wait_s
+        while (status := str(client.get_job_status(job_id).value)) not in TERMINAL \
+                and time.monotonic() < deadline:
+            time.sleep(0.25)
     except Exception as exc:  # noqa: BLE001  (the cluster may be what went away)
         print(f"could not stop Ray job {job_id} ({storage.redact(str(exc).strip()[:200])}): "
               f"stop it with `ray job stop {job_id}`", file=sys.stderr, flush=True)
         return
-    print(f"stopped Ray job {job_id}: {why}", file=sys.stderr, flush=True)
+    if status == "STOPPED":
+        line = f"stopped Ray job {job_id}: {why}"
+    elif status in TERMINAL:  # it ended by itself, or Ray failed it, as it was being stopped
+        line = f"Ray job {job_id} {status.lower()} as it was being stopped ({why})"
+        try:
+            message = (client.get_job_info(job_id).message or "").strip().splitlines()
+        except Exception:  # noqa: BLE001
+            message = []
+        line += f": {storage.redact(message[-1][:300])}" if message else ""
+    else:
+        line = (f"asked Ray job {job_id} to stop ({why}); after {wait_s:g} s it is still "
+                f"{status.lower()}: `ray job status {job_id}` follows it")
+    print(line, file=sys.stderr, flush=True)
 
 
 def stop_live_jobs() -> None:

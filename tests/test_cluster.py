@@ -295,7 +295,8 @@ def test_a_ray_job_is_stopped_when_its_submitter_is_interrupted_or_exits_first(
     """A Ray job outlives the process that submitted it: Ctrl-C on `fcn run` (or a task's
     time limit) left its training job running on the cluster. Here one submitter is
     interrupted while it streams the job's log, and another exits while a thread (as a
-    stage chain's) still waits on its job: both jobs end STOPPED, and each says so."""
+    stage chain's) still waits on its job: both jobs end STOPPED, and each says so once Ray
+    says it. A job that ended before its stop is named as what it is, not as stopped."""
     head, _ = cluster
     env = _client_env(tmp_path, s3_server, mlflow_server, RAY_ADDRESS=head.dashboard_url)
     results = f"s3://{BUCKET}/stopped/_jobs"
@@ -318,10 +319,21 @@ def test_a_ray_job_is_stopped_when_its_submitter_is_interrupted_or_exits_first(
                 run_job(["describe", "fcn8s"], {results!r}, log=log)
             except KeyboardInterrupt:
                 print("interrupted", flush=True)
-        else:  # a daemon thread still waiting when the process ends
+        elif sys.argv[1] == "exit":  # a daemon thread still waiting when the process ends
             threading.Thread(target=run_job, args=(["describe", "fcn8s"], {results!r}, log),
                              daemon=True).start()
             assert submitted.wait(60)
+        else:  # a job that ended by itself before this process stopped it
+            import time
+            from pipelines import jobs
+            client = jobs._client({head.dashboard_url!r})
+            job = client.submit_job(entrypoint="echo done", submission_id="fcn-describe-" + (
+                "%x" % time.time_ns()))
+            print("Ray job", job, "on", flush=True)
+            while str(client.get_job_status(job).value) not in jobs.TERMINAL:
+                time.sleep(0.2)
+            jobs._LIVE[job] = client
+            jobs._stop(job, "interrupted (KeyboardInterrupt)")
     """)
     status = textwrap.dedent(f"""
         import sys, time
@@ -332,9 +344,9 @@ def test_a_ray_job_is_stopped_when_its_submitter_is_interrupted_or_exits_first(
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
             time.sleep(0.5)
-        print(status)
+        print(status, repr(client.get_job_info(sys.argv[1]).message))
     """)
-    for how in ("interrupt", "exit"):
+    for how in ("interrupt", "exit", "ended"):
         proc = subprocess.run([sys.executable, "-c", code, how], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -342,10 +354,15 @@ def test_a_ray_job_is_stopped_when_its_submitter_is_interrupted_or_exits_first(
                   if ln.startswith("Ray job fcn-describe-")]
         why = ("interrupted (KeyboardInterrupt)" if how == "interrupt" else
                "the command that submitted it ended first")
+        if how == "ended":
+            assert f"Ray job {job} succeeded as it was being stopped (interrupted " \
+                   "(KeyboardInterrupt))" in proc.stderr, proc.stderr[-3000:]
+            assert "stopped Ray job" not in proc.stderr, proc.stderr[-3000:]
+            continue
         assert f"stopped Ray job {job}: {why}" in proc.stderr, proc.stderr[-3000:]
         end = subprocess.run([sys.executable, "-c", status, job], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
-        assert end.stdout.strip() == "STOPPED", (how, end.stdout, end.stderr[-2000:])
+        assert end.stdout.split()[0] == "STOPPED", (how, end.stdout, end.stderr[-2000:])
 
 
 def test_gcs_driver_trains_on_two_nodes_in_s3_and_survives_losing_one(
