@@ -156,6 +156,9 @@ def ray_local():
     from pipelines.ray_env import quiet_env
 
     os.environ.update(quiet_env())
+    # As init_ray's own local Ray: no Ray Train preemption watcher (an actor, so a process
+    # that imports Ray Train, per worker group) where one node has nothing to drain.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard serves the state API that Ray Train V2's controller monitor queries.
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
              log_to_driver=False)
