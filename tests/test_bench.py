@@ -123,3 +123,43 @@ def test_bench_shift_stitch_scores_every_row_of_a_demo_project(tmp_path):
     assert [" ".join(r) for r in rows] == ["FCN-32s 32", "FCN-32s, shift-and-stitch",
                                            "FCN-16s 16", "FCN-8s 8"], out
     assert "demo-x on " in out and "(3 images)" in out
+
+
+def test_cpu_of_tests_gives_each_test_the_cpu_of_the_processes_it_started(tmp_path):
+    """bench/cpu_of_tests.py runs pytest and charges a test with its own and its children's
+    CPU: here one test burns ~1.5 s of CPU in a subprocess, another only sleeps."""
+    (tmp_path / "test_burn.py").write_text(
+        "import subprocess, sys, time\n\n"
+        "def test_burns():\n"
+        "    subprocess.run([sys.executable, '-c', 'import time\\nt = time.process_time()\\n"
+        "while time.process_time() - t < 1.5: pass'], check=True)\n\n"
+        "def test_sleeps():\n"
+        "    time.sleep(1.5)\n")
+    out = subprocess.run([sys.executable, "bench/cpu_of_tests.py", "--top", "5", "--",
+                          str(tmp_path / "test_burn.py"), "-n", "0", "-p", "no:cacheprovider"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = {line.split()[2].split("::")[-1]: (float(line.split()[0]), float(line.split()[1]))
+            for line in out.splitlines() if "test_burn.py::" in line}
+    assert rows["test_burns"][0] >= 1.2, out  # its subprocess's CPU counted for it
+    assert rows.get("test_sleeps", (0.0, 0.0))[0] < 0.5, out  # wall time is not CPU
+    assert "\nCPU " in out and "kind of process" in out, out
+
+
+def test_cpu_of_tests_report_splits_samples_between_sessions_and_tests():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cpu_of_tests import kind, report
+
+    clock = ['["start", "t.py::a", 10.0, 1]', '["end", "t.py::a", 20.0, 1]',
+             '["start", "t.py::b", 20.0, 1]', '["end", "t.py::b", 30.0, 1]',
+             '["start", "t.py::c", 10.0, 2]', '["end", "t.py::c", 15.0, 2]']
+    samples = [(12.0, 1, "ray::TrainController", 4.0), (25.0, 1, "fcn", 2.0),
+               (14.0, 2, "python", 1.0), (40.0, 2, "python", 0.5), (12.0, None, "weed", 3.0)]
+    out = report(samples, clock, top=10)
+    lines = out.splitlines()
+    assert lines[0] == "CPU 10 s in all; sessions (CPU s / wall s of their tests): 6/20, 2/5"
+    assert "    4.0    10.0  t.py::a" in out and "    2.0    10.0  t.py::b" in out
+    assert "    1.0     5.0  t.py::c" in out
+    assert "    0.5     0.0  (between tests: collection, fixtures)" in out
+    assert "    3.0     0.0  (not under a pytest session)" in out
+    assert kind("ray::RayTrainWorker.get_metadata") == "ray::RayTrainWorker"
+    assert kind("/v/bin/python /v/bin/mlflow server --host 127.0.0.1") == "mlflow"
