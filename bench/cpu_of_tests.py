@@ -37,9 +37,19 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 # --- the pytest plugin side (loaded in each session with -p cpu_of_tests) -----------------
 
+_NOTING = {"on": True}
+
+
+def pytest_configure(config):
+    """Note tests where they run: in xdist's workers, not in its controller (which gets every
+    worker's reports, and so these hooks too), or in the one session without xdist."""
+    workers = getattr(config.option, "numprocesses", None)
+    _NOTING["on"] = not workers or "PYTEST_XDIST_WORKER" in os.environ
+
+
 def _note(event: str, nodeid: str) -> None:
     path = os.environ.get(CLOCK_ENV)
-    if path:
+    if path and _NOTING["on"]:
         with open(path, "a") as f:
             f.write(json.dumps([event, nodeid, time.time(), os.getpid()]) + "\n")
 
