@@ -44,7 +44,7 @@ def pytest_configure(config):
     """Note tests where they run: in xdist's workers, not in its controller (which gets every
     worker's reports, and so these hooks too), or in the one session without xdist."""
     workers = getattr(config.option, "numprocesses", None)
-    _NOTING["on"] = not workers or "PYTEST_XDIST_WORKER" in os.environ
+    _NOTING["on"] = not workers or hasattr(config, "workerinput")  # xdist's mark of a worker
 
 
 def _note(event: str, nodeid: str) -> None:
