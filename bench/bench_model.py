@@ -32,8 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fcn_core import fcn8s, segmentation_loss  # noqa: E402
+from fcn_core.precision import native_bf16  # noqa: E402
 from fcn_core.profile import total_macs, train_flops  # noqa: E402
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fp32", "fp32-cl", "bf16", "bf16-cl", "bf16-cl-compile", "fp16-cl")
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -59,16 +61,31 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
     return statistics.median(times)
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, iters: int) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / median_seconds(lambda: a @ b, device, 3, iters) / 1e12
+def matmul_tflops(device: torch.device, dtype: torch.dtype, cap: int, iters: int
+                  ) -> tuple[float, int]:
+    """Dense n x n matmul rate (TFLOP/s, median) and the n used: n doubles from 256 up to
+    ``cap`` while one product takes under 50 ms, so a dtype that this device only emulates
+    (bf16 on a CPU without avx512_bf16/AMX: ~100x slower) is timed in seconds, not minutes."""
+    def product(n: int) -> Callable[[], torch.Tensor]:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        return lambda: a @ b
+
+    n = 256
+    while n < cap and median_seconds(product(n), device, 1, 1) < 0.05:
+        n *= 2
+    return 2 * n**3 / median_seconds(product(n), device, 2, iters) / 1e12, n
+
+
+def mode_dtype(mode: str) -> str:
+    """The dtype a mode computes in: fp32, bf16 or fp16."""
+    return mode.split("-")[0]
 
 
 def parse_mode(mode: str) -> tuple[torch.dtype, bool, bool]:
     """(autocast dtype, channels_last, compile)."""
     parts = mode.split("-")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[parts[0]]
+    dtype = DTYPES[parts[0]]
     return dtype, "cl" in parts, "compile" in parts
 
 
@@ -143,7 +160,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--modes", default=None,
                     help=f"comma-separated, of {', '.join(MODES)} (default: cpu fp32,fp32-cl,"
-                         "bf16-cl; cuda fp32,bf16,bf16-cl,bf16-cl-compile)")
+                         "bf16-cl, without bf16-cl where bf16 is emulated; cuda fp32,bf16,"
+                         "bf16-cl,bf16-cl-compile)")
     ap.add_argument("--width", type=float, default=1.0, help="VGG16 width multiplier (1.0)")
     ap.add_argument("--size", type=int, default=0, help="square input (cpu 256, cuda 500)")
     ap.add_argument("--batches", default=None, help="comma-separated (cpu 1, cuda 1,8)")
@@ -163,7 +181,8 @@ def main() -> int:
     else:
         torch.set_num_threads(os.cpu_count() or 1)
     modes = (args.modes or ("fp32,bf16,bf16-cl,bf16-cl-compile" if gpu
-                            else "fp32,fp32-cl,bf16-cl")).split(",")
+                            else "fp32,fp32-cl,bf16-cl" if native_bf16(device)
+                            else "fp32,fp32-cl")).split(",")
     bad = [m for m in modes if m not in MODES]
     if bad:
         ap.error(f"unknown mode(s) {', '.join(bad)}: choose from {', '.join(MODES)}")
@@ -173,13 +192,23 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if gpu else (platform.processor()
                                                             or platform.machine())
     peak = peak_for(device, args.peak_tflops)
+    reference_mode = "bf16-cl" if "bf16-cl" in modes else modes[0]  # fcn_resnet50's row
     print(f"device {device} ({name}), torch {torch.__version__}, "
           f"{'' if gpu else f'{torch.get_num_threads()} threads, '}FCN-8s width {args.width}, "
           f"{size}x{size}, median of {args.iters} steps after {warmup} warm-up")
-    mm = {d: matmul_tflops(device, dt, 8192 if gpu else 2048, args.iters)
-          for d, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    print(f"dense matmul: fp32 {mm['fp32']:.2f} TFLOP/s, bf16 {mm['bf16']:.2f} TFLOP/s"
+    # The matmul rate of each dtype the modes (and the reference row) run in, in this run.
+    dtypes = {mode_dtype(m) for m in modes + ([] if args.no_reference else [reference_mode])}
+    mm, sizes = {}, {}
+    for d in ("fp32", "bf16", "fp16"):
+        if d in dtypes:
+            mm[d], sizes[d] = matmul_tflops(device, DTYPES[d], 8192 if gpu else 2048,
+                                            args.iters)
+    print("dense matmul: " + ", ".join(f"{d} {mm[d]:.3g} TFLOP/s" + (
+        f" (n={sizes[d]})" if sizes[d] != (8192 if gpu else 2048) else "") for d in mm)
           + (f"; bf16 peak {peak:.0f} TFLOP/s" if peak else ""))
+    if "bf16" in dtypes and not native_bf16(device):
+        print("note: this device has no native bf16 (a CPU without avx512_bf16/AMX): bf16 "
+              "is emulated and slower than fp32 here; `amp: auto` trains in fp32 on it")
 
     probe = fcn8s_for_bench(args.width, device)
     x1 = torch.randn(1, 3, size, size, device=device) * 50
@@ -205,7 +234,7 @@ def main() -> int:
         x = torch.randn(batch, 3, size, size, device=device) * 50
         y = torch.randint(0, 21, (batch, size, size), device=device)
         for mode in modes:
-            ref = mm["fp32" if mode.startswith("fp32") else "bf16"]
+            ref = mm[mode_dtype(mode)]
             t_train = train_rate(fcn8s_for_bench(args.width, device), x, y, mode, warmup,
                                  args.iters)
             t_inf = infer_rate(fcn8s_for_bench(args.width, device), x, mode, warmup,
@@ -228,10 +257,10 @@ def main() -> int:
                 continue
             net = fcn_resnet50(weights=None, weights_backbone=None, aux_loss=False).to(device)
             macs = total_macs(net.eval(), x[:1])
-            mode = "bf16-cl" if "bf16-cl" in modes else modes[0]
+            mode = reference_mode
             t_inf = infer_rate(net, x, mode, warmup, args.iters)
             inf = 2 * macs * batch / t_inf / 1e12
-            ref = mm["fp32" if mode.startswith("fp32") else "bf16"]
+            ref = mm[mode_dtype(mode)]
             rows.append({"net": "fcn_resnet50", "mode": mode, "batch": batch, "size": size,
                          "infer_images_per_s": batch / t_inf, "infer_tflops": inf,
                          "infer_ratio": inf / ref})

@@ -37,6 +37,19 @@ def resolve_amp(amp: str, device: torch.device | str) -> str:
     return ("bf16" if native_bf16(device) else "off") if amp == "auto" else amp
 
 
+def amp_note(asked: str, amp: str, device: torch.device | str) -> str | None:
+    """What a run's log says about its precision, or None: ``auto``'s choice, and a warning
+    where bf16 is asked for on a CPU that only emulates it (an AVX2 CPU: bf16 matmuls ~100x
+    slower than fp32 here; ``bench/bench_model.py`` measures it)."""
+    device = torch.device(device)
+    if asked == "auto":
+        return f"amp auto: {amp} on {device.type}"
+    if amp == "bf16" and device.type == "cpu" and not native_bf16(device):
+        return ("warning: amp bf16 on a CPU without avx512_bf16/AMX: bf16 is emulated here, "
+                "many times slower than fp32; amp: auto (or off) trains in fp32 on it")
+    return None
+
+
 def pick_device(use_gpu: bool) -> torch.device:
     """``cuda`` (this process's current CUDA device) when asked for and present, else ``cpu``;
     asked for a GPU where none is visible, a RuntimeError rather than a silent CPU run."""

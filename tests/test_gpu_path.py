@@ -221,3 +221,17 @@ def test_amp_auto_is_bf16_only_where_the_device_runs_it_natively():
     assert resolve_amp("auto", "cpu") == ("bf16" if has else "off")
     assert resolve_amp("fp16", "cpu") == "fp16" and resolve_amp("off", "cpu") == "off"
     assert TrainConfig(amp="auto").amp == "auto"
+
+
+def test_the_log_warns_of_bf16_asked_for_where_the_cpu_only_emulates_it(monkeypatch):
+    import fcn_core.precision as precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)  # an AVX2 CPU
+    warning = precision.amp_note("bf16", "bf16", "cpu")
+    assert warning is not None and warning.startswith("warning: amp bf16 on a CPU without "
+                                                      "avx512_bf16/AMX: bf16 is emulated")
+    assert precision.amp_note("auto", "off", "cpu") == "amp auto: off on cpu"
+    assert precision.amp_note("off", "off", "cpu") is None
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.amp_note("bf16", "bf16", "cpu") is None
+    assert precision.amp_note("auto", "bf16", "cpu") == "amp auto: bf16 on cpu"

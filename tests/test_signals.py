@@ -98,11 +98,11 @@ def test_a_hangup_ends_a_command_as_ctrl_c_does_unless_it_is_ignored(nohup):
     """The terminal closed (SIGHUP): the command's cleanup runs as for Ctrl-C (it would
     otherwise die at once, and Prefect's temporary server, in a session of its own, would
     outlive it); under nohup (SIGHUP ignored) it goes on."""
-    def ignore_hangup() -> None:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    def hangup_as_in_a_terminal() -> None:  # whatever the test run's own (under nohup: ignored)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL)
 
     proc = subprocess.Popen([sys.executable, "-c", ENTRY], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True, preexec_fn=ignore_hangup if nohup else None)
+                            text=True, preexec_fn=hangup_as_in_a_terminal)
     try:
         assert proc.stdout.readline().strip() == "working"
         proc.send_signal(signal.SIGHUP)

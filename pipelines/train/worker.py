@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fcn_core.fcn import scores_untrained
-from fcn_core.precision import grad_scaler, maybe_compile, resolve_amp
+from fcn_core.precision import amp_note, grad_scaler, maybe_compile, resolve_amp
 from fcn_core.transforms import MEAN_BGR
 from pipelines import storage
 from pipelines.config import TrainConfig
@@ -241,8 +241,9 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
         log(f"resumed from the checkpoint at step {step}")
     model = maybe_compile(model, cfg.compile, log)
     amp = resolve_amp(cfg.amp, device)  # auto: bf16 where this device runs it natively
-    if cfg.amp == "auto" and previous is None:
-        log(f"amp auto: {amp} on {device.type}")
+    note = amp_note(cfg.amp, amp, device)
+    if note and previous is None:
+        log(note)
     scaler = grad_scaler(amp, device)  # fp16 only
     stride = output_stride(model)  # loss sampling's cells
     weight = (torch.tensor(loop["class_weights"], dtype=torch.float32, device=device)
