@@ -43,7 +43,9 @@ def amp_note(asked: str, amp: str, device: torch.device | str) -> str | None:
     slower than fp32 here; ``bench/bench_model.py`` measures it)."""
     device = torch.device(device)
     if asked == "auto":
-        return f"amp auto: {amp} on {device.type}"
+        why = ("" if device.type != "cpu" else " (native bf16: avx512_bf16/AMX)" if amp == "bf16"
+               else " (no native bf16 on this CPU: no avx512_bf16/AMX)")
+        return f"amp auto: {amp} on {device.type}{why}"
     if amp == "bf16" and device.type == "cpu" and not native_bf16(device):
         return ("warning: amp bf16 on a CPU without avx512_bf16/AMX: bf16 is emulated here, "
                 "many times slower than fp32; amp: auto (or off) trains in fp32 on it")

@@ -230,8 +230,11 @@ def test_the_log_warns_of_bf16_asked_for_where_the_cpu_only_emulates_it(monkeypa
     warning = precision.amp_note("bf16", "bf16", "cpu")
     assert warning is not None and warning.startswith("warning: amp bf16 on a CPU without "
                                                       "avx512_bf16/AMX: bf16 is emulated")
-    assert precision.amp_note("auto", "off", "cpu") == "amp auto: off on cpu"
+    assert precision.amp_note("auto", "off", "cpu") == (
+        "amp auto: off on cpu (no native bf16 on this CPU: no avx512_bf16/AMX)")
     assert precision.amp_note("off", "off", "cpu") is None
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     assert precision.amp_note("bf16", "bf16", "cpu") is None
-    assert precision.amp_note("auto", "bf16", "cpu") == "amp auto: bf16 on cpu"
+    assert precision.amp_note("auto", "bf16", "cpu") == (
+        "amp auto: bf16 on cpu (native bf16: avx512_bf16/AMX)")
+    assert precision.amp_note("auto", "bf16", "cuda") == "amp auto: bf16 on cuda"
