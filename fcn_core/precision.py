@@ -25,7 +25,14 @@ def native_bf16(device: torch.device | str) -> bool:
     with avx512_bf16 / AMX (oneDNN's check). Elsewhere bf16 is emulated, and slower than fp32."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        if torch.version.hip:  # every ROCm GPU torch supports
+            return True
+        # Compute capability 8 (Ampere) and later. Not torch.cuda.is_bf16_supported(): by
+        # default it counts emulation, and says True on a V100 or T4.
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return torch.cuda.get_device_properties(index).major >= 8
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN

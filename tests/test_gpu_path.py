@@ -238,3 +238,18 @@ def test_the_log_warns_of_bf16_asked_for_where_the_cpu_only_emulates_it(monkeypa
     assert precision.amp_note("auto", "bf16", "cpu") == (
         "amp auto: bf16 on cpu (native bf16: avx512_bf16/AMX)")
     assert precision.amp_note("auto", "bf16", "cuda") == "amp auto: bf16 on cuda"
+
+
+@pytest.mark.parametrize("major, native", [(7, False), (8, True), (9, True)])
+def test_native_bf16_on_cuda_means_ampere_or_later_not_emulation(monkeypatch, major, native):
+    """A V100 or T4 (compute capability 7) only emulates bf16, though torch's
+    ``is_bf16_supported()`` says True there: ``amp: auto`` must train in fp32 on it."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(major=major if index == 1 else 99))
+    assert native_bf16("cuda:1") is native
+    assert resolve_amp("auto", "cuda:1") == ("bf16" if native else "off")
