@@ -111,3 +111,8 @@ def add_project_dir(p: argparse.ArgumentParser, what: str, default: str | None =
     given one the command's ``FCN_DATA_DIR``, so the flag wins over the variable."""
     p.add_argument("--project-dir", default=default, metavar="DIR",
                    help=f"local state: {what} (default: FCN_DATA_DIR or ./data)")
+
+
+AMP_HELP = ("mixed precision (default: the config's amp; a config without one: off): bf16 "
+            "autocast, native on CPUs with avx512_bf16/AMX and Ampere+ GPUs (emulated and slow "
+            "elsewhere); fp16 with a GradScaler, GPUs only; auto: bf16 where native, else fp32")

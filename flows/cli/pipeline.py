@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.cli.common import add_project_dir, add_verbose, positive_int, quiet_ray_logs
+from flows.cli.common import AMP_HELP, add_project_dir, add_verbose, positive_int, quiet_ray_logs
 from pipelines.errors import UsageError
 
 
@@ -457,7 +457,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--gpu", action="store_true",
                        help="one GPU per training worker (nccl), as use_gpu: true")
         p.add_argument("--amp", choices=["off", "bf16", "fp16", "auto"], default=None,
-                       help="mixed precision (default: the config's amp)")
+                       help=AMP_HELP)
         p.add_argument("--out", default=None,
                        help="shards folder or URI (default PROJECT_DIR/shards)")
         p.add_argument("--storage", default=None,

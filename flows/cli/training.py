@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from flows.cli.common import (
+    AMP_HELP,
     MLFLOW_STATE,
     add_project_dir,
     add_result_arg,
@@ -105,10 +106,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="Ray Train workers (default: the config's)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
     p.add_argument("--amp", choices=["off", "bf16", "fp16", "auto"], default=None,
-                   help="mixed precision (default: the config's amp, off): bf16 autocast, "
-                        "native on CPUs with avx512_bf16/AMX and Ampere+ GPUs (emulated and "
-                        "slow elsewhere); fp16 with a GradScaler, GPUs only; auto: bf16 where "
-                        "native, else fp32")
+                   help=AMP_HELP)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the net (runs eagerly, with a warning, where it fails)")
     p.add_argument("--backbone-weights", default=None,
