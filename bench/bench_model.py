@@ -208,8 +208,9 @@ def main() -> int:
         f" (n={sizes[d]})" if sizes[d] != (8192 if gpu else 2048) else "") for d in mm)
           + (f"; bf16 peak {peak:.0f} TFLOP/s" if peak else ""))
     if "bf16" in dtypes and not native_bf16(device):
-        print("note: this device has no native bf16 (a CPU without avx512_bf16/AMX): bf16 "
-              "is emulated and slower than fp32 here; `amp: auto` trains in fp32 on it")
+        print("note: this device has no native bf16 (a CPU without avx512_bf16/AMX, or a GPU "
+              "before Ampere): bf16 is emulated and slower than fp32 here; `amp: auto` trains "
+              "in fp32 on it")
 
     probe = fcn8s_for_bench(args.width, device)
     x1 = torch.randn(1, 3, size, size, device=device) * 50
