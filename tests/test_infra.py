@@ -1185,3 +1185,19 @@ def test_local_stack_up_and_down(tmp_path: Path):
     # Idempotent: down again says so.
     r = _run([down, str(state)], env, timeout=60)
     assert r.returncode == 0 and "already down" in r.stdout, r.stdout + r.stderr
+
+
+def test_port_listening_sees_a_listener_on_any_address_and_nothing_else():
+    """up.sh's Ray is ready only once its Ray Client server listens (that server binds the
+    node's IP, not 127.0.0.1): lib.sh reads /proc/net/tcp for a socket in LISTEN."""
+    def listening(port: int) -> bool:
+        return subprocess.run(["bash", "-c", 'source "$1"; port_listening "$2"', "-",
+                               str(LOCAL / "lib.sh"), str(port)], env=_clean_env(VENV=sys.prefix),
+                              capture_output=True, timeout=30).returncode == 0
+
+    with socket.socket() as server, socket.socket() as bound_only:
+        server.bind(("0.0.0.0", 0))
+        server.listen()
+        bound_only.bind(("127.0.0.1", 0))  # bound, not listening: not ready
+        assert listening(server.getsockname()[1])
+        assert not listening(bound_only.getsockname()[1])

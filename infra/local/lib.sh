@@ -163,9 +163,21 @@ http_ok() {
     fi
 }
 
+# The head answers, and its Ray Client server listens: that server waits (30 s at most) for
+# the raylet to register before it binds its port, and if it gives up, `ray start --block`
+# stops the whole head. On a loaded machine that happened after `ray status` had answered.
 ray_ok() {
     RAY_AUTH_MODE="$RAY_AUTH" timeout 30 "$BIN/ray" status --address "$HOST:$RAY_PORT" \
-        >/dev/null 2>&1
+        >/dev/null 2>&1 && port_listening "$RAY_CLIENT_PORT"
+}
+
+# port_listening PORT: some socket of this machine listens on TCP PORT, on any address (the
+# Ray Client server binds the node's IP, not always 127.0.0.1).
+port_listening() {
+    local hex
+    hex="$(printf '%04X' "$1")"
+    awk -v p=":$hex" '$2 ~ (p "$") && $4 == "0A" { found = 1 } END { exit !found }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
 
 # --- S3 (SeaweedFS) and PostgreSQL state: STATE_DIR/s3 and STATE_DIR/postgres ---------------

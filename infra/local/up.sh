@@ -416,6 +416,18 @@ while ((${#pending[@]})); do
             still+=("$svc")
         elif ! service_pid "$svc" >/dev/null && ! started_pid "$svc" >/dev/null; then
             exit_status "$svc"
+            # Ray's head stops whole when one of its processes gives up waiting for another,
+            # which a loaded machine can make happen: it gets a second start.
+            if [[ "$svc" == ray && -z "${RAY_RESTARTED-}" ]]; then
+                RAY_RESTARTED=1
+                say "ray: exited during start-up ($EXIT_DESC; $STATE_DIR/ray.log says why); starting it again"
+                rm -f "$(pid_file ray)"
+                cleanup_ray_tmp
+                start_ray
+                say "ray: starting (pid $(cat "$(pid_file ray)"), log $STATE_DIR/ray.log)"
+                still+=("$svc")
+                continue
+            fi
             echo "$PROG: error: $svc exited during start-up ($EXIT_DESC); last lines of $STATE_DIR/$svc.log:" >&2
             tail -n 25 "$STATE_DIR/$svc.log" >&2 || true
             exit 1
