@@ -186,6 +186,22 @@ def _wait_until(cond: Callable[[], bool], deadline: float, step: float = 0.1) ->
         time.sleep(step)
 
 
+def port_listening(port: int) -> bool:
+    """Whether a socket of this machine listens on TCP ``port``, on any address (the Ray
+    Client server binds the node's IP, not always 127.0.0.1): /proc/net/tcp and tcp6."""
+    want = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 3 and fields[1].endswith(want) and fields[3] == "0A":  # LISTEN
+                return True
+    return False
+
+
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -860,6 +876,7 @@ class RayHead(_RayNode):
         self.port = 0
         self.dashboard_port = 0
         self.client_port = 0
+        self.retried: str | None = None  # why the first start failed, when it was retried
 
     @property
     def address(self) -> str:
@@ -873,6 +890,23 @@ class RayHead(_RayNode):
         return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token"}
 
     def _start(self) -> None:
+        """Ready once the GCS lists the node and its Ray Client server listens. Under load
+        that server can give up waiting for the raylet to register (30 s), and ``ray start
+        --block`` then stops the whole head after "Ray runtime started": a head that exits
+        during start-up is started once more, on new ports (as infra/local/up.sh does)."""
+        for attempt in (1, 2):
+            try:
+                self._start_once()
+                return
+            except ServerStartError as e:
+                if attempt == 2 or self.proc is None or self.proc.poll() is None:
+                    raise
+                self.retried = str(e).splitlines()[0]
+                self.stop(grace=5)  # what is left of it (the log stays)
+                self.proc = None
+                self._t0 = time.monotonic()
+
+    def _start_once(self) -> None:
         ray = find_tool("ray")
         ray_auth_token()
         self.port, self.dashboard_port, self.client_port = free_ports(3)
@@ -884,6 +918,7 @@ class RayHead(_RayNode):
                 f"--ray-client-server-port={self.client_port}", *self._node_args()]
         self._spawn(argv, env=self._env(), cwd=cwd)
         self._wait_node(self.address)
+        self._wait_ready(lambda: port_listening(self.client_port), "the Ray Client server")
 
 
 class RayWorkerNode(_RayNode):

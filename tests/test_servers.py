@@ -22,11 +22,13 @@ import pytest
 from servers import (
     MlflowServer,
     Postgres,
+    RayHead,
     SeaweedS3,
     ServerProcess,
     ServerStartError,
     cmdline,
     pid_alive,
+    port_listening,
     start_all,
 )
 
@@ -275,3 +277,50 @@ def test_stop_kills_a_session_that_ignores_sigterm(tmp_path):
         assert len(pids) == 2
     _assert_all_gone("script", pids)
     assert srv.stop_seconds is not None and srv.stop_seconds < 10
+
+
+class _FlakyHead(RayHead):
+    """RayHead's start-up and retry with scripts for ``ray start``: each attempt runs the
+    next script (exit during start-up, or come up)."""
+
+    def __init__(self, workdir, scripts: list[str], timeout: float = 30) -> None:
+        super().__init__(workdir, timeout=timeout)
+        self.scripts = list(scripts)
+
+    def _start_once(self) -> None:
+        self._spawn([sys.executable, "-c", textwrap.dedent(self.scripts.pop(0))])
+        self._wait_ready(lambda: b"READY" in self.log_path.read_bytes(), "script", step=0.05)
+
+
+def test_a_ray_head_that_exits_during_start_up_is_started_once_more(tmp_path):
+    """Under load Ray's Client server gives up waiting for the raylet and `ray start --block`
+    stops the head it had started: one more start, then an error with the log's tail."""
+    dies = "import sys; print('starting, then the client server gave up', flush=True); " \
+           "sys.exit(1)"
+    comes_up = "import time; print('READY', flush=True); time.sleep(60)"
+    with _FlakyHead(tmp_path / "a", [dies, comes_up]) as head:
+        assert head.running and head.scripts == []
+        assert head.retried is not None and "exited with code 1 during start-up" in \
+            head.retried, head.retried
+        pids = head.pids()
+    _assert_all_gone("ray-head", pids)
+
+    twice = _FlakyHead(tmp_path / "b", [dies, dies])
+    with pytest.raises(ServerStartError, match=r"(?s)exited with code 1.*client server gave"):
+        twice.start()
+    assert twice.scripts == [] and twice.pids() == []
+
+    # a head that is still running but not ready is not started again
+    slow = _FlakyHead(tmp_path / "c", ["import time; time.sleep(60)", comes_up], timeout=1)
+    with pytest.raises(ServerStartError, match="not ready after 1 s"):
+        slow.start()
+    assert slow.scripts == [comes_up] and slow.retried is None and slow.pids() == []
+
+
+def test_port_listening_sees_a_listener_and_not_a_bound_socket():
+    with socket.socket() as listening, socket.socket() as bound:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        bound.bind(("127.0.0.1", 0))
+        assert port_listening(listening.getsockname()[1])
+        assert not port_listening(bound.getsockname()[1])
