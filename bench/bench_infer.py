@@ -16,13 +16,14 @@
    between calls: `pipelines.scorer_pool`; log_to_mlflow=False) on a generated, ingested VOC
    layout of --images val images of --size^2 in shards of --shard-rows rows, with actors=1
    and actors=2, and a plain loop in this process (`predict_row` per row, with the threads
-   one actor gets). The model is FCN-8s at --eval-width saved as a training checkpoint. For
-   each actor count, from no kept actors: a first call on a --small-image split (it starts
-   the actors), the same call again, and a call on the val split, each timed whole (model
-   loads, reads included). The first two differ by the actors' start-up; the last two give
-   the steady rate and a call's fixed seconds. "Whole call" is the val call with the actors
-   kept from an earlier call (a pipeline's second and later evaluations); "first call" adds
-   the actors' start-up. An untimed evaluation comes first (worker imports, Parquet reader).
+   one actor gets; one over the median row's seconds). The model is FCN-8s at --eval-width
+   saved as a training checkpoint. For each actor count, from no kept actors: a first call
+   on a --small-image split (it starts the actors), the same call again, and a call on the
+   val split, each timed whole (model loads, reads included). The first two differ by the
+   actors' start-up; the last two give the steady rate and a call's fixed seconds. "Whole
+   call" is the val call with the actors kept from an earlier call (a pipeline's second and
+   later evaluations); "first call" adds the actors' start-up. An untimed evaluation comes
+   first (worker imports, Parquet reader).
 
 Ray is started (`pipelines.ray_env.init_ray`) before anything is timed: its start-up is not
 in any number. Compare ratios from one run: absolute numbers vary with the machine's load.
@@ -35,6 +36,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -141,15 +143,20 @@ def save_checkpoint(folder: Path, width: float) -> Path:
 
 
 def plain_eval(ckpt: Path, data: Path, threads: int) -> float:
-    """Images/s of the evaluation's per-row work in one loop in this process."""
+    """Images/s of the evaluation's per-row work in one loop in this process: one over the
+    median row's seconds (the rows are all the same size), so a moment of other work on the
+    machine does not move it as it moved one pass's total (0.55-0.87 of an actor's rate in
+    three runs of one evening)."""
     torch.set_num_threads(threads)
     loaded = resolve_model(str(ckpt))
     rows = read_split_table(data, "val", list(ROW_COLUMNS)).to_pylist()
     predict_row(loaded, rows[0], InferenceOptions(), "cpu")  # warm-up
-    t0 = time.perf_counter()
+    seconds = []
     for row in rows:
+        t0 = time.perf_counter()
         predict_row(loaded, row, InferenceOptions(), "cpu")
-    return len(rows) / (time.perf_counter() - t0)
+        seconds.append(time.perf_counter() - t0)
+    return 1.0 / statistics.median(seconds)
 
 
 def main() -> int:
