@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fcn_core.precision import resolve_amp, resolve_channels_last  # noqa: E402
 from fcn_core.transforms import MEAN_BGR  # noqa: E402
 from pipelines.config import StageConfig, TrainConfig  # noqa: E402
 from pipelines.ingest import IngestConfig, ingest  # noqa: E402
@@ -84,7 +85,9 @@ def plain_loop(cfg: TrainConfig, data: Path, steps: int, warmup: int, predecoded
     stage = cfg.stages[0]
     model = build_stage_model(cfg, stage, read_manifest(data).num_classes, None, quiet)
     optimizer = make_optimizer(model, cfg, stage)
-    if cfg.channels_last:
+    # as the workers do: channels_last auto is NCHW for fp32 on a CPU
+    cl = resolve_channels_last(cfg.channels_last, "cpu", resolve_amp(cfg.amp, "cpu"))
+    if cl:
         model = model.to(memory_format=torch.channels_last)
     rows = read_split_table(data, cfg.train_split, ["image", "label"]).to_pylist()
     mean, b = MEAN_BGR[cfg.dataset], cfg.batch_size
@@ -94,7 +97,7 @@ def plain_loop(cfg: TrainConfig, data: Path, steps: int, warmup: int, predecoded
         nb = training_batch({k: [r[k] for r in chunk] for k in ("image", "label")},
                             mirror=cfg.mirror, seed=cfg.seed + i, multiple=cfg.pad_multiple)
         x, labels = model_input(nb, mean, "cpu", cfg.input)
-        if cfg.channels_last:
+        if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, labels
 
@@ -193,7 +196,8 @@ def main() -> int:
         print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
               f"ray {ray.__version__}; FCN-{args.stage} width {args.width}, {h}x{w}, batch "
               f"{args.batch}/worker, {args.steps} steps ({args.warmup} warm-up left out), "
-              f"{threads} torch thread(s) per worker, channels_last {cfg.channels_last}")
+              f"{threads} torch thread(s) per worker, channels_last {cfg.channels_last} ("
+              f"{resolve_channels_last(cfg.channels_last, 'cpu', resolve_amp(cfg.amp, 'cpu'))})")
 
         print("\n1. one worker vs. a plain loop (steady-state steps/s)")
         plain_pre = plain_loop(cfg, data, args.steps, args.warmup, predecoded=True)

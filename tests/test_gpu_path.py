@@ -240,6 +240,27 @@ def test_the_log_warns_of_bf16_asked_for_where_the_cpu_only_emulates_it(monkeypa
     assert precision.amp_note("auto", "bf16", "cuda") == "amp auto: bf16 on cuda"
 
 
+def test_channels_last_auto_is_nhwc_on_gpus_and_under_autocast_and_nchw_for_fp32_on_a_cpu():
+    """Full-width FCN-8s trained 1.3-1.5x faster in NCHW than NHWC in fp32 on an AVX2 CPU
+    (bench/bench_model.py, 2026-12-07), about as fast on an avx512 one; NHWC is the fast
+    layout of cuDNN and of oneDNN's bf16 kernels."""
+    from fcn_core.precision import channels_last_note, resolve_channels_last
+
+    assert TrainConfig().channels_last == "auto"
+    assert TrainConfig(channels_last=True).channels_last is True
+    assert resolve_channels_last("auto", "cpu", "off") is False
+    assert resolve_channels_last("auto", "cpu", "bf16") is True
+    assert resolve_channels_last("auto", "cuda", "off") is True
+    assert resolve_channels_last("auto", "cuda", "fp16") is True
+    assert resolve_channels_last(True, "cpu", "off") is True
+    assert resolve_channels_last(False, "cuda", "bf16") is False
+    assert channels_last_note("auto", "cpu", "off") == "channels_last auto: NCHW (fp32 on a CPU)"
+    assert channels_last_note("auto", "cpu", "bf16") == (
+        "channels_last auto: NHWC (bf16 autocast)")
+    assert channels_last_note("auto", "cuda", "off") == "channels_last auto: NHWC (on a GPU)"
+    assert channels_last_note(True, "cpu", "off") is None
+
+
 @pytest.mark.parametrize("major, native", [(7, False), (8, True), (9, True)])
 def test_native_bf16_on_cuda_means_ampere_or_later_not_emulation(monkeypatch, major, native):
     """A V100 or T4 (compute capability 7) only emulates bf16, though torch's

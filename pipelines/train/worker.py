@@ -3,6 +3,7 @@ reports, checkpoints to the run's storage, failure injection for tests)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
@@ -14,7 +15,14 @@ import numpy as np
 import torch
 
 from fcn_core.fcn import scores_untrained
-from fcn_core.precision import amp_note, grad_scaler, maybe_compile, resolve_amp
+from fcn_core.precision import (
+    amp_note,
+    channels_last_note,
+    grad_scaler,
+    maybe_compile,
+    resolve_amp,
+    resolve_channels_last,
+)
 from fcn_core.transforms import MEAN_BGR
 from pipelines import storage
 from pipelines.config import TrainConfig
@@ -128,6 +136,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     group (no new workers, no new data pass per stage). A stage already done (its done
     file) is skipped; the Ray Train checkpoint of an unfinished stage resumes it."""
     import ray.train
+    import ray.train.torch
 
     from pipelines.ray_env import quiet_train_worker
 
@@ -136,6 +145,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(loop.get("threads_per_worker", 1))))
+    device = ray.train.torch.get_device()  # channels_last: auto resolved once, for every step
+    cfg = dataclasses.replace(cfg, channels_last=resolve_channels_last(
+        cfg.channels_last, device, resolve_amp(cfg.amp, device)))
     data = _WorkerData(cfg, rank, world, loop.get("shards"))
     resume: dict[str, Any] | None = None
     checkpoint = ray.train.get_checkpoint()
@@ -242,6 +254,9 @@ def _train_stage(loop: dict[str, Any], cfg: TrainConfig, stage: Any, stage_dir: 
     model = maybe_compile(model, cfg.compile, log)
     amp = resolve_amp(cfg.amp, device)  # auto: bf16 where this device runs it natively
     note = amp_note(cfg.amp, amp, device)
+    if note and previous is None:
+        log(note)
+    note = channels_last_note(loop["config"].channels_last, device, amp)  # as asked
     if note and previous is None:
         log(note)
     scaler = grad_scaler(amp, device)  # fp16 only
