@@ -394,6 +394,8 @@ def test_fcn_train_keeps_the_local_ray_it_started_alive_to_the_end(shards, tmp_p
     assert all(all(v) for v in result["alive"].values()), result["alive"]
     assert "SIGTERM handler is not set" not in r.stdout + r.stderr
     assert "starting a local Ray, the MLflow store ..." in r.stdout
+    # channels_last: auto (the default) resolved in the worker: fp32 (amp off) on a CPU
+    assert "[32s] channels_last auto: NCHW (fp32 on a CPU)" in r.stdout, r.stdout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from bench_train_cli import MARKS  # the lines bench/bench_train_cli.py times
 
