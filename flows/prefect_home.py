@@ -19,19 +19,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
+from pipelines.db_template import cache_dir, copy_db
+
 DB_NAME = "prefect.db"  # Prefect's default database file in PREFECT_HOME
 _URL_VARS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
-
-
-def cache_dir() -> Path:
-    if os.environ.get("FCN_CACHE_DIR"):
-        return Path(os.environ["FCN_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fcn"
 
 
 def template_path() -> Path:
@@ -45,23 +39,6 @@ def _default_db(home: Path) -> Path | None:
     return home / DB_NAME
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """A consistent copy of an SQLite database (even one a server has open), written beside
-    ``dst`` and renamed into place: readers never see half a file."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        with sqlite3.connect(f"file:{src}?mode=ro", uri=True) as s, sqlite3.connect(tmp) as d:
-            s.backup(d)
-        s.close()
-        d.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def seed(home: Path) -> bool:
     """Copy the template into ``home`` when its database does not exist yet (and Prefect
     uses its default database there). True when seeded; then the temporary API need not
@@ -71,7 +48,7 @@ def seed(home: Path) -> bool:
     if db is None or db.exists() or not template.is_file():
         return False
     try:
-        _copy(template, db)
+        copy_db(template, db)
     except (OSError, sqlite3.Error):
         return False
     os.environ.setdefault("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")
@@ -86,7 +63,7 @@ def remember(home: Path) -> bool:
     if db is None or not db.is_file() or template.exists():
         return False
     try:
-        _copy(db, template)
+        copy_db(db, template)
     except (OSError, sqlite3.Error):
         return False
     return True

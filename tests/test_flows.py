@@ -208,13 +208,22 @@ def _api(method: str, url: str, json: dict | None = None):
     return r
 
 
-def test_served_deployment_with_cron_has_scheduled_runs(tmp_path):
+def test_served_deployment_with_cron_has_scheduled_runs(tmp_path, monkeypatch):
     """A real `prefect server start` (with its scheduler) and `fcn deploy` serving against
     it: the API shows the deployment's cron schedule and runs scheduled from it."""
     import httpx
 
+    from flows.prefect_home import seed
+
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
+    # The server's new database from the migrated template, as infra/local/up.sh seeds its
+    # server's: its migrations took ~12 s of an idle machine (~17 s to answer, 5 s seeded)
+    # and minutes here beside the other sessions. (`seed` turns block registration off in
+    # this process's environment: the test's own setting, restored after it.)
+    monkeypatch.setenv("PREFECT_API_BLOCKS_REGISTER_ON_START", "true")
+    if seed(tmp_path / "ph"):
+        monkeypatch.setenv("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
