@@ -39,8 +39,8 @@ def _measure_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
       timeout_seconds=_hours(6))
 def measure_task(checkpoint: str, data: str, fingerprint: str, split: str,
                  label: str, size: int = GMAC_SIZE) -> dict[str, Any]:
-    """The row's final net: scored on the split (an MLflow evaluation run), its size, GMAC
-    and inference speed."""
+    """The row's final net: scored on the split (an MLflow evaluation run), its size and
+    GMAC (its inference speed: ``speed_task``, with the other rows')."""
     from pipelines import storage
     from pipelines.evaluate import evaluate
     from pipelines.experiment import measure_net
@@ -53,7 +53,17 @@ def measure_task(checkpoint: str, data: str, fingerprint: str, split: str,
         summary = evaluate(checkpoint, data, split, run_name=f"evaluate-{label}",
                            log=logger.info).summary()
     return {"metrics": summary["metrics"], "evaluation_run": summary["mlflow_run"],
-            "net": measure_net(checkpoint, data, split, size=size, log=logger.info)}
+            "net": measure_net(checkpoint, size=size, log=logger.info)}
+
+
+@task(name="inference-speed", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_transient, timeout_seconds=_hours(6))
+def speed_task(checkpoints: dict[str, str], data: str, split: str) -> dict[str, float]:
+    """Every finished row's inference images/s, the nets measured together and interleaved
+    once all have trained (never cached: one table, one machine, one hour)."""
+    from pipelines.experiment import inference_speeds
+
+    return inference_speeds(checkpoints, data, split, log=get_run_logger().info)
 
 
 @task(name="start-experiment-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
@@ -105,9 +115,10 @@ def log_row_task(parent: str, row: dict[str, Any], config: dict[str, Any]) -> st
 
 @flow(name="experiment-row", log_prints=True)
 def experiment_row(config: dict[str, Any], label: str, data: str, fingerprint: str,
-                   split: str, storage: str | None = None, parent: str | None = None,
-                   force: bool = False, size: int = GMAC_SIZE) -> dict[str, Any]:
-    """One row: its stages (cached), then its final net measured (cached)."""
+                   split: str, storage: str | None = None, force: bool = False,
+                   size: int = GMAC_SIZE) -> dict[str, Any]:
+    """One row: its stages (cached), then its final net scored and sized (cached). Its
+    inference speed and its MLflow run come once every row has trained (``_finish_rows``)."""
     from pipelines.experiment import train_speed
 
     stages = train_stages(config, data, fingerprint, storage, None, force)
@@ -118,8 +129,7 @@ def experiment_row(config: dict[str, Any], label: str, data: str, fingerprint: s
            "checkpoint": final["checkpoint"], "evaluation_run": m["evaluation_run"],
            "stages": [{"stage": s["stage"], "steps": s["steps"], "mlflow_run": s["mlflow_run"]}
                       for s in stages]}
-    if parent:
-        row["mlflow_run"] = log_row_task(parent, row, config)
+    row.pop("infer_img_s", None)  # a measurement cached before speed_task existed
     return row
 
 
@@ -163,7 +173,8 @@ def experiment_flow(spec: str, root: str, out: str | None = None, storage: str |
     parent = start_experiment_task(exp.name, exp.dataset, exp.source, shards["fingerprint"])
     results: list[dict[str, Any]] = []
     try:
-        _run_rows(exp, shards, storage, parent, force, results_at, results)
+        _run_rows(exp, shards, storage, force, results_at, results)
+        _finish_rows(exp, shards["data"], parent, results)
     except BaseException as exc:  # Ctrl-C in a row, or the orchestration failing
         from mlflow.tracking import MlflowClient
 
@@ -185,8 +196,8 @@ def experiment_flow(spec: str, root: str, out: str | None = None, storage: str |
             "mlflow_parent": parent}
 
 
-def _run_rows(exp: Experiment, shards: dict[str, Any], storage: str | None, parent: str,
-              force: bool, results_at: Any, results: list[dict[str, Any]]) -> None:
+def _run_rows(exp: Experiment, shards: dict[str, Any], storage: str | None, force: bool,
+              results_at: Any, results: list[dict[str, Any]]) -> None:
     """Each row as its own subflow, in order; a row that fails is a result with its error."""
     logger = get_run_logger()
     for i, row in enumerate(exp.rows, 1):
@@ -195,7 +206,7 @@ def _run_rows(exp: Experiment, shards: dict[str, Any], storage: str | None, pare
             flow_run_name=f"{exp.name}-{row.slug}",
             result_storage=results_at)(
             row.config.to_dict(), row.label, shards["data"], shards["fingerprint"], exp.split,
-            storage, parent, force, exp.size, return_state=True)
+            storage, force, exp.size, return_state=True)
         if state.is_completed():
             results.append(state.result())
         else:
@@ -203,3 +214,17 @@ def _run_rows(exp: Experiment, shards: dict[str, Any], storage: str | None, pare
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             logger.error(f"row {row.label} failed: {first}")
             results.append({"label": row.label, "error": first[:300]})
+
+
+def _finish_rows(exp: Experiment, data: str, parent: str,
+                 results: list[dict[str, Any]]) -> None:
+    """The finished rows' inference speeds, measured together, then each row's MLflow run
+    (a child of the experiment's) with every number of the table."""
+    done = [r for r in results if not r.get("error")]
+    if not done:
+        return
+    speeds = speed_task({r["label"]: r["checkpoint"] for r in done}, data, exp.split)
+    configs = {row.label: row.config.to_dict() for row in exp.rows}
+    for r in done:
+        r["infer_img_s"] = speeds[r["label"]]
+        r["mlflow_run"] = log_row_task(parent, r, configs[r["label"]])

@@ -168,3 +168,24 @@ def test_a_stage_is_identified_by_what_decides_its_weights():
     assert key(s32, "32s") != key(_cfg([("32s", 200)], width=0.25), "32s")
     assert key(s16, "16s") != key(_cfg([("32s", 200), ("16s", 99)]), "16s")
     assert key(s16, "16s", "a") != key(s16, "16s", "b")
+
+
+def test_interleaved_seconds_rotates_the_order_and_takes_each_ones_median():
+    """The table's inference speeds: the nets are timed in rounds, each round starting one
+    further along, so a slow spell falls on every net alike; each net's median is kept."""
+    from pipelines.experiment import interleaved_seconds
+
+    order: list[str] = []
+    now = [0.0]
+    cost = {"a": 1.0, "b": 2.0, "c": 3.0}
+
+    def runner(name: str):
+        def run() -> None:
+            order.append(name)
+            now[0] += cost[name] + (10.0 if len(order) == 1 else 0.0)  # a slow first call
+        return run
+
+    secs = interleaved_seconds({n: runner(n) for n in "abc"}, 3, clock=lambda: now[0])
+    assert order == list("abcbcacab")
+    assert secs == {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert interleaved_seconds({}, 3) == {}

@@ -460,6 +460,11 @@ def test_an_experiment_runs_its_rows_isolates_a_failure_and_reruns_only_it(
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
             trained[run.name] = sorted(t.name for t in tasks if t.name.startswith(
                 ("train-", "measure-")) and t.state.name != "Cached")
+        # the speeds: one task of the experiment's flow for both rows, run again (not cached)
+        own = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id={"any_": [second.state_details.flow_run_id]}))
+        speed = [t for t in own if t.name.startswith("inference-speed")]
+        assert [t.state.name for t in speed] == ["Completed"], [t.name for t in own]
     assert trained.get("t1-lr-aspp") == [], trained
     assert trained.get("t1-fcn-googlenet") == ["measure-FCN-GoogLeNet", "train-32s"], trained
 
@@ -472,6 +477,9 @@ def test_an_experiment_runs_its_rows_isolates_a_failure_and_reruns_only_it(
     child = next(c for c in children if c.info.run_name == "LR-ASPP")
     assert child.data.params["model"] == "lraspp_mobilenet_v3_large"
     assert child.data.metrics["mean_iu"] == by["LR-ASPP"]["mean_iu"]
+    # the speeds measured together once both rows had trained, in the row runs as in the table
+    assert child.data.metrics["infer_img_s"] == again["LR-ASPP"]["infer_img_s"] > 0
+    assert again["FCN-GoogLeNet"]["infer_img_s"] > 0
     arts = {a.path for a in mlflow.list_artifacts(parent.info.run_id)}
     assert {"table.md", "chart.png", "table.json"} <= arts
 
