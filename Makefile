@@ -34,7 +34,8 @@ FAST_TESTS := $(wildcard tests/test_core_*.py) tests/test_config.py tests/test_l
 	tests/test_gpu_path.py tests/test_context.py tests/test_sources.py tests/test_images.py \
 	tests/test_hha.py tests/test_train_details.py tests/test_infra.py tests/test_bench.py \
 	tests/test_prefect_home.py tests/test_metric_logger.py tests/test_predict_nyud.py \
-	tests/test_signals.py tests/test_cli_hints.py tests/test_job_args.py tests/test_db_template.py
+	tests/test_signals.py tests/test_cli_hints.py tests/test_job_args.py tests/test_db_template.py \
+	tests/test_ray_start.py
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" --durations=5 $(FAST_TESTS) $(PYTEST_ARGS)
 

@@ -25,6 +25,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pipelines.errors import ServiceUnavailable, UsageError
 
@@ -332,6 +333,54 @@ def _shutdown_local_ray(folders: list[Path], wait_s: float = 3.0) -> None:
         time.sleep(0.1)
 
 
+# Ray gives up on a new local node whose raylet has not registered with its GCS within 30 s
+# (hard-coded in ray._private.node). On a loaded 2-core machine it once did, in the middle of
+# a scheduled pipeline run (`make test`, 2026-12-07 23:23).
+NODE_START_TIMEOUT = "The current node timed out during startup"
+
+
+def init_local_ray(**kwargs: Any) -> Any:
+    """``ray.init(**kwargs)`` of a local Ray, started once more where Ray gave up waiting for
+    its raylet; the first try's processes (children of this process, left running by Ray)
+    are stopped first. Any other failure, or a second timeout, is raised as Ray raised it."""
+    import psutil
+    import ray
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    try:
+        return ray.init(**kwargs)
+    except Exception as exc:
+        if NODE_START_TIMEOUT not in str(exc):
+            raise
+    stopped = stop_new_ray_processes(before)
+    print(f"a local Ray did not start in Ray's 30 s (its raylet did not register: a busy "
+          f"machine?); starting it once more ({stopped} process(es) of the first try "
+          "stopped)", flush=True)
+    return ray.init(**kwargs)
+
+
+def stop_new_ray_processes(before: set[int], wait_s: float = 10.0) -> int:
+    """Kill this process's descendants that run Ray's own programs (GCS, raylet, dashboard,
+    log monitor: their command lines name the ray package's folder) and were not among
+    ``before``; the number stopped."""
+    import psutil
+    import ray
+
+    package = os.path.dirname(ray.__file__)
+    victims = []
+    for p in psutil.Process().children(recursive=True):
+        if p.pid in before:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if any(package in part for part in p.cmdline()):
+                victims.append(p)
+    for p in victims:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(victims, timeout=wait_s)
+    return len(victims)
+
+
 def init_ray(num_cpus: int | None = None) -> str:
     """Connect once per process and say where."""
     import ray
@@ -373,9 +422,9 @@ def init_ray(num_cpus: int | None = None) -> str:
             _OTHER["ray start"] = ray_start_address() or ""
             started = time.time()
             with _warm_hook():
-                ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                               logging_level=level, dashboard_host="127.0.0.1",
-                               log_to_driver=True)
+                ctx = init_local_ray(address="local", num_cpus=num_cpus,
+                                     include_dashboard=True, logging_level=level,
+                                     dashboard_host="127.0.0.1", log_to_driver=True)
             _start_autoscaling_coordinator()
             # Before Ray's own exit handler (LIFO): the folders its dashboard made meanwhile.
             atexit.register(_shutdown_local_ray, pymp_folders(since=started))
