@@ -25,6 +25,15 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
 # Three sessions share 2 cores: a local Ray's dashboard can take more than Ray's 60 s to come
 # up while the others start theirs (`ray.init` then fails).
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "240")
+# The suite's Rays live long (a session's ~18 min) and idle between tests: an idle local Ray
+# with its dashboard took 5.8 CPU-s a minute here, ~4.7 with these (bench/results/HISTORY.md,
+# 2026-12-08). No metrics (the dashboard agent's and workers' collection: no test reads
+# them), and Ray's log monitor looks for new log files once a second rather than ten times
+# (RAY_LOG_MONITOR_MANY_FILES_THRESHOLD: the file count above which it does so; it still
+# reads the files it has ten times a second). Every Ray the tests start inherits them.
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+os.environ.setdefault("LOG_NAME_UPDATE_INTERVAL_S", "1")
 STARTED = time.time()
 
 # A test that uses one of these starts a real engine or server: it is `slow` whether or not
@@ -164,6 +173,15 @@ def ray_local():
              log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The session Ray's GCS address, for a command a test starts (its RAY_ADDRESS): the
+    command joins it as a driver, as on a cluster, instead of starting a local Ray of its
+    own (~11 CPU-s to start and stop, its processes' imports, and its idle CPU meanwhile).
+    For tests whose point is not the command's own local Ray."""
+    return ray_local.get_runtime_context().gcs_address
 
 
 # --- real servers, one of each per test session, started only when a test asks -----------

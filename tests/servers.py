@@ -824,6 +824,11 @@ class _RayNode(ServerProcess):
                    # Under make test's parallel sessions a head's dashboard can need more
                    # than Ray's 60 s to come up (`ray start` then fails).
                    RAY_DASHBOARD_STARTUP_TIMEOUT_S="240")
+        # The suite's settings for idle Rays (tests/conftest.py): no metrics, a calmer log
+        # monitor (LOG_NAME_UPDATE_INTERVAL_S, not a RAY_ variable, is inherited as it is).
+        env.update({k: os.environ[k] for k in ("RAY_enable_metrics_collection",
+                                               "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD")
+                    if k in os.environ})
         env.update(self.extra_env)
         return env
 

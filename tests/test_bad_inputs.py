@@ -286,10 +286,11 @@ def test_prefect_logs_a_mistake_without_its_tracebacks_and_a_bug_with_them(monke
 
 
 def test_fcn_run_with_a_mistake_found_in_the_flow_is_one_line_not_prefects_tracebacks(
-        tmp_path):
+        tmp_path, ray_address):
     """A VOC layout without its split lists passes the check before Prefect starts (its
     folders are there) and is found inside the flow (the ingest task and its cache key):
-    Prefect logged its traceback three times, 221 lines on stderr before the command's own."""
+    Prefect logged its traceback three times, 221 lines on stderr before the command's own.
+    (The command joins the session's Ray, as it would a cluster's.)"""
     import os
     import subprocess
     import sys
@@ -300,7 +301,8 @@ def test_fcn_run_with_a_mistake_found_in_the_flow_is_one_line_not_prefects_trace
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / folder).mkdir(parents=True)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PREFECT_API_URL", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+           if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env["RAY_ADDRESS"] = ray_address
     r = subprocess.run([str(Path(sys.executable).parent / "fcn"), "run", "--config", str(cfg),
                         "--dataset", "voc", "--root", str(root),
                         "--project-dir", str(tmp_path / "p")], capture_output=True, text=True,

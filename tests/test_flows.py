@@ -208,9 +208,10 @@ def _api(method: str, url: str, json: dict | None = None):
     return r
 
 
-def test_served_deployment_with_cron_has_scheduled_runs(tmp_path, monkeypatch):
+def test_served_deployment_with_cron_has_scheduled_runs(tmp_path, monkeypatch, ray_address):
     """A real `prefect server start` (with its scheduler) and `fcn deploy` serving against
-    it: the API shows the deployment's cron schedule and runs scheduled from it."""
+    it: the API shows the deployment's cron schedule and runs scheduled from it. The served
+    runs join the session's Ray (RAY_ADDRESS, as a deployment on a cluster's node would)."""
     import httpx
 
     from flows.prefect_home import seed
@@ -254,8 +255,8 @@ def test_served_deployment_with_cron_has_scheduled_runs(tmp_path, monkeypatch):
             [str(bin_dir / "fcn"), "deploy", "--cron", "0 3 * * *", "--config", str(cfg),
              "--dataset", "synthetic", "--root", str(tmp_path / "raw"), "--synthetic-size",
              "32", "--project-dir", str(tmp_path / "data"), "--deployment", "nightly"],
-            env=env, cwd=ROOT, stdout=served_log.open("w"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+            env={**env, "RAY_ADDRESS": ray_address}, cwd=ROOT, stdout=served_log.open("w"),
+            stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
         while True:
             r = _api("GET", f"{api}/deployments/name/fcn-pipeline/nightly")

@@ -246,68 +246,94 @@ def test_resume_continues_an_interrupted_stage_from_its_checkpoint(shards, tmp_p
 
 
 @pytest.mark.timeout(300)
-def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
-    """init_ray's own local Ray (one node, nothing drains it) starts no PreemptionWatcher
-    actor per worker group: its process cost a stage's start ~1.5-2 s on 2 cores. And it has
-    made Ray's autoscaling coordinator before any training (in one of Ray's prestarted
-    processes, not a new one on the first stage's path), and the training uses that one.
-    After ``prestart_train_processes``, every actor of the run (controller, its helpers, the
-    worker) runs in a process that was up before ``fit()``: their runtime envs match; and the
-    worker's and the controller's processes, only they, imported torch while they waited
-    (``pipelines.warm``)."""
-    code = textwrap.dedent("""
-        import json, os
-        from pipelines.ray_env import init_ray
-        init_ray(2)
-        import ray, ray.train
-        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-        ray.get(coordinator.__ray_ready__.remote(), timeout=60)
-        import time
-        from pipelines.prestart import _local_raylet, prestart_train_processes, starting_processes
-        prestart_train_processes(1).join(timeout=90)
-        raylet = _local_raylet()
-        deadline = time.monotonic() + 60
-        while starting_processes(raylet) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        up = sorted(c.pid for c in raylet.children())
+def test_fcn_train_on_the_local_ray_it_started(shards, tmp_path):
+    """``fcn train`` on its own, with the local Ray it starts (one test: each such command
+    starts a Ray of its own, the suite's dearest part).
+
+    Ray's processes live to the end: ``fcn train`` starts Ray in the main thread. Ray ties
+    the local processes it starts (raylet, GCS, ...) to the starting thread: started in the
+    stage chain's thread (as it was), they were killed when that thread ended, and the
+    driver's shutdown at exit then waited ~15 s on timeouts (and Ray warned about SIGTERM
+    handlers). Here every Ray process is still alive after the command returned. And the
+    command's exit leaves nothing in /tmp: Ray's dashboard makes a multiprocessing folder
+    (``pymp-*``) there that its killed process cannot remove; ``pipelines.ray_env`` does.
+
+    Its processes: init_ray's own local Ray (one node, nothing drains it) starts no
+    PreemptionWatcher actor per worker group (its process cost a stage's start ~1.5-2 s on
+    2 cores). It has made Ray's autoscaling coordinator before any training (in one of Ray's
+    prestarted processes, not a new one on the first stage's path), and the training uses
+    that one. After ``prestart_train_processes``, every actor of the run (controller, its
+    helpers, the worker) runs in a process that was up before ``fit()``: their runtime envs
+    match; and the worker's and the controller's processes, only they, imported torch while
+    they waited (``pipelines.warm``). The command is observed, not changed: just before
+    ``fit()`` (``pipelines.warm.fit_started``) the test's wrapper waits until the processes
+    started ahead are up and have imported (as a real dataset's ingest leaves them time to),
+    and notes them."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("name: tiny\ndataset: voc\nwidth: 0.0625\noptimizer: adam\n"
+                   "stages:\n  - {name: 32s, steps: 2, lr: 0.001}\nbatch_size: 2\n"
+                   "normalize_loss: true\nworkers: 1\ncpus_per_worker: 1\n"
+                   "checkpoint_every: 2\nval_every: 0\n")
+    code = textwrap.dedent(f"""
+        import json, os, time
+        import pipelines.warm as warm
+        from pipelines.prestart import _local_raylet, starting_processes
         from pipelines.ray_env import warm_dir
-        marked = {}
-        for name in os.listdir(warm_dir()):
-            if name.isdigit():
-                with open(os.path.join(warm_dir(), name)) as f:
-                    marked[int(name)] = f.read()
+
+        seen = {{}}
+        real_fit_started = warm.fit_started
 
         def has_torch(pid):
             try:
-                with open(f"/proc/{pid}/maps") as f:
+                with open(f"/proc/{{pid}}/maps") as f:
                     return "libtorch_cpu" in f.read()
             except OSError:
                 return False
 
-        while not all(map(has_torch, marked)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)  # an unmarked process that (wrongly) imported ahead would be seen
-        torch_before = [pid for pid in up if has_torch(pid)]
-        # read after the imports: a marked process touches <pid>.up just before its import,
-        # so read earlier a loaded machine could list a worker not yet connected
-        connected = sorted(int(p[:-3]) for p in os.listdir(warm_dir()) if p.endswith(".up"))
-        from ray.train.torch import TorchTrainer
+        def marks():
+            found = {{}}
+            for name in os.listdir(warm_dir()):
+                if name.isdigit():
+                    with open(os.path.join(warm_dir(), name)) as f:
+                        found[int(name)] = f.read()
+            return found
+
+        def observed_fit_started(folder):
+            import ray
+            from ray.util.state import list_actors
+            raylet = _local_raylet()
+            deadline = time.monotonic() + 90
+            while (starting_processes(raylet) or not marks()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            up = sorted(c.pid for c in raylet.children())
+            while not all(map(has_torch, marks())) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.0)  # an unmarked process that (wrongly) imported ahead would be seen
+            # read after the imports: a marked process touches <pid>.up just before its
+            # import, so read earlier a loaded machine could list one not yet connected
+            connected = sorted(int(p[:-3]) for p in os.listdir(warm_dir()) if p.endswith(".up"))
+            coordinators = sorted(a.pid for a in list_actors(
+                address=ray.get_runtime_context().gcs_address,
+                filters=[("state", "=", "ALIVE")], limit=10000)
+                if a.class_name == "_AutoscalingCoordinatorActor")
+            seen.update(up=up, marked=marks(), connected=connected,
+                        torch=[pid for pid in up if has_torch(pid)], coordinators=coordinators)
+            real_fit_started(folder)
+
+        warm.fit_started = observed_fit_started
+        from flows.cli import main
+        code = main(["train", "--config", {str(cfg)!r}, "--data", {str(shards["voc"])!r}])
+        import ray
+        from ray._private import worker
         from ray.util.state import list_actors
-        before = {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
-                                             filters=[("state", "=", "ALIVE")], limit=10000)
-                  if a.class_name == "_AutoscalingCoordinatorActor"}
-
-        def loop(_):
-            ray.train.report({"ok": 1})
-
-        TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
-                     run_config=ray.train.RunConfig(storage_path=os.environ["STORE"])).fit()
+        alive = {{kind: [p.process.poll() is None for p in procs]
+                 for kind, procs in worker._global_node.all_processes.items()}}
+        from pipelines.ray_env import pymp_folders
+        made = [str(f) for f in pymp_folders(since=0)]
         actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10000)
-        after = {a.pid for a in actors if a.class_name == "_AutoscalingCoordinatorActor"}
-        # this test's own Ray is this machine's second (the session's is the first): Ray
+        # this command's Ray is this machine's second (the session's is the first): Ray
         # Train's PlacementGroupCleaner must still find its cluster (pipelines.warm)
-        time.sleep(2.0)
-        logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+        logs = os.path.join(worker._global_node.get_session_dir_path(), "logs")
         confused = []
         for name in os.listdir(logs):
             try:
@@ -315,66 +341,17 @@ def test_a_local_ray_trains_without_ray_trains_preemption_watcher(tmp_path):
                     confused += [name] if "Found multiple active Ray instances" in f.read() else []
             except OSError:
                 pass
-        train = {a.class_name: a.pid for a in actors
-                 if a.class_name != "_AutoscalingCoordinatorActor"}
-        print(json.dumps([sorted({a.class_name for a in actors}), sorted(before),
-                          sorted(after), train, up, marked, connected, torch_before,
-                          os.environ.get("__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"),
-                          confused]))
+        print(json.dumps({{"code": code, "alive": alive, "pymp": made, "seen": seen,
+                          "classes": sorted({{a.class_name for a in actors}}),
+                          "coordinators": sorted(a.pid for a in actors
+                                                 if a.class_name == "_AutoscalingCoordinatorActor"),
+                          "train": {{a.class_name: a.pid for a in actors
+                                    if a.class_name != "_AutoscalingCoordinatorActor"}},
+                          "hook_env": os.environ.get("__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"),
+                          "confused": confused}}))
         """)
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_TRAIN_"))}
-    env["STORE"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=240, cwd=Path(__file__).resolve().parents[1])
-    assert r.returncode == 0, r.stderr[-3000:]
-    classes, before, after, train, up, marked, connected, torch_before, hook_env, confused = (
-        json.loads(r.stdout.strip().splitlines()[-1]))
-    assert confused == [], confused
-    assert "TrainController" in classes and "RayTrainWorker" in classes, classes
-    assert "PreemptionWatcher" not in classes, classes
-    assert len(before) == 1 and after == before, (before, after)  # made once, by init_ray
-    assert {"TrainController", "PlacementGroupCleaner", "RayTrainWorker"} <= set(train), train
-    assert {c: pid for c, pid in train.items() if pid not in up} == {}, (train, up)
-    # pipelines.warm: the worker's process and the controller's, and only they, imported
-    # torch before fit(); the process marked for the controller is the one it took
-    # (the first controller-side processes asked for, as many as the raylet starts at once,
-    # are marked: the controller takes the first of them to connect)
-    marked = {int(pid): kind for pid, kind in marked.items()}
-    assert marked.get(train["RayTrainWorker"]) == "worker", (marked, train)
-    assert marked.get(train["TrainController"]) == "controller", (marked, train)
-    assert sorted(marked.values()).count("worker") == 1, marked
-    assert 1 <= sorted(marked.values()).count("controller") <= 2, marked  # 2 CPUs: limit 2
-    assert torch_before == sorted(marked) == connected, (torch_before, marked, connected, train)
-    assert hook_env is None  # the hook variable went to the raylet only, not this process
-
-
-def test_fcn_train_keeps_the_local_ray_it_started_alive_to_the_end(shards, tmp_path):
-    """``fcn train`` on its own starts its local Ray in the main thread. Ray ties the local
-    processes it starts (raylet, GCS, ...) to the starting thread: started in the stage
-    chain's thread (as it was), they were killed when that thread ended, and the driver's
-    shutdown at exit then waited ~15 s on timeouts (and Ray warned about SIGTERM handlers).
-    Here every Ray process is still alive after the command returned. And the command's
-    exit leaves nothing in /tmp: Ray's dashboard makes a multiprocessing folder (``pymp-*``)
-    there that its killed process cannot remove; ``pipelines.ray_env`` does at exit."""
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("name: tiny\ndataset: voc\nwidth: 0.0625\noptimizer: adam\n"
-                   "stages:\n  - {name: 32s, steps: 2, lr: 0.001}\nbatch_size: 2\n"
-                   "normalize_loss: true\nworkers: 1\ncpus_per_worker: 1\n"
-                   "checkpoint_every: 2\nval_every: 0\n")
-    code = textwrap.dedent(f"""
-        import json
-        from flows.cli import main
-        code = main(["train", "--config", {str(cfg)!r}, "--data", {str(shards["voc"])!r}])
-        from ray._private import worker
-        alive = {{kind: [p.process.poll() is None for p in procs]
-                 for kind, procs in worker._global_node.all_processes.items()}}
-        from pipelines.ray_env import pymp_folders
-        made = [str(f) for f in pymp_folders(since=0)]
-        print(json.dumps({{"code": code, "alive": alive, "pymp": made}}))
-        """)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
+           if not k.startswith(("RAY_ADDRESS", "RAY_TRAIN_", "MLFLOW_TRACKING_URI"))}
     env["FCN_DATA_DIR"] = str(tmp_path / "state")
     # This command's /tmp (Ray's sessions go to RAY_TMPDIR). Short: a socket's path has at
     # most 107 bytes, and under tmp_path the dashboard's did not fit (Ray hung at start).
@@ -400,6 +377,27 @@ def test_fcn_train_keeps_the_local_ray_it_started_alive_to_the_end(shards, tmp_p
     from bench_train_cli import MARKS  # the lines bench/bench_train_cli.py times
 
     assert all(text in r.stdout for _, text in MARKS), r.stdout
+
+    classes, train, seen = result["classes"], result["train"], result["seen"]
+    assert result["confused"] == [], result["confused"]
+    assert "TrainController" in classes and "RayTrainWorker" in classes, classes
+    assert "PreemptionWatcher" not in classes, classes
+    # made once, by init_ray, before the training, which used that one
+    assert len(seen["coordinators"]) == 1 and result["coordinators"] == seen["coordinators"], (
+        seen["coordinators"], result["coordinators"])
+    assert {"TrainController", "PlacementGroupCleaner", "RayTrainWorker"} <= set(train), train
+    assert {c: pid for c, pid in train.items() if pid not in seen["up"]} == {}, (train, seen)
+    # pipelines.warm: the worker's process and the controller's, and only they, imported
+    # torch before fit(); the process marked for the controller is the one it took
+    # (the first controller-side processes asked for, as many as the raylet starts at once,
+    # are marked: the controller takes the first of them to connect)
+    marked = {int(pid): kind for pid, kind in seen["marked"].items()}
+    assert marked.get(train["RayTrainWorker"]) == "worker", (marked, train)
+    assert marked.get(train["TrainController"]) == "controller", (marked, train)
+    assert sorted(marked.values()).count("worker") == 1, marked
+    assert 1 <= sorted(marked.values()).count("controller") <= 2, marked  # 2 CPUs: limit 2
+    assert seen["torch"] == sorted(marked) == seen["connected"], (seen, train)
+    assert result["hook_env"] is None  # the hook variable went to the raylet only
 
 
 def _default_sigint() -> None:
