@@ -42,6 +42,7 @@ CHILD = textwrap.dedent("""
     out = Path(sys.argv[1])
     order = sys.argv[2].split(",")
     settle = float(sys.argv[3])
+    workers = {"workers": int(sys.argv[4])} if sys.argv[4] != "config" else {}
     os.environ["FCN_DATA_DIR"] = str(out / "state")
     from pipelines.ray_env import init_ray
     print(init_ray(2), flush=True)
@@ -54,7 +55,7 @@ CHILD = textwrap.dedent("""
     from pipelines.train.driver import scaling_config
 
     cfg = load_config("configs/demo.yaml", stages=[{"name": "32s", "steps": 2, "lr": 3e-4}],
-                      val_every=0, checkpoint_every=100)
+                      val_every=0, checkpoint_every=100, **workers)
     ingest(IngestConfig(dataset="synthetic", root=str(out / "raw"), out=str(out / "shards"),
                         synthetic_size=(64, 64), engine="local"), log=lambda m: None)
     time.sleep(settle)  # Ray's own start (prestarted workers, dashboard) is over, as in a run
@@ -108,11 +109,12 @@ def figures(found: dict[str, float]) -> dict[str, float]:
             "ours / floor (optimizer built)": ours / floor_opt}
 
 
-def run_once(order: str, settle: float) -> dict[str, float]:
+def run_once(order: str, settle: float, workers: int | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-stage-start-") as d:
         lines: list[tuple[float, str]] = []
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-c", CHILD, d, order, str(settle)]
+        cmd = [sys.executable, "-c", CHILD, d, order, str(settle),
+               str(workers) if workers else "config"]
         with subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, bufsize=1) as proc:
             assert proc.stdout is not None
@@ -131,11 +133,13 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=5.0,
                     help="seconds to wait after Ray's start (half that after each trainer) "
                          "before timing the next thing (5; 0 only to check the script runs)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="Ray Train workers of both trainers (configs/demo.yaml's: 2)")
     args = ap.parse_args()
     runs = []
     for i in range(args.runs):
         order = "floor,ours" if i % 2 == 0 else "ours,floor"
-        runs.append(run_once(order, args.settle))
+        runs.append(run_once(order, args.settle, args.workers))
         print(f"run {i + 1}/{args.runs} ({order}): "
               + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()), flush=True)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}

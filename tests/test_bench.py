@@ -75,7 +75,7 @@ def test_bench_stage_start_times_both_starts_from_their_lines():
 @pytest.mark.slow  # starts Ray and an MLflow store
 def test_bench_stage_start_runs_both_trainers():
     out = subprocess.run([sys.executable, "bench/bench_stage_start.py", "--runs", "1",
-                          "--settle", "0"],
+                          "--settle", "0", "--workers", "1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          check=True).stdout
     rows = {line[:34].strip(): float(line[34:]) for line in out.splitlines()[-4:]}
